@@ -1,0 +1,152 @@
+//! Inference engines behind one trait. A backend sends one generation request and turns the
+//! engine's stream into [`Item`]s; timing is the runner's job, so every backend is measured by
+//! the same clock.
+
+mod lines;
+pub mod mock;
+pub mod ollama;
+pub mod openai;
+
+use bench_schemas::{ErrorBody, ErrorCode, Job, Mode, TokenCountSource};
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use std::sync::Arc;
+
+pub use lines::LineSplitter;
+
+/// What one run asks the engine for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenRequest {
+    /// Model name.
+    pub model: String,
+    /// Prompt text.
+    pub prompt: String,
+    /// Raw completion or chat.
+    pub mode: Mode,
+    /// Token cap.
+    pub max_tokens: u32,
+    /// Temperature.
+    pub temperature: f64,
+    /// Context size (Ollama `num_ctx`; OpenAI servers take it at load time and ignore it here).
+    pub num_ctx: u32,
+    /// Seed.
+    pub seed: Option<u64>,
+}
+
+impl From<&Job> for GenRequest {
+    fn from(j: &Job) -> Self {
+        Self {
+            model: j.model.clone(),
+            prompt: j.prompt.clone(),
+            mode: j.mode,
+            max_tokens: j.max_tokens,
+            temperature: j.temperature,
+            num_ctx: j.num_ctx,
+            seed: j.seed,
+        }
+    }
+}
+
+/// The engine's own account of a finished generation. Everything is optional: engines differ.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EngineReport {
+    /// Generated tokens as the engine counted them, with where that count came from.
+    pub gen_tokens: Option<(u64, TokenCountSource)>,
+    /// Prompt tokens as the engine counted them.
+    pub prompt_tokens: Option<u64>,
+    /// Model load time.
+    pub load_ms: Option<f64>,
+    /// Engine's decode time.
+    pub gen_ms: Option<f64>,
+    /// Engine's prompt time.
+    pub prompt_ms: Option<f64>,
+    /// Engine's end-to-end time.
+    pub total_ms: Option<f64>,
+    /// Engine's decode rate.
+    pub gen_tokens_per_s: Option<f64>,
+    /// Engine's prompt rate.
+    pub prompt_tokens_per_s: Option<f64>,
+    /// Why it stopped.
+    pub done_reason: Option<String>,
+}
+
+/// One element of an engine stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    /// Generated text (possibly empty: role headers, keep-alives). `tokens` when the engine
+    /// says how many tokens the chunk holds.
+    Text {
+        /// The text.
+        text: String,
+        /// Tokens in it.
+        tokens: Option<u64>,
+    },
+    /// The engine's final message; the stream ends after it.
+    Final(EngineReport),
+}
+
+/// The stream of a running generation.
+pub type ItemStream = BoxStream<'static, Result<Item, ErrorBody>>;
+
+/// An inference engine.
+pub trait Backend: Send + Sync {
+    /// `ollama`, `openai` or `mock`.
+    fn kind(&self) -> &'static str;
+    /// The engine's address (empty for mock).
+    fn base_url(&self) -> &str;
+    /// The models the engine has.
+    fn list_models(&self) -> BoxFuture<'_, Result<Vec<String>, ErrorBody>>;
+    /// Sends the request; resolves once the engine has answered with a streaming body.
+    fn generate(&self, req: GenRequest) -> BoxFuture<'_, Result<ItemStream, ErrorBody>>;
+    /// Whether `model` names the same model as `listed` (Ollama's `:latest` rule, say).
+    fn same_model(&self, model: &str, listed: &str) -> bool {
+        model == listed
+    }
+}
+
+/// A shared backend.
+pub type DynBackend = Arc<dyn Backend>;
+
+/// A reqwest client for engines: no overall timeout (streams are long), short connect timeout.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .build()
+        .expect("http client")
+}
+
+/// Maps a transport error on the request itself.
+pub(crate) fn request_error(url: &str, e: reqwest::Error) -> ErrorBody {
+    if e.is_connect() {
+        ErrorBody::new(ErrorCode::EngineUnreachable, format!("cannot connect to the engine at {url}: {e}"))
+    } else if e.is_timeout() {
+        ErrorBody::new(ErrorCode::Timeout, format!("engine at {url} timed out: {e}"))
+    } else {
+        ErrorBody::new(ErrorCode::StreamBroken, format!("engine at {url} failed: {e}"))
+    }
+}
+
+/// Maps a transport error while reading the streaming body.
+pub(crate) fn body_error(url: &str, e: reqwest::Error) -> ErrorBody {
+    ErrorBody::new(ErrorCode::StreamBroken, format!("stream from {url} broke: {e}"))
+}
+
+/// Reads an error response into a code: a 404 that talks about the model is `model_not_found`.
+pub(crate) async fn status_error(url: &str, model: &str, resp: reqwest::Response) -> ErrorBody {
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    let detail = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            let e = v.get("error")?;
+            Some(e.get("message").and_then(|m| m.as_str()).or(e.as_str())?.to_string())
+        })
+        .unwrap_or_else(|| body.chars().take(300).collect());
+    let code = if status == reqwest::StatusCode::NOT_FOUND && (detail.contains("model") || detail.contains(model)) {
+        ErrorCode::ModelNotFound
+    } else {
+        ErrorCode::EngineError
+    };
+    ErrorBody::new(code, format!("engine at {url} answered {status}: {detail}"))
+}

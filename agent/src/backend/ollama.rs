@@ -1,0 +1,168 @@
+//! Ollama's native API: streaming NDJSON from `/api/generate` and `/api/chat`, with Ollama's
+//! own counts and nanosecond durations from the final line.
+
+use super::lines::parse_lines;
+use super::{request_error, status_error, Backend, EngineReport, GenRequest, Item, ItemStream};
+use bench_schemas::{ErrorBody, ErrorCode, Mode, TokenCountSource};
+use futures::future::BoxFuture;
+use serde_json::{json, Value};
+
+/// A backend for one Ollama server.
+pub struct Ollama {
+    base_url: String,
+    http: reqwest::Client,
+}
+
+impl Ollama {
+    /// `base_url` like `http://127.0.0.1:11434`.
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self { base_url: base_url.into(), http: super::http_client() }
+    }
+
+    fn body(req: &GenRequest) -> (&'static str, Value) {
+        let mut options = json!({
+            "num_predict": req.max_tokens,
+            "temperature": req.temperature,
+            "num_ctx": req.num_ctx,
+        });
+        if let Some(seed) = req.seed {
+            options["seed"] = json!(seed);
+        }
+        match req.mode {
+            Mode::Generate => (
+                "/api/generate",
+                json!({"model": req.model, "prompt": req.prompt, "stream": true, "options": options}),
+            ),
+            Mode::Chat => (
+                "/api/chat",
+                json!({
+                    "model": req.model,
+                    "messages": [{"role": "user", "content": req.prompt}],
+                    "stream": true,
+                    "options": options,
+                }),
+            ),
+        }
+    }
+}
+
+fn ns_to_ms(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64).map(|ns| ns / 1e6)
+}
+
+fn rate(count: Option<u64>, ms: Option<f64>) -> Option<f64> {
+    match (count, ms) {
+        (Some(n), Some(ms)) if ms > 0.0 => Some(n as f64 / (ms / 1000.0)),
+        _ => None,
+    }
+}
+
+/// Parses one NDJSON line of `/api/generate` or `/api/chat`.
+pub fn parse_line(line: &str) -> Result<Vec<Item>, ErrorBody> {
+    if line.trim().is_empty() {
+        return Ok(vec![]);
+    }
+    let v: Value = serde_json::from_str(line).map_err(|e| {
+        ErrorBody::new(ErrorCode::StreamBroken, format!("Ollama sent a line that is not JSON ({e}): {line:.200}"))
+    })?;
+    if let Some(err) = v.get("error") {
+        let msg = err.as_str().unwrap_or("unknown error").to_string();
+        let code = if msg.contains("not found") { ErrorCode::ModelNotFound } else { ErrorCode::EngineError };
+        return Err(ErrorBody::new(code, format!("Ollama: {msg}")));
+    }
+    let text = v
+        .get("response")
+        .and_then(Value::as_str)
+        .or_else(|| v.pointer("/message/content").and_then(Value::as_str))
+        .unwrap_or_default()
+        .to_string();
+    let mut items = Vec::new();
+    if !text.is_empty() {
+        items.push(Item::Text { text, tokens: None });
+    }
+    if v.get("done").and_then(Value::as_bool) == Some(true) {
+        let eval_count = v.get("eval_count").and_then(Value::as_u64);
+        let prompt_count = v.get("prompt_eval_count").and_then(Value::as_u64);
+        let gen_ms = ns_to_ms(&v, "eval_duration");
+        let prompt_ms = ns_to_ms(&v, "prompt_eval_duration");
+        items.push(Item::Final(EngineReport {
+            gen_tokens: eval_count.map(|n| (n, TokenCountSource::OllamaEvalCount)),
+            prompt_tokens: prompt_count,
+            load_ms: ns_to_ms(&v, "load_duration"),
+            gen_ms,
+            prompt_ms,
+            total_ms: ns_to_ms(&v, "total_duration"),
+            gen_tokens_per_s: rate(eval_count, gen_ms),
+            prompt_tokens_per_s: rate(prompt_count, prompt_ms),
+            done_reason: v.get("done_reason").and_then(Value::as_str).map(str::to_string),
+        }));
+    }
+    Ok(items)
+}
+
+impl Backend for Ollama {
+    fn kind(&self) -> &'static str {
+        "ollama"
+    }
+
+    fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    fn same_model(&self, model: &str, listed: &str) -> bool {
+        let tagged = |m: &str| if m.contains(':') { m.to_string() } else { format!("{m}:latest") };
+        tagged(model) == tagged(listed)
+    }
+
+    fn list_models(&self) -> BoxFuture<'_, Result<Vec<String>, ErrorBody>> {
+        Box::pin(async move {
+            let url = format!("{}/api/tags", self.base_url);
+            let resp = self.http.get(&url).send().await.map_err(|e| request_error(&self.base_url, e))?;
+            if !resp.status().is_success() {
+                return Err(status_error(&self.base_url, "", resp).await);
+            }
+            let v: Value = resp
+                .json()
+                .await
+                .map_err(|e| ErrorBody::new(ErrorCode::EngineError, format!("{url}: {e}")))?;
+            Ok(v.get("models")
+                .and_then(Value::as_array)
+                .map(|ms| ms.iter().filter_map(|m| m.get("name")?.as_str().map(str::to_string)).collect())
+                .unwrap_or_default())
+        })
+    }
+
+    fn generate(&self, req: GenRequest) -> BoxFuture<'_, Result<ItemStream, ErrorBody>> {
+        Box::pin(async move {
+            let (path, body) = Self::body(&req);
+            let url = format!("{}{path}", self.base_url);
+            let resp = self.http.post(&url).json(&body).send().await.map_err(|e| request_error(&self.base_url, e))?;
+            if !resp.status().is_success() {
+                return Err(status_error(&self.base_url, &req.model, resp).await);
+            }
+            Ok(parse_lines(resp, self.base_url.clone(), parse_line))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_line_units() {
+        let items = parse_line(r#"{"model":"m","created_at":"x","response":"","done":true,"done_reason":"stop","total_duration":5000000000,"load_duration":1000000,"prompt_eval_count":10,"prompt_eval_duration":500000000,"eval_count":100,"eval_duration":2000000000}"#).unwrap();
+        let Item::Final(r) = &items[0] else { panic!("{items:?}") };
+        assert_eq!(r.gen_tokens, Some((100, TokenCountSource::OllamaEvalCount)));
+        assert_eq!((r.load_ms, r.gen_ms, r.prompt_ms, r.total_ms), (Some(1.0), Some(2000.0), Some(500.0), Some(5000.0)));
+        assert_eq!((r.gen_tokens_per_s, r.prompt_tokens_per_s), (Some(50.0), Some(20.0)));
+    }
+
+    #[test]
+    fn chat_and_errors() {
+        let items = parse_line(r#"{"model":"m","message":{"role":"assistant","content":"Hi"},"done":false}"#).unwrap();
+        assert_eq!(items, vec![Item::Text { text: "Hi".into(), tokens: None }]);
+        assert_eq!(parse_line(r#"{"error":"model 'x' not found"}"#).unwrap_err().code, ErrorCode::ModelNotFound);
+        assert_eq!(parse_line("nope").unwrap_err().code, ErrorCode::StreamBroken);
+    }
+}

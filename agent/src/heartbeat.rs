@@ -1,0 +1,88 @@
+//! Keeps this agent's entry in the `bench_agents` KV bucket fresh: every `heartbeat_s`, and at
+//! once when it turns busy or idle. The bucket's max age makes a dead agent's entry expire; a
+//! clean shutdown deletes it.
+
+use crate::Shared;
+use async_nats::jetstream;
+use bench_schemas::{AgentInfo, AgentStatus, Hardware};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// The bucket's max age: three missed heartbeats.
+pub fn bucket_ttl(heartbeat: std::time::Duration) -> std::time::Duration {
+    heartbeat * 3
+}
+
+/// Facts about this machine.
+pub fn hardware(accelerator: Option<String>) -> Hardware {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory_bytes = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0);
+    Hardware {
+        cpu,
+        cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(0),
+        memory_bytes,
+        os: std::env::consts::OS.to_string(),
+        arch: std::env::consts::ARCH.to_string(),
+        accelerator,
+    }
+}
+
+/// This agent's registry entry now.
+pub async fn info(shared: &Shared) -> AgentInfo {
+    let occ = shared.queue.occupancy();
+    let backend = shared.default_backend();
+    AgentInfo {
+        machine_id: shared.cfg.machine_id.clone(),
+        label: shared.cfg.label.clone(),
+        status: if occ.running.is_some() { AgentStatus::Busy } else { AgentStatus::Idle },
+        engine: backend.kind().to_string(),
+        models: shared.models.offered(&*backend, &shared.cfg.llm_models).await,
+        hardware: shared.hardware.clone(),
+        labels: shared.cfg.labels.clone(),
+        version: crate::VERSION.to_string(),
+        ts_ms: crate::publisher::now_ms(),
+        heartbeat_s: shared.cfg.heartbeat.as_secs_f64(),
+        current_job: occ.running,
+        queued: occ.waiting,
+    }
+}
+
+/// The heartbeat loop.
+pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let js = jetstream::new(shared.client.clone());
+    let ttl = bucket_ttl(shared.cfg.heartbeat);
+    let mut occupancy = shared.queue.watch();
+    let mut store = None;
+    loop {
+        if store.is_none() {
+            match bench_nats::streams::ensure_agents_bucket(&js, ttl).await {
+                Ok(s) => store = Some(s),
+                Err(e) => tracing::warn!(error = %e, "cannot open the {} bucket; will retry", bench_schemas::subjects::AGENTS_BUCKET),
+            }
+        }
+        if let Some(kv) = &store {
+            let body = serde_json::to_vec(&info(&shared).await).expect("serialises");
+            if let Err(e) = kv.put(&shared.cfg.machine_id, body.into()).await {
+                tracing::debug!(error = %e, "heartbeat not stored");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(shared.cfg.heartbeat) => {}
+            _ = occupancy.changed() => {}
+        }
+    }
+    if let Some(kv) = store {
+        let _ = kv.delete(&shared.cfg.machine_id).await;
+    }
+}

@@ -1,0 +1,143 @@
+//! Takes jobs off `bench.jobs.<machine_id>` and `bench.jobs.all` and cancels off
+//! `bench.cancel.*`. Every job is parsed, validated and answered at once (accept with its queue
+//! position, or a refusal with a stable code); refusals of a job with a usable id are also
+//! published as `job_error`, so `nats sub` watchers see them.
+
+use crate::emit::JobCtx;
+use crate::publisher::now_ms;
+use crate::queue::{Cancelled as QueueCancelled, Queued};
+use crate::Shared;
+use async_nats::service::Request;
+use bench_schemas::event::{Accepted, Cancelled, Failed};
+use bench_schemas::{subjects, validate_job_id, ErrorBody, ErrorCode, Event, EventKind, Job, JobReply};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Handles one job message; returns the reply (None when a selector excludes this agent).
+pub async fn handle_job(shared: &Arc<Shared>, subject: &str, reply: Option<&str>, payload: &[u8]) -> Option<JobReply> {
+    let machine_id = &shared.cfg.machine_id;
+    let broadcast = subjects::is_broadcast(subject);
+    let mut job: Job = match serde_json::from_slice(payload) {
+        Ok(j) => j,
+        Err(e) => {
+            // Recover a usable job_id, if any, so the refusal can also go out as an event.
+            let job_id = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| v.get("job_id")?.as_str().map(str::to_string))
+                .filter(|id| validate_job_id(id).is_ok());
+            let what = if serde_json::from_slice::<serde_json::Value>(payload).is_ok() {
+                "the job is not valid"
+            } else {
+                "the message is not valid JSON"
+            };
+            let err = ErrorBody::new(ErrorCode::BadJson, format!("{what}: {e}"));
+            return Some(refuse(shared, job_id.as_deref(), err));
+        }
+    };
+    if let Some(sel) = &job.selector {
+        if !sel.matches(machine_id, &shared.cfg.labels) {
+            tracing::debug!(?sel, "selector excludes this agent");
+            return None;
+        }
+    }
+    if job.job_id.is_none() {
+        job.job_id = Some(derive_job_id(broadcast, reply));
+    }
+    let job_id = job.job_id.clone().expect("set above");
+    if let Err(e) = check(shared, &job).await {
+        let usable = validate_job_id(&job_id).is_ok().then_some(job_id.as_str());
+        return Some(refuse(shared, usable, e));
+    }
+    let ctx = Arc::new(JobCtx::new(job_id.clone(), machine_id.clone(), shared.publisher.clone()));
+    let backend = shared.backend_for(&job).expect("checked");
+    let accepted = Accepted {
+        job: job.clone(),
+        position: 0,
+        engine: backend.kind().to_string(),
+        engine_url: backend.base_url().to_string(),
+        label: shared.cfg.label.clone(),
+        agent_version: crate::VERSION.to_string(),
+    };
+    // Emit before queueing so job_accepted is always seq 1, ahead of job_started.
+    let queued = Queued { job, ctx: ctx.clone(), cancel: CancellationToken::new() };
+    match shared.queue.push(queued) {
+        Ok(position) => {
+            ctx.emit(EventKind::JobAccepted(Accepted { position, ..accepted }));
+            tracing::info!(%job_id, position, "job accepted");
+            Some(JobReply::accepted(&job_id, machine_id, position))
+        }
+        Err(e) => Some(refuse(shared, Some(&job_id), e)),
+    }
+}
+
+/// A job without an id gets one. A broadcast answered with a reply inbox derives it from the
+/// inbox, which every agent sees the same, so the whole fleet reports under one id; otherwise
+/// a UUID.
+fn derive_job_id(broadcast: bool, reply: Option<&str>) -> String {
+    if broadcast {
+        if let Some(r) = reply {
+            let id: String = r
+                .trim_start_matches("_INBOX.")
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+                .collect();
+            let id = format!("bc-{id}");
+            if validate_job_id(&id).is_ok() {
+                return id;
+            }
+        }
+    }
+    uuid::Uuid::new_v4().to_string()
+}
+
+async fn check(shared: &Shared, job: &Job) -> Result<(), ErrorBody> {
+    job.validate(&shared.cfg.limits)?;
+    if job.expires_at.is_some_and(|t| t < now_ms()) {
+        return Err(ErrorBody::new(ErrorCode::Expired, "expires_at is in the past"));
+    }
+    let backend = shared.backend_for(job)?;
+    shared.models.check(&*backend, &shared.cfg.llm_models, &job.model).await
+}
+
+fn refuse(shared: &Shared, job_id: Option<&str>, error: ErrorBody) -> JobReply {
+    let machine_id = &shared.cfg.machine_id;
+    tracing::warn!(job_id = job_id.unwrap_or("-"), code = %error.code, message = %error.message, "job refused");
+    if let Some(id) = job_id {
+        let event = Event {
+            job_id: id.to_string(),
+            machine_id: machine_id.clone(),
+            seq: 0,
+            ts_ms: now_ms(),
+            kind: EventKind::JobError(Failed { error: error.clone(), repeat_index: None }),
+        };
+        // Outside the job's sequence: a refusal must not occupy seq 1 of a later, valid
+        // submission with the same id.
+        let msg_id = format!("{}.{}.refused.{}", id, machine_id, uuid::Uuid::new_v4().simple());
+        shared.publisher.send_with_id(&event, msg_id);
+    }
+    JobReply::rejected(job_id, machine_id, error)
+}
+
+/// Answers a service request with the reply (if the message asked for one).
+pub async fn answer(request: &Request, reply: &JobReply) {
+    if request.message.reply.is_none() {
+        return;
+    }
+    let body = serde_json::to_vec(reply).expect("reply serialises");
+    if let Err(e) = request.respond(Ok(body.into())).await {
+        tracing::warn!(error = %e, "could not answer job request");
+    }
+}
+
+/// Handles `bench.cancel.<job_id>`.
+pub fn handle_cancel(shared: &Shared, subject: &str) {
+    let job_id = subjects::last_token(subject);
+    match shared.queue.cancel(job_id) {
+        QueueCancelled::Running => tracing::info!(%job_id, "cancelling running job"),
+        QueueCancelled::Waiting(ctx) => {
+            tracing::info!(%job_id, "cancelled waiting job");
+            ctx.emit(EventKind::JobCancelled(Cancelled { repeat_index: None, reason: "cancel requested".into() }));
+        }
+        QueueCancelled::Unknown => tracing::debug!(%job_id, "cancel for a job not on this agent"),
+    }
+}

@@ -1,0 +1,231 @@
+//! bench-agent: takes benchmark jobs off NATS, runs them on a local inference engine and
+//! streams exact results back. It only dials out: nothing ever connects to an agent.
+//!
+//! Layout: [`config`] reads and validates `agent.yaml`; [`backend`] talks to engines (Ollama,
+//! OpenAI-compatible, mock) behind one trait; [`intake`] answers jobs arriving on
+//! `bench.jobs.<machine_id>` / `bench.jobs.all` (via the `bench-agent` micro service) and
+//! cancels on `bench.cancel.*`, queueing accepted jobs in [`queue`]; [`runner`] runs them one at
+//! a time, timing every chunk with [`measure`]; events go through [`emit`] (gapless seq) to
+//! [`publisher`] (JetStream, exactly once by `Nats-Msg-Id`); [`heartbeat`] keeps the
+//! `bench_agents` KV entry fresh; [`http`] serves `/health` and `/capabilities` locally.
+
+pub mod backend;
+pub mod config;
+pub mod emit;
+pub mod heartbeat;
+pub mod http;
+pub mod intake;
+pub mod measure;
+pub mod models;
+pub mod publisher;
+pub mod queue;
+pub mod runner;
+
+use anyhow::Context as _;
+use async_nats::service::ServiceExt;
+use backend::{mock::Mock, ollama::Ollama, openai::OpenAi, DynBackend};
+use bench_schemas::{subjects, ErrorBody, ErrorCode, Hardware, Job};
+use config::{Config, EngineKind};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// This agent's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// State shared by the agent's tasks.
+pub struct Shared {
+    /// Validated config.
+    pub cfg: Config,
+    /// The NATS connection.
+    pub client: async_nats::Client,
+    /// Configured backends; the first is the default.
+    pub backends: Vec<DynBackend>,
+    /// The job queue.
+    pub queue: queue::JobQueue,
+    /// Event publisher.
+    pub publisher: publisher::Publisher,
+    /// Model lists.
+    pub models: models::ModelCatalog,
+    /// Machine facts.
+    pub hardware: Hardware,
+}
+
+impl Shared {
+    /// The default backend.
+    pub fn default_backend(&self) -> DynBackend {
+        self.backends[0].clone()
+    }
+
+    /// The backend a job asks for (its `backend`, else the default).
+    pub fn backend_for(&self, job: &Job) -> Result<DynBackend, ErrorBody> {
+        match &job.backend {
+            None => Ok(self.default_backend()),
+            Some(name) => self.backends.iter().find(|b| b.kind() == name).cloned().ok_or_else(|| {
+                let have: Vec<_> = self.backends.iter().map(|b| b.kind()).collect();
+                ErrorBody::new(ErrorCode::UnknownBackend, format!("backend {name:?} is not configured on this agent; it has {have:?}"))
+            }),
+        }
+    }
+}
+
+/// The backends a config asks for, default first. Mock only when configured explicitly.
+pub fn backends_from_config(cfg: &Config) -> Vec<DynBackend> {
+    let ollama = cfg.ollama_base_url.as_ref().map(|u| Arc::new(Ollama::new(u.clone())) as DynBackend);
+    let openai = cfg
+        .openai_base_url
+        .as_ref()
+        .map(|u| Arc::new(OpenAi::new(u.clone(), cfg.openai_api_key.clone())) as DynBackend);
+    let mock = Some(Arc::new(Mock::new(cfg.mock.clone(), cfg.llm_models.clone())) as DynBackend);
+    let order = match cfg.engine {
+        EngineKind::Ollama => [ollama, openai, None],
+        EngineKind::Openai => [openai, ollama, None],
+        EngineKind::Mock => [mock, ollama, openai],
+    };
+    order.into_iter().flatten().collect()
+}
+
+/// A started agent.
+pub struct AgentHandle {
+    /// Where `/health` answers.
+    pub http_addr: SocketAddr,
+    /// Shared state (for tests and embedding).
+    pub shared: Arc<Shared>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl AgentHandle {
+    /// Waits until the agent has shut down (after the shutdown token fires).
+    pub async fn join(self) {
+        let _ = self.join.await;
+    }
+}
+
+/// Starts an agent on `client`: subscriptions are live when this returns.
+pub async fn start(cfg: Config, client: async_nats::Client, shutdown: CancellationToken) -> anyhow::Result<AgentHandle> {
+    let machine_id = cfg.machine_id.clone();
+    let backends = backends_from_config(&cfg);
+    let (publisher, publisher_task) = publisher::Publisher::spawn(client.clone());
+
+    // The stream is normally central's; creating it here too means events are kept even when
+    // central has never run. Best effort: a server without JetStream still gets live events.
+    let js = async_nats::jetstream::new(client.clone());
+    match tokio::time::timeout(Duration::from_secs(5), bench_nats::streams::ensure_events_stream(&js, &Default::default())).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not create the {} stream", subjects::EVENTS_STREAM),
+        Err(_) => tracing::warn!("NATS not answering yet; the {} stream is not checked", subjects::EVENTS_STREAM),
+    }
+
+    let shared = Arc::new(Shared {
+        hardware: heartbeat::hardware(cfg.accelerator.clone()),
+        queue: queue::JobQueue::new(cfg.max_queue),
+        models: models::ModelCatalog::default(),
+        publisher,
+        backends,
+        client: client.clone(),
+        cfg,
+    });
+
+    let default = shared.default_backend();
+    let metadata = HashMap::from([
+        ("machine_id".to_string(), machine_id.clone()),
+        ("label".to_string(), shared.cfg.label.clone()),
+        ("engine".to_string(), default.kind().to_string()),
+    ]);
+    let service = client
+        .service_builder()
+        .description(format!("{} ({machine_id})", shared.cfg.label))
+        .metadata(metadata)
+        .queue_group(machine_id.clone())
+        .start(subjects::SERVICE_NAME, VERSION)
+        .await
+        .map_err(|e| anyhow::anyhow!("registering the {} service: {e}", subjects::SERVICE_NAME))?;
+    let jobs = service
+        .endpoint_builder()
+        .name("jobs")
+        .add(subjects::jobs(&machine_id))
+        .await
+        .map_err(|e| anyhow::anyhow!("subscribing to {}: {e}", subjects::jobs(&machine_id)))?;
+    let broadcast = service
+        .endpoint_builder()
+        .name("broadcast")
+        .add(subjects::JOBS_ALL)
+        .await
+        .map_err(|e| anyhow::anyhow!("subscribing to {}: {e}", subjects::JOBS_ALL))?;
+    let cancels = client.subscribe(subjects::CANCEL_ALL).await.context("subscribing to cancels")?;
+    // Make sure the server has the subscriptions before callers publish.
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+
+    let listener = tokio::net::TcpListener::bind((shared.cfg.bind_host.as_str(), shared.cfg.bind_port))
+        .await
+        .with_context(|| format!("binding the local HTTP port {}:{} (bind_host/bind_port, AGENT_HOST/AGENT_PORT)", shared.cfg.bind_host, shared.cfg.bind_port))?;
+    let http_addr = listener.local_addr()?;
+
+    let worker = tokio::spawn(runner::worker(shared.clone(), shutdown.clone()));
+    let beat = tokio::spawn(heartbeat::run(shared.clone(), shutdown.clone()));
+    let http = {
+        let app = http::app(shared.clone());
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await;
+        })
+    };
+    let intake_shared = shared.clone();
+    let intake_shutdown = shutdown.clone();
+    let intake = tokio::spawn(async move {
+        let mut requests = futures::stream::select(jobs, broadcast);
+        let mut cancels = cancels;
+        loop {
+            tokio::select! {
+                _ = intake_shutdown.cancelled() => break,
+                Some(req) = requests.next() => {
+                    let msg = &req.message;
+                    let reply = msg.reply.as_ref().map(|r| r.to_string());
+                    if let Some(answer) = intake::handle_job(&intake_shared, &msg.subject, reply.as_deref(), &msg.payload).await {
+                        intake::answer(&req, &answer).await;
+                    }
+                }
+                Some(msg) = cancels.next() => intake::handle_cancel(&intake_shared, &msg.subject),
+            }
+        }
+        let _ = service.stop().await;
+    });
+
+    tracing::info!(%machine_id, engine = default.kind(), engine_url = default.base_url(), %http_addr, "agent ready");
+
+    let shared_for_join = shared.clone();
+    let join = tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tracing::info!("shutting down");
+        let _ = intake.await;
+        for ctx in shared_for_join.queue.drain() {
+            ctx.emit(bench_schemas::EventKind::JobCancelled(bench_schemas::event::Cancelled {
+                repeat_index: None,
+                reason: "agent shutting down".into(),
+            }));
+        }
+        let _ = worker.await;
+        let _ = beat.await;
+        let _ = http.await;
+        let client = shared_for_join.client.clone();
+        drop(shared_for_join);
+        // The publisher ends once every handle is gone and its queue is empty.
+        let _ = tokio::time::timeout(Duration::from_secs(10), publisher_task).await;
+        let _ = client.drain().await;
+    });
+    Ok(AgentHandle { http_addr, shared, join })
+}
+
+/// Connects to NATS with the config's settings and runs until `shutdown`.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let name = format!("bench-agent:{}", cfg.machine_id);
+    let client = bench_nats::connect(&cfg.nats, &name).await?;
+    let handle = start(cfg, client, shutdown).await?;
+    let shared = handle.shared.clone();
+    drop(shared);
+    handle.join().await;
+    Ok(())
+}

@@ -1,0 +1,57 @@
+use bench_agent::config::{process_env, Config, DEFAULT_CONFIG_PATH};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+const USAGE: &str = "usage: bench-agent [--config <file>]   (default agent/config/agent.yaml, or BENCH_AGENT_CONFIG)";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,async_nats=warn".into()))
+        .init();
+    let mut args = std::env::args().skip(1);
+    let mut path = std::env::var_os("BENCH_AGENT_CONFIG").map(PathBuf::from);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "-c" => path = args.next().map(PathBuf::from),
+            "--version" | "-V" => {
+                println!("bench-agent {}", bench_agent::VERSION);
+                return ExitCode::SUCCESS;
+            }
+            _ => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let path = path.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let cfg = match Config::load(&path, &process_env()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bench-agent: bad config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal(shutdown.clone()));
+    match bench_agent::run(cfg, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    token.cancel();
+}

@@ -1,0 +1,130 @@
+//! Connecting to NATS: one config shape for the agent and central.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Used when neither config nor `NATS_URL` names a server.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Short enough that a NAT box or a stateful firewall never drops an idle connection, and that
+/// a dead link is noticed within a minute.
+pub const DEFAULT_PING_INTERVAL_S: u64 = 20;
+
+/// How to reach NATS. Every field is optional in YAML; `NATS_URL` overrides `url`.
+#[derive(Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `nats://`, `tls://`, `ws://` or `wss://` URL; several may be comma-separated.
+    pub url: Option<String>,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// Token.
+    pub token: Option<String>,
+    /// File holding an nkey seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (JWT + seed).
+    pub creds_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server with.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), with `tls_key_file`, for mutual TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Client key (PEM).
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to talk without TLS.
+    #[serde(default)]
+    pub tls_required: bool,
+    /// Seconds between client PINGs.
+    pub ping_interval_s: Option<u64>,
+}
+
+/// Why a connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A credentials or key file could not be read.
+    #[error("reading {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The client refused the options or the first connect failed.
+    #[error("connecting to {url}: {source}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// The error.
+        source: async_nats::ConnectError,
+    },
+}
+
+impl NatsConfig {
+    /// The URL to use: `NATS_URL` from the environment wins over config, then the default.
+    pub fn effective_url(&self) -> String {
+        std::env::var("NATS_URL")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+            .or_else(|| self.url.clone())
+            .unwrap_or_else(|| DEFAULT_NATS_URL.to_string())
+    }
+
+    /// The client options this config stands for.
+    pub async fn options(&self, name: &str) -> Result<async_nats::ConnectOptions, ConnectError> {
+        let mut opts = match &self.creds_file {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|source| ConnectError::File { path: path.clone(), source })?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let (Some(user), Some(pass)) = (&self.user, &self.password) {
+            opts = opts.user_and_password(user.clone(), pass.clone());
+        }
+        if let Some(token) = &self.token {
+            opts = opts.token(token.clone());
+        }
+        if let Some(path) = &self.nkey_seed_file {
+            let seed = std::fs::read_to_string(path)
+                .map_err(|source| ConnectError::File { path: path.clone(), source })?;
+            opts = opts.nkey(seed.trim().to_string());
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            opts = opts.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
+        if self.tls_required {
+            opts = opts.require_tls(true);
+        }
+        let ping = self.ping_interval_s.unwrap_or(DEFAULT_PING_INTERVAL_S).max(1);
+        Ok(opts
+            .name(name)
+            .ping_interval(Duration::from_secs(ping))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(5))
+            // Cap the backoff so a returning server is found within seconds, not minutes.
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((100 * attempts.min(20) as u64).max(100))
+            })
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                    other => tracing::debug!(event = %other, "nats event"),
+                }
+            }))
+    }
+}
+
+/// Connects with `cfg`, retrying in the background forever (the returned client queues
+/// publishes until the server answers).
+pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, ConnectError> {
+    let url = cfg.effective_url();
+    let opts = cfg.options(name).await?;
+    opts.connect(url.as_str())
+        .await
+        .map_err(|source| ConnectError::Connect { url, source })
+}

