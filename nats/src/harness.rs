@@ -156,3 +156,94 @@ impl Drop for NatsServer {
         self.stop();
     }
 }
+
+/// Where `scripts/engine install` puts llama-server and the model, relative to the root.
+pub const TOOLS_LLAMA_SERVER: &str = ".tools/llama-server-11434.0.0/llama-server";
+/// The gemma model file, relative to the root.
+pub const TOOLS_MODEL: &str = ".tools/models/gemma-3-270m-q4_k_m.gguf";
+/// The model name the test engine serves under.
+pub const ENGINE_MODEL: &str = "gemma-3-270m";
+
+/// A real llama.cpp `llama-server` serving the gemma-3-270m GGUF on a free port, killed on drop.
+pub struct LlamaServer {
+    child: Option<Child>,
+    port: u16,
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl LlamaServer {
+    /// Starts it and waits (up to 120 s) until `/health` answers 200.
+    pub fn start() -> Self {
+        let root = workspace_root();
+        let bin = std::env::var_os("LLAMA_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| root.join(TOOLS_LLAMA_SERVER));
+        let model = std::env::var_os("BENCH_MODEL_PATH").map(PathBuf::from).unwrap_or_else(|| root.join(TOOLS_MODEL));
+        assert!(
+            bin.exists() && model.exists(),
+            "llama-server or the gemma model is missing ({} / {}): run `scripts/engine install`",
+            bin.display(),
+            model.display()
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("engine.log");
+        let port = free_port();
+        let child = Command::new(&bin)
+            .arg("-m")
+            .arg(&model)
+            .args(["--alias", ENGINE_MODEL, "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--no-jinja", "--chat-template", "gemma", "-c", "2048", "-t", "2", "--no-webui"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("engine log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let mut s = Self { child: Some(child), port, _dir: dir, log };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(Ok(Some(status))) = s.child.as_mut().map(|c| c.try_wait()) {
+                panic!("llama-server exited with {status}: {}", std::fs::read_to_string(&s.log).unwrap_or_default());
+            }
+            if http_get_status(port, "/health") == Some(200) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "llama-server not healthy in 120 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills it (SIGKILL): the way to break a stream mid-flight.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A minimal HTTP/1.0 GET returning the status code (no client dependency in the harness).
+fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    head.split_whitespace().nth(1)?.parse().ok()
+}
