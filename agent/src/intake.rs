@@ -102,7 +102,8 @@ async fn check(shared: &Shared, job: &Job) -> Result<(), ErrorBody> {
 fn refuse(shared: &Shared, job_id: Option<&str>, error: ErrorBody) -> JobReply {
     let machine_id = &shared.cfg.machine_id;
     tracing::warn!(job_id = job_id.unwrap_or("-"), code = %error.code, message = %error.message, "job refused");
-    if let Some(id) = job_id {
+    // A duplicate's refusal must not land among the events of the job already running.
+    if let Some(id) = job_id.filter(|_| error.code != ErrorCode::DuplicateJob) {
         let event = Event {
             job_id: id.to_string(),
             machine_id: machine_id.clone(),

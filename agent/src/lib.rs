@@ -100,7 +100,10 @@ pub struct AgentHandle {
 impl AgentHandle {
     /// Waits until the agent has shut down (after the shutdown token fires).
     pub async fn join(self) {
-        let _ = self.join.await;
+        let Self { join, shared, .. } = self;
+        // The publisher finishes once every handle on the shared state is gone.
+        drop(shared);
+        let _ = join.await;
     }
 }
 
@@ -223,9 +226,6 @@ pub async fn start(cfg: Config, client: async_nats::Client, shutdown: Cancellati
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let name = format!("bench-agent:{}", cfg.machine_id);
     let client = bench_nats::connect(&cfg.nats, &name).await?;
-    let handle = start(cfg, client, shutdown).await?;
-    let shared = handle.shared.clone();
-    drop(shared);
-    handle.join().await;
+    start(cfg, client, shutdown).await?.join().await;
     Ok(())
 }

@@ -1,0 +1,131 @@
+//! Shared by the agent's integration tests: a real nats-server, agents in-process, and helpers
+//! that await events with timeouts (never sleeps).
+#![allow(dead_code, unused_imports)]
+
+use bench_agent::config::{Config, Env};
+use bench_agent::AgentHandle;
+use bench_schemas::{subjects, Event, EventKind, JobReply};
+use futures::StreamExt;
+use std::path::Path;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub use bench_nats::harness::{LlamaServer, NatsServer, ENGINE_MODEL};
+
+/// Upper bound for anything a test awaits.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub async fn within<T>(what: &str, d: Duration, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(d, f).await.unwrap_or_else(|_| panic!("timed out after {d:?} waiting for {what}"))
+}
+
+pub fn config(yaml: &str, nats_url: &str) -> Config {
+    let env: Env = [("NATS_URL".to_string(), nats_url.to_string())].into();
+    let yaml = format!("bind_port: 0\nstream_flush_chars: 1\n{yaml}");
+    Config::parse(&yaml, Path::new("test-agent.yaml"), &env).expect("test config")
+}
+
+pub struct TestAgent {
+    pub handle: Option<AgentHandle>,
+    pub token: CancellationToken,
+}
+
+impl TestAgent {
+    pub async fn stop(&mut self) {
+        self.token.cancel();
+        if let Some(h) = self.handle.take() {
+            within("agent shutdown", WAIT, h.join()).await;
+        }
+    }
+    pub fn http(&self) -> std::net::SocketAddr {
+        self.handle.as_ref().expect("running").http_addr
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+pub async fn start_agent(cfg: Config, nats_url: &str) -> TestAgent {
+    let client = bench_nats::connect(&cfg.nats.clone(), "test-agent")
+        .await
+        .unwrap_or_else(|e| panic!("connect {nats_url}: {e}"));
+    let token = CancellationToken::new();
+    let handle = within("agent start", WAIT, bench_agent::start(cfg, client, token.clone()))
+        .await
+        .expect("agent starts");
+    TestAgent { handle: Some(handle), token }
+}
+
+pub async fn client(url: &str) -> async_nats::Client {
+    within("nats connect", WAIT, async_nats::connect(url)).await.expect("test client connects")
+}
+
+/// Sends `job` (raw bytes) as a request and parses the reply.
+pub async fn request(c: &async_nats::Client, subject: String, body: impl Into<bytes::Bytes>) -> JobReply {
+    let msg = within("job reply", WAIT, c.request(subject, body.into())).await.expect("request answered");
+    serde_json::from_slice(&msg.payload).unwrap_or_else(|e| panic!("reply {:?}: {e}", msg.payload))
+}
+
+/// Collects the events of a job on core NATS.
+pub struct Events {
+    sub: async_nats::Subscriber,
+    pub seen: Vec<Event>,
+}
+
+impl Events {
+    pub async fn watch(c: &async_nats::Client, job_id: &str) -> Self {
+        let sub = c.subscribe(subjects::events(job_id)).await.expect("subscribe");
+        c.flush().await.expect("flush");
+        Self { sub, seen: Vec::new() }
+    }
+
+    /// Waits for the next event.
+    pub async fn next(&mut self) -> Event {
+        let msg = within("next event", WAIT, self.sub.next()).await.expect("subscription open");
+        let e: Event = serde_json::from_slice(&msg.payload).expect("event parses");
+        self.seen.push(e.clone());
+        e
+    }
+
+    /// Waits until an event matching `pred` arrives; returns it.
+    pub async fn until(&mut self, pred: impl Fn(&Event) -> bool) -> Event {
+        loop {
+            let e = self.next().await;
+            if pred(&e) {
+                return e;
+            }
+        }
+    }
+
+    /// Waits for the terminal event of `machine_id`.
+    pub async fn terminal(&mut self, machine_id: &str) -> Event {
+        self.until(|e| e.machine_id == machine_id && e.kind.is_terminal()).await
+    }
+
+    pub fn types(&self) -> Vec<&'static str> {
+        self.seen.iter().map(|e| e.kind.name()).collect()
+    }
+
+    pub fn text(&self, repeat_index: u32) -> String {
+        self.seen
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::LlmToken(t) if t.repeat_index == repeat_index => Some(t.text.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+pub fn job_json(model: &str, extra: serde_json::Value) -> Vec<u8> {
+    let mut v = serde_json::json!({"model": model, "prompt": "The capital of France is", "max_tokens": 16});
+    if let serde_json::Value::Object(m) = extra {
+        for (k, val) in m {
+            v[k] = val;
+        }
+    }
+    serde_json::to_vec(&v).unwrap()
+}
