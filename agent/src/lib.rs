@@ -159,7 +159,11 @@ pub async fn start(cfg: Config, client: async_nats::Client, shutdown: Cancellati
         .await
         .map_err(|e| anyhow::anyhow!("subscribing to {}: {e}", subjects::JOBS_ALL))?;
     let cancels = client.subscribe(subjects::CANCEL_ALL).await.context("subscribing to cancels")?;
-    // Make sure the server has the subscriptions before callers publish.
+    // With retry_on_initial_connect the client may still be dialling: give it a moment so that,
+    // once this returns, the server has our subscriptions (it gets them on connect regardless).
+    if !bench_nats::wait_connected(&client, Duration::from_secs(10)).await {
+        tracing::warn!(url = %shared.cfg.nats.effective_url(), "NATS not reachable yet; jobs will arrive once it is");
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
 
     let listener = tokio::net::TcpListener::bind((shared.cfg.bind_host.as_str(), shared.cfg.bind_port))

@@ -128,3 +128,17 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client,
         .await
         .map_err(|source| ConnectError::Connect { url, source })
 }
+
+/// Waits up to `limit` for the client to be connected; false if it is not by then.
+pub async fn wait_connected(client: &async_nats::Client, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if client.connection_state() == async_nats::connection::State::Connected {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -10,4 +10,4 @@ pub mod connect;
 pub mod harness;
 pub mod streams;
 
-pub use connect::{connect, ConnectError, NatsConfig, DEFAULT_NATS_URL};
+pub use connect::{connect, wait_connected, ConnectError, NatsConfig, DEFAULT_NATS_URL};
