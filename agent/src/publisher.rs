@@ -60,7 +60,9 @@ impl Publisher {
 }
 
 async fn run(client: async_nats::Client, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
-    let js = jetstream::new(client.clone());
+    let mut js = jetstream::new(client.clone());
+    // A lost ack (server restart) is retried after this; the duplicate window drops repeats.
+    js.set_timeout(Duration::from_secs(2));
     let mut warned = false;
     while let Some(out) = rx.recv().await {
         let mut headers = HeaderMap::new();
