@@ -1,0 +1,70 @@
+//! Every checked-in example in `schemas/messages/` parses as its type, and survives a
+//! round trip unchanged (the examples are the contract's documentation).
+
+use bench_schemas::{AgentInfo, Event, EventKind, Job, JobLimits, JobReply, Metrics};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::path::Path;
+
+fn load<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(name: &str) -> T {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("messages").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let value: T = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+    // Round trip through JSON text and compare as values, and as typed values.
+    let again: T = serde_json::from_str(&serde_json::to_string(&value).unwrap()).unwrap();
+    assert_eq!(value, again, "{name}");
+    let raw: Value = serde_json::from_str(&text).unwrap();
+    let emitted: Value = serde_json::to_value(&value).unwrap();
+    for (k, v) in raw.as_object().unwrap() {
+        assert_eq!(emitted.get(k), Some(v), "{name}: field {k} changed in the round trip");
+    }
+    value
+}
+
+#[test]
+fn jobs() {
+    let j: Job = load("job.json");
+    assert_eq!((j.repeat, j.warmup, j.max_tokens), (3, 1, 128));
+    j.validate(&JobLimits::default()).unwrap();
+    let b: Job = load("job_broadcast.json");
+    b.validate(&JobLimits::default()).unwrap();
+    assert!(b.selector.is_some());
+}
+
+#[test]
+fn replies() {
+    let a: JobReply = load("reply_accepted.json");
+    assert!(a.accepted && a.error.is_none());
+    let r: JobReply = load("reply_rejected.json");
+    assert_eq!(r.error.unwrap().code.as_str(), "invalid_max_tokens");
+}
+
+#[test]
+fn events() {
+    let names = [
+        ("event_job_accepted.json", "job_accepted"),
+        ("event_job_started.json", "job_started"),
+        ("event_llm_token.json", "llm_token"),
+        ("event_repeat_done.json", "repeat_done"),
+        ("event_job_done.json", "job_done"),
+        ("event_job_error.json", "job_error"),
+        ("event_job_cancelled.json", "job_cancelled"),
+    ];
+    for (file, ty) in names {
+        let e: Event = load(file);
+        assert_eq!(e.kind.name(), ty, "{file}");
+        assert_eq!(e.kind.is_terminal(), matches!(ty, "job_done" | "job_error" | "job_cancelled"));
+    }
+    let done: Event = load("event_job_done.json");
+    let EventKind::JobDone(d) = done.kind else { panic!() };
+    assert_eq!(d.summary.repeats, d.repeats.len() as u32);
+}
+
+#[test]
+fn metrics_and_registry() {
+    let m: Metrics = load("metrics.json");
+    assert!(m.ttft_ms < m.total_ms);
+    let a: AgentInfo = load("agent_info.json");
+    assert_eq!(a.machine_id, "macbook");
+}
