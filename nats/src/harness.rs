@@ -191,7 +191,7 @@ impl LlamaServer {
             .arg("-m")
             .arg(&model)
             .args(["--alias", ENGINE_MODEL, "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--no-jinja", "--chat-template", "gemma", "-c", "2048", "-t", "2", "--no-webui"])
+            .args(["--no-jinja", "--chat-template", "gemma", "-c", "2048", "-t", "2", "--no-ui"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("engine log"))
