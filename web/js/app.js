@@ -1,0 +1,885 @@
+// bench-race web UI. Talks only to bench-central (same origin): REST for machines and jobs, SSE
+// for live events. Everything that comes from the fleet or the user (prompts, outputs, model
+// names, labels) is rendered with textContent / text nodes, never as HTML.
+import { api, ApiError, Stream } from './api.js';
+import { h, s, replace, $ } from './dom.js';
+import { num, ms, rate, int, pct, when } from './format.js';
+import { barChart } from './chart.js';
+import {
+  newJob, machine, applySnapshot, applyEvent, liveRate, machineStats, deltaPct, clearWinner, allTerminal, TERMINAL,
+} from './state.js';
+
+const LS = {
+  form: 'bench-race.form',
+  baseline: 'bench-race.baseline',
+  current: 'bench-race.current-job',
+};
+const EVENT_TYPES = ['job_accepted', 'job_started', 'llm_token', 'repeat_done', 'job_done', 'job_error', 'job_cancelled'];
+const FINISHED = new Set(['done', 'failed', 'cancelled', 'partial']);
+const PALETTE = ['#2f6fdf', '#e0702a', '#1f9d6b', '#b23fbf', '#c9a400', '#d6374f', '#2aa7b8', '#6b7a8f'];
+
+const ui = {
+  fleet: new Map(), // machine_id -> machine object from /api/machines
+  colors: new Map(), // machine_id -> colour, stable for the session
+  job: null, // state.js job state of the job on screen
+  jobStream: null,
+  panes: new Map(), // machine_id -> pane DOM refs
+  history: new Map(), // job_id -> job list item
+  historyNext: null,
+  baseline: localStorage.getItem(LS.baseline) || null,
+  sort: { key: 'tps', dir: 'desc' },
+  renderQueued: false,
+  rankingTimer: null,
+  openSeq: 0,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Fleet
+
+function colorOf(id) {
+  if (!ui.colors.has(id)) ui.colors.set(id, PALETTE[ui.colors.size % PALETTE.length]);
+  return ui.colors.get(id);
+}
+
+/** Registry status as the UI names it: idle / busy / offline. */
+function fleetStatus(id) {
+  const m = ui.fleet.get(id);
+  if (!m) return 'unknown';
+  const st = m.status;
+  if (st === 'offline') return 'offline';
+  if (st === 'busy') return 'busy';
+  return 'idle'; // "online" / "idle"
+}
+
+function labelOf(id) {
+  return ui.job?.machines.get(id)?.label || ui.fleet.get(id)?.label || id;
+}
+
+async function loadFleet() {
+  try {
+    const doc = await api.machines();
+    ui.fleet.clear();
+    for (const m of doc.machines ?? []) {
+      ui.fleet.set(m.machine_id, m);
+      colorOf(m.machine_id);
+    }
+    fleetChanged();
+  } catch (e) {
+    setConn('error', 'central unreachable');
+  }
+}
+
+function fleetChanged() {
+  const n = ui.fleet.size;
+  const up = [...ui.fleet.keys()].filter((id) => fleetStatus(id) !== 'offline').length;
+  $('#fleet-count').textContent = `${up}/${n} machines online`;
+  renderMachineChecks();
+  renderModelOptions();
+  scheduleRender();
+}
+
+function renderMachineChecks() {
+  const box = $('#machine-checks');
+  const all = $('#f-all').checked;
+  const prev = new Set([...box.querySelectorAll('input:checked')].map((i) => i.value));
+  const saved = loadForm().machines;
+  const wanted = prev.size ? prev : new Set(Array.isArray(saved) ? saved : []);
+  replace(box, [...ui.fleet.values()].map((m) => {
+    const st = fleetStatus(m.machine_id);
+    const input = h('input', { type: 'checkbox', value: m.machine_id, name: 'machine' });
+    input.checked = all || wanted.has(m.machine_id);
+    input.disabled = all;
+    input.addEventListener('change', () => { saveForm(); renderModelOptions(); });
+    return h('label', { class: 'check' }, input,
+      h('span', { class: 'swatch', style: { background: colorOf(m.machine_id) } }),
+      h('span', { class: 'check-label' }, m.label || m.machine_id),
+      h('span', { class: `badge badge-${st}` }, st));
+  }));
+  if (!ui.fleet.size) box.append(h('p', { class: 'note' }, 'No agents registered yet.'));
+}
+
+function selectedMachines() {
+  if ($('#f-all').checked) return [...ui.fleet.keys()];
+  return [...document.querySelectorAll('#machine-checks input:checked')].map((i) => i.value);
+}
+
+function renderModelOptions() {
+  const sel = $('#f-model');
+  const current = sel.value || loadForm().model || '';
+  const chosen = selectedMachines();
+  const counts = new Map();
+  for (const id of chosen.length ? chosen : [...ui.fleet.keys()]) {
+    for (const model of ui.fleet.get(id)?.models ?? []) counts.set(model, (counts.get(model) ?? 0) + 1);
+  }
+  const total = chosen.length || ui.fleet.size;
+  const models = [...counts.keys()].sort((a, b) => counts.get(b) - counts.get(a) || a.localeCompare(b));
+  if (current && !counts.has(current)) models.push(current);
+  replace(sel, models.map((model) => {
+    const c = counts.get(model) ?? 0;
+    const opt = h('option', { value: model }, `${model}  (${c}/${total})`);
+    return opt;
+  }));
+  if (!models.length) sel.append(h('option', { value: '' }, 'no models offered'));
+  sel.value = models.includes(current) ? current : (models[0] ?? '');
+  updateModelNote();
+}
+
+function updateModelNote() {
+  const model = $('#f-model').value;
+  const missing = selectedMachines().filter((id) => !(ui.fleet.get(id)?.models ?? []).includes(model));
+  $('#model-note').textContent = model && missing.length
+    ? `Not offered by: ${missing.map((id) => ui.fleet.get(id)?.label || id).join(', ')}`
+    : '';
+}
+
+// ---------------------------------------------------------------------------------------------
+// Form
+
+function loadForm() {
+  try {
+    return JSON.parse(localStorage.getItem(LS.form) || '{}') || {};
+  } catch {
+    return {};
+  }
+}
+
+function saveForm() {
+  const f = $('#run-form');
+  const v = {
+    model: f.model.value,
+    prompt: f.prompt.value,
+    max_tokens: f.max_tokens.value,
+    num_ctx: f.num_ctx.value,
+    temperature: f.temperature.value,
+    repeat: f.repeat.value,
+    warmup: f.warmup.value,
+    seed: f.seed.value,
+    all: $('#f-all').checked,
+    machines: [...document.querySelectorAll('#machine-checks input:checked')].map((i) => i.value),
+  };
+  localStorage.setItem(LS.form, JSON.stringify(v));
+}
+
+function restoreForm() {
+  const v = loadForm();
+  const f = $('#run-form');
+  for (const k of ['prompt', 'max_tokens', 'num_ctx', 'temperature', 'repeat', 'warmup', 'seed']) {
+    if (typeof v[k] === 'string') f[k].value = v[k];
+  }
+  if (typeof v.all === 'boolean') $('#f-all').checked = v.all;
+}
+
+function formMsg(text, kind = 'error') {
+  const el = $('#form-msg');
+  el.textContent = text;
+  el.dataset.kind = kind;
+}
+
+function readJob() {
+  const f = $('#run-form');
+  const intIn = (el, min) => {
+    const n = Number(el.value);
+    if (el.value.trim() === '' || !Number.isInteger(n) || n < min) throw new Error(`${el.labels[0].textContent.trim()} must be a whole number ≥ ${min}`);
+    return n;
+  };
+  const model = f.model.value;
+  if (!model) throw new Error('Choose a model (no machine offers one yet).');
+  if (!f.prompt.value.trim()) throw new Error('Write a prompt.');
+  const temperature = Number(f.temperature.value);
+  if (f.temperature.value.trim() === '' || !Number.isFinite(temperature) || temperature < 0) throw new Error('Temperature must be a number ≥ 0');
+  const body = {
+    test_type: 'llm_generate',
+    model,
+    prompt: f.prompt.value,
+    max_tokens: intIn(f.max_tokens, 1),
+    num_ctx: intIn(f.num_ctx, 1),
+    temperature,
+    repeat: intIn(f.repeat, 1),
+    warmup: intIn(f.warmup, 0),
+  };
+  if (f.seed.value.trim() !== '') body.seed = intIn(f.seed, 0);
+  if ($('#f-all').checked) body.machines = 'all';
+  else {
+    const chosen = selectedMachines();
+    if (!chosen.length) throw new Error('Choose at least one machine, or All machines.');
+    body.machines = chosen;
+  }
+  return body;
+}
+
+async function submit(ev) {
+  ev?.preventDefault();
+  let body;
+  try {
+    body = readJob();
+  } catch (e) {
+    formMsg(e.message);
+    return;
+  }
+  saveForm();
+  const btn = $('#run-btn');
+  btn.disabled = true;
+  formMsg('Submitting…', 'info');
+  try {
+    const res = await api.submit(body);
+    const refused = (res.machines ?? []).filter((m) => m.status !== 'accepted');
+    formMsg(refused.length
+      ? `Started; not running on: ${refused.map((m) => `${m.machine_id} (${m.error?.message || m.status})`).join(', ')}`
+      : '', refused.length ? 'warn' : 'info');
+    await openJob(res.job_id, { submitted: res, body });
+  } catch (e) {
+    formMsg(e instanceof ApiError ? `${e.message} [${e.code}]` : String(e.message || e));
+  } finally {
+    btn.disabled = false;
+  }
+}
+
+async function cancel() {
+  if (!ui.job) return;
+  $('#cancel-btn').disabled = true;
+  try {
+    await api.cancel(ui.job.job_id);
+    formMsg('Cancel sent.', 'info');
+  } catch (e) {
+    formMsg(`Cancel failed: ${e.message}`);
+    $('#cancel-btn').disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening a job: snapshot + (for a running job) its event stream, replayed from the start
+
+function setHash(id) {
+  const want = id ? '#job=' + encodeURIComponent(id) : '';
+  if (location.hash !== want) history.replaceState(null, '', location.pathname + location.search + want);
+}
+
+function hashJob() {
+  const m = /^#job=([A-Za-z0-9_-]{1,128})$/.exec(location.hash);
+  return m ? m[1] : null;
+}
+
+async function openJob(id, { submitted, body } = {}) {
+  const token = ++ui.openSeq;
+  ui.jobStream?.close();
+  ui.jobStream = null;
+  clearTimeout(ui.rankingTimer);
+  const job = newJob(id);
+  ui.job = job;
+  ui.panes.clear();
+  replace($('#panes'));
+  setHash(id);
+  localStorage.setItem(LS.current, id);
+  if (!submitted) formMsg('');
+  if (body) {
+    const { machines, ...j } = body;
+    job.job = j;
+    job.created_ms = Date.now();
+    job.source = 'central';
+  }
+  for (const sm of submitted?.machines ?? []) {
+    const st = machine(job, sm.machine_id);
+    if (sm.status !== 'accepted') {
+      st.status = sm.status === 'offline' ? 'offline' : 'rejected';
+      st.error = sm.error ?? { code: sm.status, message: `machine ${sm.status}` };
+    }
+  }
+  markHistoryCurrent();
+  scheduleRender();
+
+  let doc = null;
+  for (let attempt = 0; attempt < 5 && !doc; attempt++) {
+    try {
+      doc = await api.job(id, ui.baseline);
+    } catch (e) {
+      if (e.status === 404 && submitted && attempt < 4) {
+        await new Promise((r) => setTimeout(r, 200 * (attempt + 1)));
+        continue;
+      }
+      if (token !== ui.openSeq) return;
+      if (!submitted) {
+        showJobError(e.status === 404 ? `Job ${id} is not known to central.` : `Could not load job ${id}: ${e.message}`);
+        return;
+      }
+      break;
+    }
+  }
+  if (token !== ui.openSeq) return;
+  const finished = doc && FINISHED.has(doc.status);
+  if (doc) applySnapshot(job, doc, { withText: finished });
+  if (finished) {
+    job.ended = true;
+    if (localStorage.getItem(LS.current) === id) localStorage.removeItem(LS.current);
+  } else {
+    followJob(job);
+  }
+  scheduleRender();
+}
+
+function followJob(job) {
+  const handlers = {};
+  for (const type of EVENT_TYPES) {
+    handlers[type] = (ev) => {
+      if (ui.job !== job) return;
+      const m = applyEvent(job, ev);
+      if (!m) return;
+      if (TERMINAL.has(ev.type)) scheduleRanking(job);
+      scheduleRender(m.machine_id);
+    };
+  }
+  handlers.end = async (data) => {
+    if (ui.job !== job) return;
+    job.status = data?.status ?? job.status;
+    job.ended = true;
+    if (localStorage.getItem(LS.current) === job.job_id) localStorage.removeItem(LS.current);
+    await refreshSnapshot(job, true);
+  };
+  ui.jobStream = new Stream(api.jobEventsUrl(job.job_id), {
+    handlers,
+    onState: (st) => {
+      if (ui.job !== job) return;
+      job.streamState = st;
+      scheduleRender();
+    },
+  });
+}
+
+async function refreshSnapshot(job, withText) {
+  try {
+    const doc = await api.job(job.job_id, ui.baseline);
+    if (ui.job !== job) return;
+    applySnapshot(job, doc, { withText: withText && FINISHED.has(doc.status) });
+  } catch {
+    /* keep what we have */
+  }
+  scheduleRender();
+}
+
+function scheduleRanking(job) {
+  clearTimeout(ui.rankingTimer);
+  ui.rankingTimer = setTimeout(() => refreshSnapshot(job, false), 250);
+}
+
+function showJobError(text) {
+  ui.job = null;
+  replace($('#job-meta'), h('p', { class: 'form-msg', 'data-kind': 'error' }, text));
+  $('#job-h').textContent = 'Job';
+  $('#compare').hidden = true;
+  renderPanes();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering
+
+function scheduleRender() {
+  if (ui.renderQueued) return;
+  ui.renderQueued = true;
+  requestAnimationFrame(() => {
+    ui.renderQueued = false;
+    render();
+  });
+}
+
+function render() {
+  renderJobHead();
+  renderPanes();
+  renderCompare();
+  const running = ui.job && !ui.job.ended && !allTerminal(ui.job);
+  $('#cancel-btn').disabled = !running;
+}
+
+function statusBadge(status, text) {
+  return h('span', { class: `status status-${status}` }, text ?? status);
+}
+
+function renderJobHead() {
+  const job = ui.job;
+  const meta = $('#job-meta');
+  const stEl = $('#job-status');
+  const exp = $('#exports');
+  if (!job) {
+    $('#job-h').textContent = 'Fleet';
+    stEl.hidden = true;
+    exp.hidden = true;
+    if (!meta.querySelector('.form-msg')) {
+      replace(meta, h('p', { class: 'note' }, ui.fleet.size
+        ? 'Choose a model and a prompt, then Run: every selected machine runs the same job and streams its output here.'
+        : 'Waiting for agents to register…'));
+    }
+    return;
+  }
+  $('#job-h').textContent = 'Race';
+  const running = !job.ended && !allTerminal(job);
+  const st = running ? 'running' : (job.status === 'running' ? 'done' : job.status);
+  stEl.hidden = false;
+  stEl.className = `status status-${st}`;
+  stEl.textContent = st + (job.streamState === 'reconnecting' && running ? ' · reconnecting…' : '');
+  exp.hidden = false;
+  replace(exp, h('span', { class: 'muted' }, 'Export'),
+    ['csv', 'json', 'ndjson'].map((ext) => h('a', { href: api.exportUrl(job.job_id, ext), download: `${job.job_id}.${ext}`, class: 'export' }, ext.toUpperCase())));
+  const j = job.job ?? {};
+  const runs = j.repeat != null ? `${j.repeat} run${j.repeat === 1 ? '' : 's'}` + (j.warmup ? ` + ${j.warmup} warmup` : '') : null;
+  const kv = (k, v) => (v === undefined || v === null ? null : h('span', { class: 'kv' }, h('span', { class: 'k' }, k), h('span', { class: 'v' }, String(v))));
+  replace(meta,
+    h('div', { class: 'kvs' },
+      kv('model', j.model),
+      kv('max tokens', j.max_tokens),
+      kv('ctx', j.num_ctx),
+      kv('temp', j.temperature),
+      kv('runs', runs),
+      j.seed != null ? kv('seed', j.seed) : null,
+      kv('started', when(job.created_ms)),
+      job.source === 'external' ? h('span', { class: 'tag', title: 'Submitted on NATS directly (e.g. the nats CLI), not through this page' }, 'nats CLI') : null,
+      h('span', { class: 'kv' }, h('span', { class: 'k' }, 'job'), h('span', { class: 'v job-id' }, job.job_id))),
+    h('p', { class: 'prompt', id: 'job-prompt', title: 'Prompt' }, j.prompt ?? ''));
+}
+
+function paneIds() {
+  if (ui.job) return [...ui.job.machines.keys()];
+  return [...ui.fleet.keys()];
+}
+
+function renderPanes() {
+  const root = $('#panes');
+  const ids = paneIds();
+  for (const [id, p] of ui.panes) {
+    if (!ids.includes(id)) {
+      p.el.remove();
+      ui.panes.delete(id);
+    }
+  }
+  if (!ids.length) {
+    if (!root.querySelector('.empty')) replace(root, h('p', { class: 'empty note' }, 'No machines yet. Start an agent: target/debug/bench-agent --config agent/config/agent.yaml'));
+    return;
+  }
+  root.querySelector('.empty')?.remove();
+  ids.forEach((id, i) => {
+    let p = ui.panes.get(id);
+    if (!p) {
+      p = createPane(id);
+      ui.panes.set(id, p);
+    }
+    if (root.children[i] !== p.el) root.insertBefore(p.el, root.children[i] ?? null);
+    updatePane(p);
+  });
+}
+
+function createPane(id) {
+  const title = h('h3', { class: 'pane-title' });
+  const mid = h('span', { class: 'pane-id mono' }, id);
+  const fleetBadge = h('span', { class: 'badge' });
+  const pin = h('button', { type: 'button', class: 'pin small', 'aria-pressed': 'false' }, 'Baseline');
+  pin.addEventListener('click', () => setBaseline(ui.baseline === id ? null : id));
+  const jobState = h('span', { class: 'pane-state mono' });
+  const live = h('span', { class: 'pane-live mono', 'aria-live': 'off' });
+  const out = h('pre', { class: 'output', tabindex: '0', role: 'log', 'aria-label': `Output of ${id}` });
+  const jump = h('button', { type: 'button', class: 'jump small', hidden: true }, '↓ follow');
+  jump.addEventListener('click', () => {
+    out.scrollTop = out.scrollHeight;
+    jump.hidden = true;
+  });
+  out.addEventListener('scroll', () => {
+    if (atBottom(out)) jump.hidden = true;
+  });
+  const metrics = h('dl', { class: 'metrics' });
+  const err = h('p', { class: 'pane-error', role: 'alert', hidden: true });
+  const el = h('article', { class: 'pane', 'data-machine': id, 'aria-label': `Machine ${id}` },
+    h('header', { class: 'pane-head' },
+      h('span', { class: 'swatch', style: { background: colorOf(id) } }),
+      h('div', { class: 'pane-names' }, title, mid),
+      h('span', { class: 'spacer' }),
+      fleetBadge, pin),
+    h('div', { class: 'pane-bar' }, jobState, h('span', { class: 'spacer' }), live),
+    h('div', { class: 'output-wrap' }, out, jump),
+    err,
+    metrics);
+  return { id, el, title, fleetBadge, pin, jobState, live, out, jump, metrics, err, shownRun: null, shownLen: 0 };
+}
+
+function atBottom(el) {
+  return el.scrollHeight - el.scrollTop - el.clientHeight < 6;
+}
+
+function updatePane(p) {
+  const id = p.id;
+  const m = ui.job?.machines.get(id) ?? null;
+  p.title.textContent = labelOf(id);
+  p.title.title = labelOf(id);
+  const fs = fleetStatus(id);
+  p.fleetBadge.className = `badge badge-${fs}`;
+  p.fleetBadge.textContent = fs;
+  p.fleetBadge.title = `Registry status of ${id}`;
+  const isBase = ui.baseline === id;
+  p.pin.setAttribute('aria-pressed', String(isBase));
+  p.pin.textContent = isBase ? 'Baseline ✓' : 'Baseline';
+  p.pin.title = isBase ? 'Unpin baseline' : 'Pin as the baseline for deltas';
+  p.el.classList.toggle('is-baseline', isBase);
+
+  if (!m) {
+    p.jobState.textContent = fs === 'offline' ? 'offline' : 'ready';
+    p.live.textContent = '';
+    setOutput(p, null, '');
+    replace(p.metrics);
+    p.err.hidden = true;
+    return;
+  }
+  // state line
+  const total = ui.job.job ? (ui.job.job.repeat ?? 1) + (ui.job.job.warmup ?? 0) : null;
+  let state = m.status;
+  if (m.status === 'running' && m.run) {
+    state = `run ${m.run.index + 1}${total ? '/' + total : ''}${m.run.warmup ? ' · warmup' : ''}`;
+  } else if (m.status === 'done') {
+    const n = m.repeats.filter((r) => !r.warmup).length;
+    state = `done · ${n} run${n === 1 ? '' : 's'}`;
+  }
+  p.jobState.textContent = state;
+  p.el.dataset.state = m.status;
+  if (m.status === 'running' && m.live) {
+    const r = liveRate(m);
+    const approx = m.live.exact ? '' : '~';
+    p.live.textContent = `${approx}${int(m.live.tokens)} tok · ${r === null ? '–' : approx + rate(r)} tok/s live`;
+  } else {
+    p.live.textContent = '';
+  }
+  setOutput(p, m.status === 'done' ? 'final' : (m.run ? `run${m.run.index}` : 'none'), m.text);
+  if (m.error) {
+    p.err.hidden = false;
+    p.err.textContent = `${m.error.code}: ${m.error.message}`;
+  } else p.err.hidden = true;
+  renderPaneMetrics(p, m);
+}
+
+/** Shows text in a pane: appends what is new (keeping the reader's scroll), replaces on a new run. */
+function setOutput(p, runKey, text) {
+  const out = p.out;
+  const follow = atBottom(out);
+  if (p.shownRun !== runKey || text.length < p.shownLen || (p.shownText !== undefined && !text.startsWith(p.shownText))) {
+    out.textContent = text;
+    p.shownRun = runKey;
+  } else if (text.length > p.shownLen) {
+    out.appendChild(document.createTextNode(text.slice(p.shownLen)));
+  }
+  p.shownLen = text.length;
+  p.shownText = text.length < 20000 ? text : undefined;
+  out.classList.toggle('is-empty', !text);
+  if (follow) out.scrollTop = out.scrollHeight;
+  else if (text.length) p.jump.hidden = false;
+}
+
+function baselineStats() {
+  if (!ui.baseline || !ui.job) return null;
+  const b = ui.job.machines.get(ui.baseline);
+  return b ? machineStats(b) : null;
+}
+
+function deltaEl(v, betterWhenPositive) {
+  if (v === null) return null;
+  const good = betterWhenPositive ? v > 0 : v < 0;
+  const cls = Math.abs(v) < 0.05 ? 'delta' : good ? 'delta better' : 'delta worse';
+  return h('span', { class: cls, title: 'vs. baseline' }, pct(v));
+}
+
+function renderPaneMetrics(p, m) {
+  const st = machineStats(m);
+  const base = baselineStats();
+  const isBase = ui.baseline === m.machine_id;
+  const med = (x) => x?.median ?? null;
+  const range = (x, f) => (x && x.n > 1 ? `${f(x.min)}–${f(x.max)}` : null);
+  const item = (label, value, sub, delta, cls) => h('div', { class: 'metric' + (cls ? ' ' + cls : '') },
+    h('dt', {}, label),
+    h('dd', {}, h('span', { class: 'val' }, value)),
+    sub || (delta && !isBase) ? h('dd', { class: 'sub' }, sub ?? '', delta && !isBase ? delta : null) : null);
+  if (!st.n) {
+    replace(p.metrics,
+      item('TTFT', '–'), item('decode tok/s', '–'), item('total', '–'), item('tokens', '–'),
+      item('engine', m.engine ?? '–', null, null, 'text'));
+    return;
+  }
+  replace(p.metrics,
+    item('TTFT', ms(med(st.ttft_ms)), range(st.ttft_ms, (v) => num(v, 0)), base ? deltaEl(deltaPct(med(st.ttft_ms), med(base.ttft_ms)), false) : null),
+    item('decode tok/s', rate(med(st.gen_tokens_per_s)), range(st.gen_tokens_per_s, (v) => num(v, 1)), base ? deltaEl(deltaPct(med(st.gen_tokens_per_s), med(base.gen_tokens_per_s)), true) : null, 'key'),
+    item('total', ms(med(st.total_ms)), range(st.total_ms, (v) => num(v, 0)), base ? deltaEl(deltaPct(med(st.total_ms), med(base.total_ms)), false) : null),
+    item('tokens', int(med(st.gen_tokens)), tokenSource(m)),
+    item('engine', m.engine ?? '–', st.n > 1 ? `median of ${st.n}` : null, null, 'text'));
+}
+
+function tokenSource(m) {
+  const src = m.repeats.find((r) => !r.warmup)?.token_count_source;
+  return src === 'chunk_count' ? 'counted chunks (approx.)' : null;
+}
+
+function setBaseline(id) {
+  ui.baseline = id;
+  if (id) localStorage.setItem(LS.baseline, id);
+  else localStorage.removeItem(LS.baseline);
+  scheduleRender();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Comparison: verdict, chart, sortable table
+
+function compareRows() {
+  const job = ui.job;
+  const base = baselineStats();
+  const serverRank = new Map((job.ranking ?? []).map((r) => [r.machine_id, r]));
+  return [...job.machines.values()].map((m) => {
+    const st = machineStats(m);
+    const tps = st.gen_tokens_per_s;
+    const ttft = st.ttft_ms;
+    return {
+      id: m.machine_id,
+      label: m.label || ui.fleet.get(m.machine_id)?.label || m.machine_id,
+      engine: m.engine ?? '',
+      status: m.status,
+      n: st.n,
+      tps,
+      ttft,
+      total: st.total_ms,
+      tokens: st.gen_tokens,
+      dTps: base && ui.baseline !== m.machine_id ? deltaPct(tps?.median, base.gen_tokens_per_s?.median) : null,
+      dTtft: base && ui.baseline !== m.machine_id ? deltaPct(ttft?.median, base.ttft_ms?.median) : null,
+      rank: serverRank.get(m.machine_id)?.rank ?? null,
+    };
+  });
+}
+
+function renderCompare() {
+  const job = ui.job;
+  const sec = $('#compare');
+  if (!job || ![...job.machines.values()].some((m) => m.repeats.some((r) => !r.warmup))) {
+    sec.hidden = true;
+    return;
+  }
+  sec.hidden = false;
+  const rows = compareRows();
+  const withTps = rows.filter((r) => r.tps);
+
+  // verdicts: the gap must be larger than the spread (min-max ranges must not overlap)
+  const tpsW = clearWinner(rows.map((r) => ({ machine_id: r.id, stat: r.tps })), true);
+  const rank1 = job.ranking?.find((r) => r.rank === 1);
+  if (rank1 && typeof rank1.clear_winner === 'boolean' && rank1.machine_id === tpsW.winner) tpsW.clear = rank1.clear_winner;
+  const ttftW = clearWinner(rows.map((r) => ({ machine_id: r.id, stat: r.ttft })), false);
+  const running = !job.ended && !allTerminal(job);
+  replace($('#verdict'),
+    verdictItem('Decode', tpsW, 'tok/s', true, (v) => num(v, 1), running),
+    verdictItem('TTFT', ttftW, 'ms', false, (v) => num(v, v >= 100 ? 0 : 1), running));
+  const winners = new Set([tpsW.clear && tpsW.winner].filter(Boolean));
+
+  // chart
+  const chartRows = (key) => rows.map((r) => ({
+    id: r.id, label: r.label, color: colorOf(r.id), stat: r[key], baseline: r.id === ui.baseline, winner: key === 'tps' ? winners.has(r.id) : ttftW.clear && ttftW.winner === r.id,
+  }));
+  replace($('#charts'),
+    h('figure', { class: 'chart-fig', id: 'chart-tps' }, barChart(chartRows('tps'), { title: 'Decode tokens/s', unit: 'tok/s', better: 'higher', digits: 1 })),
+    h('figure', { class: 'chart-fig', id: 'chart-ttft' }, barChart(chartRows('ttft'), { title: 'Time to first token', unit: 'ms', better: 'lower', digits: 0 })));
+
+  // table
+  const cols = [
+    { key: 'label', label: 'Machine', get: (r) => r.label, text: true },
+    { key: 'engine', label: 'Engine', get: (r) => r.engine, text: true },
+    { key: 'n', label: 'Runs', get: (r) => r.n, fmt: (r) => String(r.n) },
+    { key: 'tps', label: 'Decode tok/s', get: (r) => r.tps?.median, fmt: (r) => rate(r.tps?.median), range: (r) => rangeText(r.tps, 1), best: 'max' },
+    { key: 'ttft', label: 'TTFT ms', get: (r) => r.ttft?.median, fmt: (r) => num(r.ttft?.median, 1), range: (r) => rangeText(r.ttft, 0), best: 'min' },
+    { key: 'total', label: 'Total ms', get: (r) => r.total?.median, fmt: (r) => num(r.total?.median, 0), range: (r) => rangeText(r.total, 0), best: 'min' },
+    { key: 'tokens', label: 'Tokens', get: (r) => r.tokens?.median, fmt: (r) => int(r.tokens?.median) },
+    { key: 'dTps', label: 'Δ decode', get: (r) => r.dTps, delta: true, good: true },
+    { key: 'dTtft', label: 'Δ TTFT', get: (r) => r.dTtft, delta: true, good: false },
+  ];
+  const { key, dir } = ui.sort;
+  const col = cols.find((c) => c.key === key) ?? cols[3];
+  const sorted = rows.slice().sort((a, b) => {
+    const va = col.get(a);
+    const vb = col.get(b);
+    const na = va === null || va === undefined || va === '';
+    const nb = vb === null || vb === undefined || vb === '';
+    if (na !== nb) return na ? 1 : -1; // empty cells last either way
+    const c = col.text ? String(va).localeCompare(String(vb)) : va - vb;
+    return dir === 'asc' ? c : -c;
+  });
+  const bestOf = (c) => {
+    const vals = withTps.length > 1 ? rows.map(c.get).filter((v) => Number.isFinite(v)) : [];
+    if (vals.length < 2) return null;
+    return c.best === 'max' ? Math.max(...vals) : Math.min(...vals);
+  };
+  const bests = new Map(cols.filter((c) => c.best).map((c) => [c.key, bestOf(c)]));
+  const table = $('#cmp-table');
+  replace(table.tHead, h('tr', {}, cols.map((c) => {
+    const active = c.key === key;
+    const btn = h('button', { type: 'button', class: 'sort' }, c.label, h('span', { class: 'arrow', 'aria-hidden': 'true' }, active ? (dir === 'asc' ? ' ▲' : ' ▼') : ''));
+    btn.addEventListener('click', () => {
+      ui.sort = { key: c.key, dir: active ? (dir === 'asc' ? 'desc' : 'asc') : c.text ? 'asc' : c.best === 'min' ? 'asc' : 'desc' };
+      renderCompare();
+      table.querySelector(`th[data-key="${c.key}"] button`)?.focus();
+    });
+    return h('th', { scope: 'col', 'data-key': c.key, class: c.text ? 'text' : 'num', 'aria-sort': active ? (dir === 'asc' ? 'ascending' : 'descending') : 'none' }, btn);
+  })));
+  replace(table.tBodies[0], sorted.map((r) => h('tr', { 'data-machine': r.id, class: (r.id === ui.baseline ? 'is-baseline' : '') + (winners.has(r.id) ? ' is-winner' : '') },
+    cols.map((c) => {
+      if (c.key === 'label') {
+        return h('th', { scope: 'row', class: 'text machine-cell', title: `${r.label} (${r.id})` },
+          h('span', { class: 'swatch', style: { background: colorOf(r.id) } }), h('span', { class: 'machine-name' }, r.label),
+          r.id === ui.baseline ? h('span', { class: 'tag' }, 'baseline') : null,
+          winners.has(r.id) ? h('span', { class: 'tag tag-win' }, 'winner') : null);
+      }
+      if (c.delta) {
+        const v = c.get(r);
+        return h('td', { class: 'num' }, r.id === ui.baseline ? h('span', { class: 'muted' }, 'base') : v === null ? '–' : deltaEl(v, c.good));
+      }
+      const v = c.get(r);
+      const isBest = c.best && Number.isFinite(v) && bests.get(c.key) === v;
+      const rg = c.range?.(r);
+      return h('td', { class: (c.text ? 'text' : 'num') + (isBest ? ' best' : ''), 'data-key': c.key },
+        h('span', { class: 'cell-val' }, c.fmt ? c.fmt(r) : String(v ?? '')),
+        rg ? h('span', { class: 'cell-range', title: 'min–max over repeats' }, rg) : null);
+    }))));
+  $('#baseline-note').textContent = ui.baseline
+    ? (job.machines.has(ui.baseline) ? `Δ against baseline ${labelOf(ui.baseline)}` : `Baseline ${ui.baseline} is not in this race`)
+    : 'Pin a machine as baseline to see deltas';
+}
+
+function rangeText(st, digits) {
+  return st && st.n > 1 ? `${num(st.min, digits)}–${num(st.max, digits)}` : null;
+}
+
+function verdictItem(name, w, unit, higher, f, running) {
+  if (!w.winner) return h('li', { class: 'verdict-none' }, h('strong', {}, name + ': '), running ? 'waiting for results from at least two machines…' : 'needs results from at least two machines.');
+  const a = w.best.stat;
+  const b = w.next.stat;
+  const gap = Math.abs(deltaPct(a.median, b.median) ?? 0);
+  const wl = labelOf(w.winner);
+  const rl = labelOf(w.runnerUp);
+  if (w.clear) {
+    return h('li', { class: 'verdict-win' }, h('strong', {}, name + ': '), h('span', { class: 'who' }, wl),
+      ` wins — ${f(a.median)} vs ${f(b.median)} ${unit} (${num(gap, 1)}% ${higher ? 'faster' : 'lower'}); the ranges over repeats do not overlap.`);
+  }
+  const single = a.n < 2 || b.n < 2;
+  return h('li', { class: 'verdict-tie' }, h('strong', {}, name + ': '), 'no clear winner — ', h('span', { class: 'who' }, wl),
+    ` leads ${rl} by ${num(gap, 1)}% but the gap is within the spread over repeats` + (single ? ' (run more repeats to tell).' : '.'));
+}
+
+// ---------------------------------------------------------------------------------------------
+// History
+
+async function loadHistory(more = false) {
+  try {
+    const doc = await api.jobs(more ? ui.historyNext : undefined);
+    if (!more) ui.history.clear();
+    for (const j of doc.jobs ?? []) ui.history.set(j.job_id, j);
+    ui.historyNext = doc.next_before ?? null;
+    renderHistory();
+  } catch {
+    /* the connection indicator says so */
+  }
+}
+
+function renderHistory() {
+  const list = $('#history-list');
+  const items = [...ui.history.values()].sort((a, b) => (b.created_ms ?? 0) - (a.created_ms ?? 0));
+  replace(list, items.map((j) => {
+    const btn = h('button', { type: 'button', class: 'hist-item', 'data-job': j.job_id },
+      h('span', { class: 'hist-line' },
+        h('span', { class: `dot dot-${j.status}`, title: j.status }),
+        h('span', { class: 'hist-time mono' }, when(j.created_ms)),
+        h('span', { class: 'hist-model' }, j.model ?? ''),
+        j.source === 'external' ? h('span', { class: 'tag', title: 'Submitted on NATS directly' }, 'nats') : null,
+        h('span', { class: 'spacer' }),
+        h('span', { class: 'hist-n mono', title: (j.machines ?? []).join(', ') }, `${(j.machines ?? []).length}×`)),
+      h('span', { class: 'hist-prompt' }, (j.prompt ?? '').replace(/\s+/g, ' ').slice(0, 120)));
+    btn.setAttribute('aria-label', `${j.status} job ${when(j.created_ms)}, ${j.model ?? ''}: ${(j.prompt ?? '').slice(0, 60)}`);
+    btn.addEventListener('click', () => openJob(j.job_id));
+    return h('li', {}, btn);
+  }));
+  $('#hist-empty').hidden = items.length > 0;
+  $('#hist-more').hidden = !ui.historyNext;
+  markHistoryCurrent();
+}
+
+function markHistoryCurrent() {
+  for (const b of document.querySelectorAll('.hist-item')) {
+    if (ui.job && b.dataset.job === ui.job.job_id) b.setAttribute('aria-current', 'true');
+    else b.removeAttribute('aria-current');
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live fleet and job list: /api/events
+
+function setConn(state, text) {
+  const el = $('#conn');
+  el.dataset.state = state;
+  el.textContent = text;
+}
+
+function followFleet() {
+  new Stream('/api/events', {
+    terminal: null,
+    handlers: {
+      machine: (m) => {
+        if (!m?.machine_id) return;
+        const prev = ui.fleet.get(m.machine_id);
+        ui.fleet.set(m.machine_id, { ...prev, ...m });
+        colorOf(m.machine_id);
+        fleetChanged();
+      },
+      job: (j) => {
+        if (!j?.job_id) return;
+        const prev = ui.history.get(j.job_id);
+        ui.history.set(j.job_id, { ...prev, ...j });
+        renderHistory();
+        if (ui.job?.job_id === j.job_id && FINISHED.has(j.status) && !ui.job.ended) scheduleRanking(ui.job);
+      },
+    },
+    onState: (st) => {
+      if (st === 'open') {
+        setConn('live', 'live');
+        // anything missed while disconnected
+        loadFleet();
+        loadHistory();
+      } else if (st === 'reconnecting') setConn('reconnecting', 'reconnecting…');
+    },
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wiring
+
+function init() {
+  restoreForm();
+  const form = $('#run-form');
+  form.addEventListener('submit', submit);
+  form.addEventListener('change', (e) => {
+    if (e.target.id === 'f-all') renderMachineChecks();
+    if (e.target.id === 'f-model') updateModelNote();
+    if (e.target.id === 'f-all') renderModelOptions();
+    saveForm();
+  });
+  form.addEventListener('input', saveForm);
+  $('#f-prompt').addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) {
+      e.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  $('#cancel-btn').addEventListener('click', cancel);
+  $('#hist-refresh').addEventListener('click', () => loadHistory());
+  $('#hist-more').addEventListener('click', () => loadHistory(true));
+  window.addEventListener('hashchange', () => {
+    const id = hashJob();
+    if (id && id !== ui.job?.job_id) openJob(id);
+  });
+
+  renderJobHead();
+  renderPanes();
+  loadFleet().then(() => {
+    const id = hashJob() || localStorage.getItem(LS.current);
+    if (id) openJob(id);
+  });
+  loadHistory();
+  followFleet();
+  // the registry's offline verdict also arrives as `machine` events; this is a slow safety net
+  setInterval(() => {
+    if (document.visibilityState === 'visible') loadFleet();
+  }, 15000);
+}
+
+init();

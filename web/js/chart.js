@@ -1,0 +1,83 @@
+// Hand-drawn SVG bar chart: one bar per machine at the median, a whisker from min to max over
+// the measured repeats. Labels are SVG text nodes (textContent), never markup.
+import { s } from './dom.js';
+import { num } from './format.js';
+
+function niceStep(max, ticks) {
+  const raw = max / ticks;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const norm = raw / mag;
+  return (norm <= 1 ? 1 : norm <= 2 ? 2 : norm <= 2.5 ? 2.5 : norm <= 5 ? 5 : 10) * mag;
+}
+
+function truncate(text, max) {
+  return text.length > max ? text.slice(0, max - 1) + '…' : text;
+}
+
+/**
+ * rows: [{id, label, color, stat: {median,min,max,n} | null, baseline: bool, winner: bool}]
+ * opts: {title, unit, better: 'higher' | 'lower', digits}
+ */
+export function barChart(rows, opts) {
+  const W = 560;
+  const labelW = 178;
+  const valueW = 112;
+  const rowH = 26;
+  const top = 28;
+  const axisH = 22;
+  const plotW = W - labelW - valueW;
+  const H = top + rows.length * rowH + axisH;
+  const max = Math.max(0, ...rows.filter((r) => r.stat).map((r) => r.stat.max));
+  const step = niceStep(max > 0 ? max : 1, 4);
+  const axisMax = Math.max(step, Math.ceil((max > 0 ? max : 1) / step) * step);
+  const x = (v) => labelW + (Math.max(0, v) / axisMax) * plotW;
+
+  const svg = s('svg', {
+    viewBox: `0 0 ${W} ${H}`,
+    class: 'chart',
+    role: 'img',
+    'aria-label': `${opts.title}, ${opts.better} is better`,
+    preserveAspectRatio: 'xMinYMin meet',
+  });
+  svg.append(
+    s('text', { x: 0, y: 14, class: 'chart-title' }, opts.title),
+    s('text', { x: W, y: 14, class: 'chart-note', 'text-anchor': 'end' }, `${opts.better} is better · bar = median, whisker = min–max`),
+  );
+  // grid + axis
+  const g = s('g', { class: 'chart-grid' });
+  for (let v = 0; v <= axisMax + 1e-9; v += step) {
+    const gx = x(v);
+    g.append(
+      s('line', { x1: gx, x2: gx, y1: top - 4, y2: top + rows.length * rowH }),
+      s('text', { x: gx, y: top + rows.length * rowH + 15, 'text-anchor': 'middle', class: 'chart-tick' }, num(v, step < 1 ? 1 : 0)),
+    );
+  }
+  svg.append(g);
+
+  rows.forEach((r, i) => {
+    const y = top + i * rowH;
+    const cy = y + rowH / 2;
+    const row = s('g', { class: 'chart-row' + (r.winner ? ' is-winner' : '') + (r.baseline ? ' is-baseline' : '') });
+    row.append(s('title', {}, `${r.label} (${r.id})`));
+    row.append(s('text', { x: labelW - 8, y: cy + 4, 'text-anchor': 'end', class: 'chart-label' }, truncate(r.label, 26)));
+    if (r.stat) {
+      const bx = x(0);
+      row.append(s('rect', { x: bx, y: y + 5, width: Math.max(1, x(r.stat.median) - bx), height: rowH - 10, rx: 1.5, fill: r.color, class: 'chart-bar' }));
+      if (r.stat.n > 1 && r.stat.max > r.stat.min) {
+        const x1 = x(r.stat.min);
+        const x2 = x(r.stat.max);
+        row.append(
+          s('line', { x1, x2, y1: cy, y2: cy, class: 'chart-whisker' }),
+          s('line', { x1, x2: x1, y1: cy - 6, y2: cy + 6, class: 'chart-whisker' }),
+          s('line', { x1: x2, x2, y1: cy - 6, y2: cy + 6, class: 'chart-whisker' }),
+        );
+      }
+      const spread = r.stat.n > 1 ? ` ±${num((r.stat.max - r.stat.min) / 2, opts.digits)}` : '';
+      row.append(s('text', { x: W, y: cy + 4, 'text-anchor': 'end', class: 'chart-value' }, num(r.stat.median, opts.digits) + spread + ' ' + opts.unit));
+    } else {
+      row.append(s('text', { x: labelW + 4, y: cy + 4, class: 'chart-empty' }, 'no result yet'));
+    }
+    svg.append(row);
+  });
+  return svg;
+}

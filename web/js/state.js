@@ -1,0 +1,213 @@
+// The state of one job as the page sees it, built from central's snapshot (GET /api/jobs/{id})
+// and the job's event stream. Pure: no DOM, so node's test runner checks it directly.
+//
+// De-duplication: `seq` is 1-based and gapless per (job, machine), so an event whose seq is not
+// above the last one applied for its machine has been seen already (an SSE replay after a
+// reconnect, or the snapshot already covering it) and is dropped. Text is never doubled.
+
+export const TERMINAL = new Set(['job_done', 'job_error', 'job_cancelled']);
+
+export function newJob(jobId) {
+  return {
+    job_id: jobId,
+    status: 'running',
+    source: null,
+    created_ms: null,
+    job: null, // the schemas Job
+    machines: new Map(), // machine_id -> machine state
+    ranking: null, // from central, when it has one
+    ended: false,
+  };
+}
+
+export function newMachine(id) {
+  return {
+    machine_id: id,
+    label: null,
+    engine: null,
+    status: 'queued', // queued | running | done | failed | cancelled | rejected | offline
+    lastSeq: 0,
+    run: null, // {index, warmup} of the run streaming now
+    text: '', // output of the current (or, when done, the last measured) run
+    live: null, // {firstT, lastT, firstTokens, tokens, chunks, exact} of the current run
+    repeats: [], // schemas Metrics, by repeat_index
+    summary: null, // schemas Summary from job_done
+    error: null, // {code, message}
+  };
+}
+
+export function machine(state, id) {
+  let m = state.machines.get(id);
+  if (!m) {
+    m = newMachine(id);
+    state.machines.set(id, m);
+  }
+  return m;
+}
+
+function upsertRepeat(m, metrics) {
+  const i = m.repeats.findIndex((r) => r.repeat_index === metrics.repeat_index);
+  if (i >= 0) m.repeats[i] = metrics;
+  else m.repeats.push(metrics);
+  m.repeats.sort((a, b) => a.repeat_index - b.repeat_index);
+}
+
+/**
+ * Applies central's job document. With `withText` (a finished job) its outputs and last_seq
+ * are taken as they are; for a running job only the metadata is taken and the text is rebuilt
+ * from the replayed stream, which starts at the job's first event.
+ */
+export function applySnapshot(state, doc, { withText = false } = {}) {
+  state.status = doc.status ?? state.status;
+  state.source = doc.source ?? state.source;
+  state.created_ms = doc.created_ms ?? state.created_ms;
+  if (doc.job) state.job = doc.job;
+  if (Array.isArray(doc.ranking)) state.ranking = doc.ranking;
+  for (const dm of doc.machines ?? []) {
+    const m = machine(state, dm.machine_id);
+    if (dm.label) m.label = dm.label;
+    if (dm.engine) m.engine = dm.engine;
+    if (withText || m.lastSeq === 0) {
+      if (dm.status) m.status = dm.status;
+      if (dm.error) m.error = dm.error;
+    }
+    if (withText && (dm.last_seq ?? 0) >= m.lastSeq) {
+      m.lastSeq = dm.last_seq ?? m.lastSeq;
+      m.text = dm.output_text ?? m.text;
+      if (Array.isArray(dm.repeats)) m.repeats = dm.repeats.slice().sort((a, b) => a.repeat_index - b.repeat_index);
+      m.summary = dm.summary ?? m.summary;
+      m.run = null;
+      m.live = null;
+    }
+  }
+  return state;
+}
+
+/**
+ * Applies one event envelope. Returns the machine state it changed, or null when the event
+ * was a duplicate or belongs to another job.
+ */
+export function applyEvent(state, ev) {
+  if (!ev || ev.job_id !== state.job_id || typeof ev.machine_id !== 'string') return null;
+  const m = machine(state, ev.machine_id);
+  if (!(ev.seq > m.lastSeq)) return null;
+  m.lastSeq = ev.seq;
+  const p = ev.payload ?? {};
+  switch (ev.type) {
+    case 'job_accepted':
+      if (p.label) m.label = p.label;
+      if (p.engine) m.engine = p.engine;
+      if (p.job && !state.job) state.job = p.job;
+      if (m.status === 'offline' || m.status === 'rejected') m.status = 'queued';
+      break;
+    case 'job_started':
+      m.status = 'running';
+      m.run = { index: p.repeat_index, warmup: !!p.warmup };
+      m.text = '';
+      m.live = null;
+      break;
+    case 'llm_token': {
+      if (!m.run || m.run.index !== p.repeat_index) {
+        m.run = { index: p.repeat_index, warmup: m.run?.warmup ?? false };
+        m.text = '';
+        m.live = null;
+      }
+      m.status = 'running';
+      m.text += p.text ?? '';
+      const toks = Number.isFinite(p.tokens) ? p.tokens : null;
+      if (!m.live) {
+        m.live = { firstT: p.t_ms, lastT: p.t_ms, firstTokens: toks ?? 1, tokens: toks ?? 1, chunks: 1, exact: toks !== null };
+      } else {
+        m.live.lastT = p.t_ms;
+        m.live.tokens += toks ?? 1;
+        m.live.chunks += 1;
+        if (toks === null) m.live.exact = false;
+      }
+      break;
+    }
+    case 'repeat_done':
+      upsertRepeat(m, p);
+      break;
+    case 'job_done':
+      m.status = 'done';
+      if (Array.isArray(p.repeats)) m.repeats = p.repeats.slice().sort((a, b) => a.repeat_index - b.repeat_index);
+      m.summary = p.summary ?? null;
+      if (typeof p.output_text === 'string') m.text = p.output_text;
+      if (p.engine) m.engine = p.engine;
+      m.run = null;
+      break;
+    case 'job_error':
+      m.status = 'failed';
+      m.error = { code: p.code ?? 'error', message: p.message ?? '' };
+      m.run = null;
+      break;
+    case 'job_cancelled':
+      m.status = 'cancelled';
+      m.error = { code: 'cancelled', message: p.reason ?? 'cancelled' };
+      m.run = null;
+      break;
+    default:
+      break;
+  }
+  return m;
+}
+
+/** Live decode rate of the run streaming now: tokens after the first over the time since it. */
+export function liveRate(m) {
+  const l = m.live;
+  if (!l || !(l.lastT > l.firstT)) return null;
+  return ((l.tokens - l.firstTokens) * 1000) / (l.lastT - l.firstT);
+}
+
+/** median, mean, stdev (sample), min, max, n: the same definition as schemas::Stats. */
+export function stats(samples) {
+  const v = samples.filter((x) => typeof x === 'number' && Number.isFinite(x)).sort((a, b) => a - b);
+  const n = v.length;
+  if (!n) return null;
+  const mean = v.reduce((a, b) => a + b, 0) / n;
+  const median = n % 2 ? v[(n - 1) / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+  const stdev = n > 1 ? Math.sqrt(v.reduce((a, x) => a + (x - mean) ** 2, 0) / (n - 1)) : 0;
+  return { n, median, mean, stdev, min: v[0], max: v[n - 1] };
+}
+
+/** Stats over the measured (non-warmup) repeats of a machine. */
+export function machineStats(m) {
+  const measured = m.repeats.filter((r) => !r.warmup);
+  return {
+    n: measured.length,
+    gen_tokens_per_s: stats(measured.map((r) => r.gen_tokens_per_s)),
+    ttft_ms: stats(measured.map((r) => r.ttft_ms)),
+    total_ms: stats(measured.map((r) => r.total_ms)),
+    gen_tokens: stats(measured.map((r) => r.gen_tokens)),
+    tpot_ms: stats(measured.map((r) => r.tpot_ms)),
+  };
+}
+
+/** Percent change of `v` against `base` (positive: larger). */
+export function deltaPct(v, base) {
+  if (!Number.isFinite(v) || !Number.isFinite(base) || base === 0) return null;
+  return ((v - base) / base) * 100;
+}
+
+/**
+ * The winner on one metric, called only when the gap is larger than the spread: the best
+ * machine's [min, max] over repeats must not overlap the runner-up's.
+ * rows: [{machine_id, stat}] ; higherIsBetter.
+ */
+export function clearWinner(rows, higherIsBetter) {
+  const ok = rows.filter((r) => r.stat);
+  if (ok.length < 2) return { winner: null, runnerUp: null, clear: false, reason: 'fewer than two machines have results' };
+  ok.sort((a, b) => (higherIsBetter ? b.stat.median - a.stat.median : a.stat.median - b.stat.median));
+  const [best, next] = ok;
+  const clear = higherIsBetter ? best.stat.min > next.stat.max : best.stat.max < next.stat.min;
+  return { winner: best.machine_id, runnerUp: next.machine_id, clear, best, next };
+}
+
+/** True when every machine of the job has sent its last event. */
+export function allTerminal(state) {
+  if (!state.machines.size) return false;
+  for (const m of state.machines.values()) {
+    if (!['done', 'failed', 'cancelled', 'rejected', 'offline'].includes(m.status)) return false;
+  }
+  return true;
+}

@@ -1,0 +1,292 @@
+// Browser test of the bench-race UI: Debian's headless Chromium driven over CDP by playwright-core
+// (executablePath, never a downloaded browser), against a running bench-central.
+//
+//   CENTRAL_URL=http://127.0.0.1:8080 node --test web/tests/ui.test.mjs
+//
+// Needs a fleet of at least two machines that both offer one model (web/tests/run.sh starts
+// nats-server, central, a mock agent and a llama-server agent, then runs this). Optional env:
+// TEST_MODEL (default: the model offered by the most machines), UI_TIMEOUT_S (default 120),
+// CHROMIUM (default /usr/bin/chromium), SCREENSHOT_DIR (default artifacts/screenshots).
+// Every wait has a timeout; nothing synchronises on a fixed sleep.
+import { describe, it, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const ROOT = path.resolve(HERE, '..', '..');
+const BASE = (process.env.CENTRAL_URL ?? '').replace(/\/+$/, '');
+const T = Number(process.env.UI_TIMEOUT_S ?? 120) * 1000;
+const SHOTS = path.resolve(process.env.SCREENSHOT_DIR ?? path.join(ROOT, 'artifacts', 'screenshots'));
+const XSS = '<img src=x onerror=window.__xss=1>';
+const PROMPT = `Write one short sentence about fast computers. ${XSS}`;
+
+if (!BASE) throw new Error('CENTRAL_URL is not set: point it at a running bench-central (see web/tests/run.sh)');
+
+let ctx;
+let page;
+let profile;
+const pageErrors = [];
+const shots = [];
+
+async function shot(name, opts = {}) {
+  fs.mkdirSync(SHOTS, { recursive: true });
+  const file = path.join(SHOTS, name + '.png');
+  await page.screenshot({ path: file, ...opts });
+  shots.push(file);
+  return file;
+}
+
+async function api(p, init) {
+  const res = await fetch(BASE + p, init);
+  const text = await res.text();
+  return { status: res.status, body: text ? JSON.parse(text) : null };
+}
+
+/** The job id in the page's URL hash, waited for (and other than `not`). */
+async function currentJobId(not = null) {
+  await page.waitForFunction((old) => /^#job=[A-Za-z0-9_-]+$/.test(location.hash) && location.hash !== '#job=' + old, not, { timeout: T });
+  return page.evaluate(() => decodeURIComponent(location.hash.slice(5)));
+}
+
+/** Resolves when every pane of the job on screen has reached a final state. */
+async function waitAllFinished(states = ['done']) {
+  await page.waitForFunction((want) => {
+    const panes = [...document.querySelectorAll('#panes .pane')];
+    return panes.length >= 1 && panes.every((p) => want.includes(p.dataset.state));
+  }, states, { timeout: T, polling: 100 });
+}
+
+async function paneOutputs() {
+  return page.evaluate(() => Object.fromEntries([...document.querySelectorAll('#panes .pane')].map((p) => [p.dataset.machine, p.querySelector('.output').textContent])));
+}
+
+/** Watches every pane from inside the page: records each distinct output length seen while the pane is running. */
+async function installStreamWatch() {
+  await page.evaluate(() => {
+    const seen = {};
+    window.__streamSeen = seen;
+    const look = () => {
+      for (const p of document.querySelectorAll('#panes .pane')) {
+        const id = p.dataset.machine;
+        seen[id] ??= { lengths: [], live: [] };
+        const len = p.querySelector('.output').textContent.length;
+        const s = seen[id];
+        if (p.dataset.state === 'running' && len > 0 && s.lengths[s.lengths.length - 1] !== len) s.lengths.push(len);
+        const live = p.querySelector('.pane-live').textContent;
+        if (live && s.live[s.live.length - 1] !== live) s.live.push(live);
+      }
+    };
+    new MutationObserver(look).observe(document.getElementById('panes'), { subtree: true, childList: true, characterData: true, attributes: true });
+  });
+}
+
+async function chooseModel() {
+  const options = await page.$$eval('#f-model option', (os) => os.map((o) => o.value).filter(Boolean));
+  assert.ok(options.length > 0, 'the model list offers the fleet\'s models');
+  const model = process.env.TEST_MODEL ?? options[0];
+  assert.ok(options.includes(model), `model ${model} is offered (offered: ${options.join(', ')})`);
+  await page.selectOption('#f-model', model);
+  return model;
+}
+
+async function fillForm({ prompt, maxTokens, repeat, warmup = 0 }) {
+  await page.fill('#f-prompt', prompt);
+  await page.fill('#f-max', String(maxTokens));
+  await page.fill('#f-ctx', '2048');
+  await page.fill('#f-temp', '0');
+  await page.fill('#f-repeat', String(repeat));
+  await page.fill('#f-warmup', String(warmup));
+  await page.fill('#f-seed', '');
+  if (!(await page.isChecked('#f-all'))) await page.check('#f-all');
+}
+
+describe('bench-race web UI in headless Chromium', () => {
+  before(async () => {
+    profile = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-race-chromium-'));
+    ctx = await chromium.launchPersistentContext(profile, {
+      executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+      headless: true,
+      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--no-first-run', '--disable-sync'],
+      viewport: { width: 1280, height: 800 },
+      timeout: 60000,
+    });
+    page = ctx.pages()[0] ?? (await ctx.newPage());
+    page.setDefaultTimeout(T);
+    page.on('pageerror', (e) => pageErrors.push(String(e)));
+    page.on('dialog', (d) => {
+      pageErrors.push('unexpected dialog: ' + d.message());
+      d.dismiss();
+    });
+  });
+
+  after(async () => {
+    await ctx?.close();
+    if (profile) fs.rmSync(profile, { recursive: true, force: true });
+    if (shots.length) console.log('screenshots:\n  ' + shots.join('\n  '));
+  });
+
+  let raceJob;
+  let raceOutputs;
+
+  it('loads the page and shows the fleet: two machines with live status', async () => {
+    await page.goto(BASE + '/', { waitUntil: 'domcontentloaded' });
+    await page.waitForFunction(() => document.querySelectorAll('#panes .pane').length >= 2, null, { timeout: T });
+    await page.waitForFunction(() => document.getElementById('conn').dataset.state === 'live', null, { timeout: T });
+    const badges = await page.$$eval('#panes .pane .badge', (bs) => bs.map((b) => b.textContent));
+    assert.ok(badges.length >= 2);
+    for (const b of badges) assert.ok(['idle', 'busy', 'offline'].includes(b), `status badge is idle/busy/offline, got ${b}`);
+    assert.ok(badges.filter((b) => b !== 'offline').length >= 2, `two machines online, got ${badges.join(', ')}`);
+    // every form control is labelled
+    const unlabelled = await page.$$eval('#run-form input, #run-form select, #run-form textarea', (els) => els.filter((e) => !e.labels || e.labels.length === 0).map((e) => e.id || e.name || e.outerHTML.slice(0, 60)));
+    assert.deepEqual(unlabelled, [], 'every control has a label');
+    await shot('01-fleet');
+  });
+
+  it('runs a race: tokens stream into both panes, then metrics, chart and table', async () => {
+    const model = await chooseModel();
+    await fillForm({ prompt: PROMPT, maxTokens: 64, repeat: 3 });
+    await installStreamWatch();
+    // Ctrl+Enter in the prompt runs it
+    await page.focus('#f-prompt');
+    await page.keyboard.press('Control+Enter');
+    raceJob = await currentJobId();
+    await page.waitForFunction(() => document.querySelectorAll('#panes .pane').length >= 2, null, { timeout: T });
+    // a moment where both stream at once makes the best picture; not required (one may be much faster)
+    await page.waitForFunction(() => [...document.querySelectorAll('#panes .pane')].filter((p) => p.dataset.state === 'running' && p.querySelector('.output').textContent.length > 20).length >= 2,
+      null, { timeout: 15000, polling: 50 }).then(() => shot('02-streaming'), () => shot('02-streaming-not-simultaneous'));
+    await waitAllFinished(['done']);
+    const seen = await page.evaluate(() => window.__streamSeen);
+    const ids = Object.keys(seen);
+    assert.ok(ids.length >= 2, 'two panes watched');
+    for (const id of ids) {
+      assert.ok(seen[id].lengths.length >= 2, `${id}: output grew while streaming (lengths seen: ${seen[id].lengths.join(',')})`);
+      assert.ok(seen[id].live.some((l) => /tok\/s live/.test(l)), `${id}: live tokens/s shown while streaming (${seen[id].live.slice(0, 3).join(' | ')})`);
+    }
+    // final metrics in every pane
+    const metrics = await page.$$eval('#panes .pane', (ps) => ps.map((p) => ({
+      id: p.dataset.machine,
+      vals: Object.fromEntries([...p.querySelectorAll('.metric')].map((m) => [m.querySelector('dt').textContent, m.querySelector('.val').textContent])),
+    })));
+    for (const m of metrics) {
+      assert.match(m.vals['TTFT'], /\d.* ms|\d.* s/, `${m.id}: TTFT shown`);
+      assert.match(m.vals['decode tok/s'], /\d/, `${m.id}: decode tok/s shown`);
+      assert.match(m.vals['total'], /\d/, `${m.id}: total shown`);
+      assert.match(m.vals['tokens'], /\d/, `${m.id}: tokens shown`);
+      assert.notEqual(m.vals['engine'], '–', `${m.id}: engine shown`);
+    }
+    // chart: a bar per machine in both charts, whiskers over 3 repeats, and the table
+    await page.waitForSelector('#compare:not([hidden])', { timeout: T });
+    const bars = await page.$$eval('#chart-tps .chart-bar', (b) => b.length);
+    const ttftBars = await page.$$eval('#chart-ttft .chart-bar', (b) => b.length);
+    assert.ok(bars >= 2 && ttftBars >= 2, `bars in both charts (${bars}, ${ttftBars})`);
+    const rows = await page.$$eval('#cmp-table tbody tr', (r) => r.length);
+    assert.ok(rows >= 2, 'a table row per machine');
+    const verdict = await page.textContent('#verdict');
+    assert.match(verdict, /Decode: .*(wins|no clear winner)/, 'a decode verdict is given');
+    // the page shows what central stored, text for text (no doubled or lost tokens)
+    raceOutputs = await paneOutputs();
+    const doc = (await api(`/api/jobs/${raceJob}`)).body;
+    assert.equal(doc.job.model, model);
+    for (const m of doc.machines) {
+      assert.equal(m.status, 'done', `${m.machine_id} done in central`);
+      assert.ok(m.output_text.length > 0, `${m.machine_id} produced text`);
+      assert.equal(raceOutputs[m.machine_id], m.output_text, `${m.machine_id}: pane text equals central's output_text`);
+    }
+    await page.evaluate(() => window.scrollTo(0, 0));
+    await shot('03-race-done');
+    await shot('03-race-done-full', { fullPage: true });
+  });
+
+  it('renders the prompt and outputs as text: <img onerror> runs nothing', async () => {
+    const promptText = await page.textContent('#job-prompt');
+    assert.ok(promptText.includes(XSS), 'the prompt is shown literally');
+    assert.equal(await page.evaluate(() => document.querySelectorAll('img').length), 0, 'no <img> element was created');
+    assert.equal(await page.evaluate(() => typeof window.__xss), 'undefined');
+    assert.equal(await page.evaluate(() => typeof window.__xss_out), 'undefined');
+    const hist = await page.textContent(`#history-list [data-job="${raceJob}"]`);
+    assert.ok(hist.includes('<img src=x'), 'history shows the prompt as text');
+  });
+
+  it('sorts the table and pins a baseline', async () => {
+    const header = page.locator('#cmp-table th[data-key="ttft"] button');
+    await header.click();
+    assert.equal(await page.getAttribute('#cmp-table th[data-key="ttft"]', 'aria-sort'), 'ascending');
+    const ttfts = await page.$$eval('#cmp-table tbody tr', (rs) => rs.map((r) => r.querySelector('td[data-key="ttft"] .cell-val').textContent));
+    const nums = ttfts.map((t) => Number(t.replace(/,/g, '')));
+    assert.deepEqual(nums, [...nums].sort((a, b) => a - b), 'sorted by TTFT ascending');
+    await header.press('Enter'); // keyboard works on the header too
+    assert.equal(await page.getAttribute('#cmp-table th[data-key="ttft"]', 'aria-sort'), 'descending');
+    const first = await page.getAttribute('#panes .pane >> nth=0', 'data-machine');
+    await page.click('#panes .pane >> nth=0 >> .pin');
+    assert.equal(await page.getAttribute('#panes .pane >> nth=0 >> .pin', 'aria-pressed'), 'true');
+    await page.waitForFunction(() => document.querySelectorAll('#panes .pane .delta').length > 0, null, { timeout: T });
+    const dTable = await page.$$eval('#cmp-table tbody td .delta', (d) => d.length);
+    assert.ok(dTable >= 1, 'table shows deltas against the baseline');
+    assert.match(await page.textContent('#baseline-note'), /baseline/);
+    await shot('04-baseline');
+    assert.ok(first);
+  });
+
+  it('after a reload the job is in history, and opening it shows the same output and metrics', async () => {
+    await page.goto(BASE + '/', { waitUntil: 'domcontentloaded' });
+    await page.evaluate(() => localStorage.removeItem('bench-race.current-job'));
+    await page.reload({ waitUntil: 'domcontentloaded' });
+    const item = page.locator(`#history-list [data-job="${raceJob}"]`);
+    await item.waitFor({ timeout: T });
+    await item.click();
+    await currentJobId();
+    await waitAllFinished(['done']);
+    assert.deepEqual(await paneOutputs(), raceOutputs, 'replayed outputs are the same');
+    await page.waitForSelector('#compare:not([hidden]) #chart-tps .chart-bar', { timeout: T });
+    assert.equal(await page.getAttribute(`#history-list [data-job="${raceJob}"]`, 'aria-current'), 'true');
+    await shot('05-history-open');
+  });
+
+  it('a reload mid-run shows the run in progress and ends with the text exactly once', async () => {
+    await fillForm({ prompt: 'Count from one to fifty in words, separated by commas.', maxTokens: 160, repeat: 1 });
+    await page.click('#run-btn');
+    const id = await currentJobId(raceJob);
+    await page.waitForFunction(() => [...document.querySelectorAll('#panes .pane')].some((p) => p.querySelector('.output').textContent.length > 0), null, { timeout: T, polling: 50 });
+    await page.reload({ waitUntil: 'domcontentloaded' });
+    assert.equal(await currentJobId(), id, 'the job id survives the reload');
+    await page.waitForFunction(() => document.querySelectorAll('#panes .pane').length >= 2, null, { timeout: T });
+    await shot('06-after-reload-mid-run');
+    await waitAllFinished(['done']);
+    const outs = await paneOutputs();
+    const doc = (await api(`/api/jobs/${id}`)).body;
+    for (const m of doc.machines) assert.equal(outs[m.machine_id], m.output_text, `${m.machine_id}: no doubled or missing text after the reload`);
+  });
+
+  it('Cancel stops a running job', async () => {
+    await fillForm({ prompt: 'Write a very long story about a lighthouse keeper.', maxTokens: 2000, repeat: 1 });
+    const prev = await page.evaluate(() => decodeURIComponent(location.hash.slice(5)));
+    await page.click('#run-btn');
+    const id = await currentJobId(prev);
+    await page.waitForFunction(() => [...document.querySelectorAll('#panes .pane')].some((p) => p.dataset.state === 'running'), null, { timeout: T, polling: 50 });
+    await page.waitForFunction(() => !document.getElementById('cancel-btn').disabled, null, { timeout: T });
+    await page.click('#cancel-btn');
+    await waitAllFinished(['cancelled', 'done', 'failed']);
+    const states = await page.$$eval('#panes .pane', (ps) => ps.map((p) => p.dataset.state));
+    assert.ok(states.includes('cancelled'), `at least one machine was cancelled (${states.join(', ')})`);
+    const doc = (await api(`/api/jobs/${id}`)).body;
+    assert.ok(['cancelled', 'partial', 'done', 'failed'].includes(doc.status), `central's status ${doc.status}`);
+  });
+
+  it('is readable in a narrow window', async () => {
+    await page.setViewportSize({ width: 420, height: 900 });
+    await page.goto(BASE + '/#job=' + raceJob, { waitUntil: 'domcontentloaded' });
+    await waitAllFinished(['done']);
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+    assert.ok(overflow <= 1, `no horizontal page scroll (overflow ${overflow}px)`);
+    await shot('07-narrow', { fullPage: true });
+    await page.setViewportSize({ width: 1280, height: 800 });
+  });
+
+  it('raised no page errors', () => {
+    assert.deepEqual(pageErrors, []);
+  });
+});
