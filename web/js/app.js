@@ -4,7 +4,7 @@
 import { api, ApiError, Stream } from './api.js';
 import { h, s, replace, $ } from './dom.js';
 import { num, ms, rate, int, pct, when } from './format.js';
-import { barChart } from './chart.js';
+import { barChart, fitLabels } from './chart.js';
 import {
   newJob, machine, applySnapshot, applyEvent, liveRate, machineStats, deltaPct, clearWinner, allTerminal, TERMINAL,
 } from './state.js';
@@ -590,8 +590,9 @@ function renderPaneMetrics(p, m) {
     h('dd', {}, h('span', { class: 'val' }, value)),
     sub || (delta && !isBase) ? h('dd', { class: 'sub' }, sub ?? '', delta && !isBase ? delta : null) : null);
   if (!st.n) {
+    const liveTtft = m.status === 'running' && m.live && !m.run?.warmup ? m.live.firstT : null;
     replace(p.metrics,
-      item('TTFT', '–'), item('decode tok/s', '–'), item('total', '–'), item('tokens', '–'),
+      item('TTFT', liveTtft === null ? '–' : ms(liveTtft), liveTtft === null ? null : 'first token, live'), item('decode tok/s', '–'), item('total', '–'), item('tokens', '–'),
       item('engine', m.engine ?? '–', null, null, 'text'));
     return;
   }
@@ -669,9 +670,14 @@ function renderCompare() {
   const chartRows = (key) => rows.map((r) => ({
     id: r.id, label: r.label, color: colorOf(r.id), stat: r[key], baseline: r.id === ui.baseline, winner: key === 'tps' ? winners.has(r.id) : ttftW.clear && ttftW.winner === r.id,
   }));
+  // drawn at the size shown, so text stays at its real pixel size in any window
+  const avail = $('#charts').clientWidth || 900;
+  const width = avail >= 2 * 380 + 24 ? (avail - 24) / 2 : avail;
+  ui.chartWidth = width;
   replace($('#charts'),
-    h('figure', { class: 'chart-fig', id: 'chart-tps' }, barChart(chartRows('tps'), { title: 'Decode tokens/s', unit: 'tok/s', better: 'higher', digits: 1 })),
-    h('figure', { class: 'chart-fig', id: 'chart-ttft' }, barChart(chartRows('ttft'), { title: 'Time to first token', unit: 'ms', better: 'lower', digits: 0 })));
+    h('figure', { class: 'chart-fig', id: 'chart-tps' }, barChart(chartRows('tps'), { title: 'Decode tokens/s', unit: 'tok/s', better: 'higher', digits: 1, width })),
+    h('figure', { class: 'chart-fig', id: 'chart-ttft' }, barChart(chartRows('ttft'), { title: 'Time to first token', unit: 'ms', better: 'lower', digits: 0, width })));
+  fitLabels($('#charts'));
 
   // table
   const cols = [
@@ -868,6 +874,11 @@ function init() {
     if (id && id !== ui.job?.job_id) openJob(id);
   });
 
+  new ResizeObserver(() => {
+    const avail = $('#charts').clientWidth;
+    const width = avail >= 2 * 380 + 24 ? (avail - 24) / 2 : avail;
+    if (avail && Math.abs(width - (ui.chartWidth ?? 0)) > 8) scheduleRender();
+  }).observe($('#compare'));
   renderJobHead();
   renderPanes();
   loadFleet().then(() => {

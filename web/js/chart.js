@@ -19,9 +19,9 @@ function truncate(text, max) {
  * opts: {title, unit, better: 'higher' | 'lower', digits}
  */
 export function barChart(rows, opts) {
-  const W = 560;
-  const labelW = 178;
-  const valueW = 112;
+  const W = Math.max(280, Math.round(opts.width ?? 560));
+  const labelW = Math.round(Math.min(178, W * 0.3));
+  const valueW = Math.round(Math.min(112, W * 0.27));
   const rowH = 26;
   const top = 28;
   const axisH = 22;
@@ -41,7 +41,7 @@ export function barChart(rows, opts) {
   });
   svg.append(
     s('text', { x: 0, y: 14, class: 'chart-title' }, opts.title),
-    s('text', { x: W, y: 14, class: 'chart-note', 'text-anchor': 'end' }, `${opts.better} is better · bar = median, whisker = min–max`),
+    s('text', { x: W, y: 14, class: 'chart-note', 'text-anchor': 'end' }, W >= 460 ? `${opts.better} is better · bar = median, whisker = min–max` : `${opts.better} is better`),
   );
   // grid + axis
   const g = s('g', { class: 'chart-grid' });
@@ -59,7 +59,7 @@ export function barChart(rows, opts) {
     const cy = y + rowH / 2;
     const row = s('g', { class: 'chart-row' + (r.winner ? ' is-winner' : '') + (r.baseline ? ' is-baseline' : '') });
     row.append(s('title', {}, `${r.label} (${r.id})`));
-    row.append(s('text', { x: labelW - 8, y: cy + 4, 'text-anchor': 'end', class: 'chart-label' }, truncate(r.label, 26)));
+    row.append(s('text', { x: labelW - 8, y: cy + 4, 'text-anchor': 'end', class: 'chart-label', 'data-max': labelW - 12 }, truncate(r.label, Math.max(8, Math.floor(labelW / 6)))));
     if (r.stat) {
       const bx = x(0);
       row.append(s('rect', { x: bx, y: y + 5, width: Math.max(1, x(r.stat.median) - bx), height: rowH - 10, rx: 1.5, fill: r.color, class: 'chart-bar' }));
@@ -80,4 +80,17 @@ export function barChart(rows, opts) {
     svg.append(row);
   });
   return svg;
+}
+
+/** Once a chart is in the document: shortens labels that do not fit their column (measured). */
+export function fitLabels(root) {
+  for (const el of root.querySelectorAll('text.chart-label[data-max]')) {
+    const max = Number(el.dataset.max);
+    let text = el.textContent;
+    while (text.length > 4 && el.getComputedTextLength() > max) {
+      text = text.slice(0, -2) + '…';
+      el.textContent = text;
+      text = text.slice(0, -1);
+    }
+  }
 }

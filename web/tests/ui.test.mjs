@@ -283,6 +283,8 @@ describe('bench-race web UI in headless Chromium', () => {
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
     assert.ok(overflow <= 1, `no horizontal page scroll (overflow ${overflow}px)`);
     await shot('07-narrow', { fullPage: true });
+    await page.locator('#compare').screenshot({ path: path.join(SHOTS, '07-narrow-compare.png') });
+    shots.push(path.join(SHOTS, '07-narrow-compare.png'));
     await page.setViewportSize({ width: 1280, height: 800 });
   });
 
