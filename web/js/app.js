@@ -817,7 +817,7 @@ function setConn(state, text) {
 }
 
 function followFleet() {
-  new Stream('/api/events', {
+  return new Stream('/api/events', {
     terminal: null,
     handlers: {
       machine: (m) => {
@@ -886,7 +886,19 @@ function init() {
     if (id) openJob(id);
   });
   loadHistory();
-  followFleet();
+  ui.fleetStream = followFleet();
+  // For tests and debugging: simulate a network blip. The job stream reconnects either from the
+  // last event id (as EventSource does) or from the very start, which replays every event again;
+  // both must end with each machine's text exactly once.
+  window.__benchRace = Object.freeze({
+    dropStreams(fromStart = false) {
+      for (const st of [ui.jobStream, ui.fleetStream]) {
+        if (!st || st.closed) continue;
+        if (fromStart) st.lastId = null;
+        st.retry(0);
+      }
+    },
+  });
   // the registry's offline verdict also arrives as `machine` events; this is a slow safety net
   setInterval(() => {
     if (document.visibilityState === 'visible') loadFleet();
