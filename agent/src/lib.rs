@@ -116,7 +116,7 @@ pub async fn start(cfg: Config, client: async_nats::Client, shutdown: Cancellati
     // The stream is normally central's; creating it here too means events are kept even when
     // central has never run. Best effort: a server without JetStream still gets live events.
     let js = async_nats::jetstream::new(client.clone());
-    match tokio::time::timeout(Duration::from_secs(5), bench_nats::streams::ensure_events_stream(&js, &Default::default())).await {
+    match tokio::time::timeout(Duration::from_secs(5), bench_nats::streams::open_or_create_events_stream(&js, &Default::default())).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "could not create the {} stream", subjects::EVENTS_STREAM),
         Err(_) => tracing::warn!("NATS not answering yet; the {} stream is not checked", subjects::EVENTS_STREAM),

@@ -37,6 +37,8 @@ pub struct NatsConfig {
     pub tls_required: bool,
     /// Seconds between client PINGs.
     pub ping_interval_s: Option<u64>,
+    /// Reply inbox prefix (default `_INBOX`); per-agent users get `_INBOX_<machine_id>`.
+    pub inbox_prefix: Option<String>,
 }
 
 /// Why a connection could not be set up.
@@ -97,6 +99,9 @@ impl NatsConfig {
         }
         if self.tls_required {
             opts = opts.require_tls(true);
+        }
+        if let Some(prefix) = &self.inbox_prefix {
+            opts = opts.custom_inbox_prefix(prefix);
         }
         let ping = self.ping_interval_s.unwrap_or(DEFAULT_PING_INTERVAL_S).max(1);
         Ok(opts

@@ -3,8 +3,10 @@
 //! Layout: [`connect`] turns a [`NatsConfig`] (URL, auth, TLS, NAT-friendly pings) into a client
 //! that reconnects forever; [`streams`] holds the one definition of the `BENCH_EVENTS` stream and
 //! the `bench_agents` bucket that both programs create idempotently; [`harness`] (feature
-//! `harness`) starts a real `nats-server` with JetStream for tests.
+//! `harness`) starts a real `nats-server` with JetStream for tests; [`auth`] renders the
+//! least-privilege accounts (per-agent nkey users) that `bench-auth` writes for a fleet.
 
+pub mod auth;
 pub mod connect;
 #[cfg(feature = "harness")]
 pub mod harness;

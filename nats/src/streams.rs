@@ -52,6 +52,18 @@ pub async fn ensure_events_stream(
         .map_err(|e| jetstream::context::CreateStreamError::with_source(jetstream::context::CreateStreamErrorKind::JetStreamUnavailable, e))
 }
 
+/// Opens `BENCH_EVENTS`, creating it only when missing (agents: their users may read stream
+/// info but not define streams, which is central's job).
+pub async fn open_or_create_events_stream(
+    js: &jetstream::Context,
+    r: &EventsRetention,
+) -> Result<stream::Stream, jetstream::context::CreateStreamError> {
+    if let Ok(s) = js.get_stream(subjects::EVENTS_STREAM).await {
+        return Ok(s);
+    }
+    ensure_events_stream(js, r).await
+}
+
 /// The `bench_agents` bucket: one key per machine, expiring `ttl` after the last heartbeat.
 pub fn agents_bucket_config(ttl: Duration) -> kv::Config {
     kv::Config {

@@ -1,0 +1,142 @@
+//! Least-privilege NATS accounts for a bench-race fleet: one account with JetStream, a user per
+//! agent (nkey) that can only take its own jobs, the broadcast and cancels, publish events, write
+//! its own registry key and make the JetStream calls it needs; a central user; a read-only
+//! observer. [`render_accounts`] writes the server config block; `bench-auth` (a binary of this
+//! crate, driven by `scripts/nats add-agent`) keeps the keys and the block on disk.
+
+use bench_schemas::subjects;
+use std::fmt::Write as _;
+
+/// The account every bench-race user lives in.
+pub const ACCOUNT: &str = "BENCH";
+
+/// A user's nkey pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The seed (`SU...`): secret, goes into the client's `nkey_seed_file`.
+    pub seed: String,
+    /// The public key (`U...`): goes into the server config.
+    pub public: String,
+}
+
+impl Identity {
+    /// A new random user key.
+    pub fn generate() -> Self {
+        let kp = nkeys::KeyPair::new_user();
+        Self { seed: kp.seed().expect("user seed"), public: kp.public_key() }
+    }
+
+    /// The identity of an existing seed.
+    pub fn from_seed(seed: &str) -> Result<Self, String> {
+        let kp = nkeys::KeyPair::from_seed(seed.trim()).map_err(|e| format!("not an nkey seed: {e}"))?;
+        Ok(Self { seed: seed.trim().to_string(), public: kp.public_key() })
+    }
+}
+
+/// The inbox prefix an agent must use (its config's `nats.inbox_prefix`), so that it can only
+/// read replies meant for it.
+pub fn agent_inbox_prefix(machine_id: &str) -> String {
+    format!("_INBOX_{machine_id}")
+}
+
+fn list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("\"{s}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// Permissions of the agent `machine_id`.
+pub fn agent_permissions(machine_id: &str) -> String {
+    let kv = format!("KV_{}", subjects::AGENTS_BUCKET);
+    let publish = vec![
+        format!("{}.events.*", subjects::PREFIX),
+        format!("$KV.{}.{machine_id}", subjects::AGENTS_BUCKET),
+        format!("$JS.API.STREAM.INFO.{kv}"),
+        format!("$JS.API.STREAM.INFO.{}", subjects::EVENTS_STREAM),
+        "$JS.API.INFO".to_string(),
+    ];
+    let subscribe = vec![
+        subjects::jobs(machine_id),
+        subjects::JOBS_ALL.to_string(),
+        subjects::CANCEL_ALL.to_string(),
+        format!("{}.>", agent_inbox_prefix(machine_id)),
+        // The micro service's discovery subjects (`nats micro ls|info|stats`).
+        "$SRV.*".to_string(),
+        format!("$SRV.*.{}", subjects::SERVICE_NAME),
+        format!("$SRV.*.{}.*", subjects::SERVICE_NAME),
+    ];
+    format!(
+        "permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }}, allow_responses: true }}",
+        list(&publish),
+        list(&subscribe)
+    )
+}
+
+/// Permissions of central: dispatch, cancel, JetStream, its buckets, discovery.
+pub fn central_permissions() -> String {
+    let publish = vec![
+        format!("{}.jobs.*", subjects::PREFIX),
+        format!("{}.cancel.*", subjects::PREFIX),
+        "$JS.API.>".to_string(),
+        "$KV.>".to_string(),
+        "$SRV.>".to_string(),
+    ];
+    let subscribe = vec!["_INBOX.>".to_string(), format!("{}.events.>", subjects::PREFIX), "$KV.>".to_string()];
+    format!("permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }} }}", list(&publish), list(&subscribe))
+}
+
+/// Permissions of a read-only observer: watch events and the registry, read the stream, list
+/// the micro services; never submit or cancel a job, never write.
+pub fn observer_permissions() -> String {
+    let es = subjects::EVENTS_STREAM;
+    let kv = format!("KV_{}", subjects::AGENTS_BUCKET);
+    let publish = vec![
+        "$JS.API.INFO".to_string(),
+        "$JS.API.STREAM.NAMES".to_string(),
+        "$JS.API.STREAM.LIST".to_string(),
+        format!("$JS.API.STREAM.INFO.{es}"),
+        format!("$JS.API.STREAM.INFO.{kv}"),
+        format!("$JS.API.CONSUMER.CREATE.{es}.>"),
+        format!("$JS.API.CONSUMER.CREATE.{kv}.>"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{es}.>"),
+        format!("$JS.API.DIRECT.GET.{kv}.>"),
+        format!("$JS.API.STREAM.MSG.GET.{es}"),
+        "$JS.ACK.>".to_string(),
+        "$SRV.PING".to_string(),
+        "$SRV.INFO".to_string(),
+        "$SRV.STATS".to_string(),
+        "$SRV.*.>".to_string(),
+    ];
+    let subscribe = vec!["_INBOX.>".to_string(), format!("{}.events.>", subjects::PREFIX), format!("$KV.{}.>", subjects::AGENTS_BUCKET)];
+    format!("permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }} }}", list(&publish), list(&subscribe))
+}
+
+/// The `accounts { ... }` block: the BENCH account with JetStream and every user.
+pub fn render_accounts(agents: &[(String, String)], central: &str, observer: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Generated by bench-auth (scripts/nats add-agent). Do not edit: rerun it.");
+    let _ = writeln!(out, "accounts {{\n  {ACCOUNT} {{\n    jetstream: enabled\n    users: [");
+    let _ = writeln!(out, "      # central\n      {{ nkey: \"{central}\", {} }}", central_permissions());
+    let _ = writeln!(out, "      # observer (read-only)\n      {{ nkey: \"{observer}\", {} }}", observer_permissions());
+    for (id, public) in agents {
+        let _ = writeln!(out, "      # agent {id}\n      {{ nkey: \"{public}\", {} }}", agent_permissions(id));
+    }
+    let _ = writeln!(out, "    ]\n  }}\n}}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_and_rendering() {
+        let id = Identity::generate();
+        assert!(id.seed.starts_with("SU") && id.public.starts_with('U'));
+        assert_eq!(Identity::from_seed(&id.seed).unwrap(), id);
+        assert!(Identity::from_seed("nope").is_err());
+        let conf = render_accounts(&[("box-a".into(), id.public.clone())], "UC", "UO");
+        assert!(conf.contains("\"bench.jobs.box-a\"") && conf.contains("\"$KV.bench_agents.box-a\""));
+        assert!(!conf.contains("bench.jobs.>\""), "no agent may read every machine's jobs");
+        assert!(conf.contains("_INBOX_box-a.>"));
+    }
+}
