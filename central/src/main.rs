@@ -1,4 +1,55 @@
-fn main() {
-    eprintln!("bench-central is not built yet");
-    std::process::exit(1);
+use bench_central::config::{process_env, Config};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+const USAGE: &str =
+    "usage: bench-central [--config <file>]   (default central/config/machines.yaml, optional)";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,async_nats=warn".into()),
+        )
+        .init();
+    let mut args = std::env::args().skip(1);
+    let mut path = std::env::var_os("BENCH_CENTRAL_CONFIG").map(PathBuf::from);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" | "-c" => path = args.next().map(PathBuf::from),
+            "--version" | "-V" => {
+                println!("bench-central {}", bench_central::VERSION);
+                return ExitCode::SUCCESS;
+            }
+            _ => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let cfg = match Config::load(path.as_deref(), &process_env()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bench-central: bad config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal(shutdown.clone()));
+    match bench_central::run(cfg, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-central: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn signal(token: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+    token.cancel();
 }

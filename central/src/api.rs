@@ -1,0 +1,264 @@
+//! REST handlers (see `central/API.md`). Every failure is an [`ApiError`], which renders as
+//! `{"error":{"code","message"}}` with its status.
+
+use crate::compare;
+use crate::dispatch::{self, Dispatched};
+use crate::error::ApiError;
+use crate::registry::MachineView;
+use crate::{now_ms, replay, AppState};
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bench_schemas::{subjects, validate_job_id};
+use serde::Deserialize;
+use serde_json::json;
+
+/// Largest `limit` of `GET /api/jobs`.
+pub const MAX_PAGE: usize = 500;
+/// Default `limit`.
+pub const DEFAULT_PAGE: usize = 50;
+
+/// `GET /health`.
+pub async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let connected = state.client.connection_state() == async_nats::connection::State::Connected;
+    Json(json!({
+        "ok": connected,
+        "nats": if connected { "connected" } else { "disconnected" },
+        "version": crate::VERSION,
+    }))
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&state),
+    )
+}
+
+/// `GET /api/machines`.
+pub async fn machines(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let machines: Vec<MachineView> = state.registry.machines(now_ms());
+    Json(json!({ "machines": machines }))
+}
+
+/// `POST /api/jobs`.
+pub async fn create_job(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Dispatched>), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if mime != "application/json" {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "send the job as Content-Type: application/json (got {:?})",
+            ct
+        )));
+    }
+    let (target, job) = dispatch::parse_request(&body)?;
+    let out = dispatch::dispatch(&state, target, job).await?;
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+/// `GET /api/jobs` query.
+#[derive(Deserialize, Debug)]
+pub struct ListParams {
+    /// Page size.
+    pub limit: Option<usize>,
+    /// Only jobs created before this unix ms.
+    pub before: Option<u64>,
+}
+
+/// `GET /api/jobs`.
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = p.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1..={MAX_PAGE}"
+        )));
+    }
+    let (jobs, more) = state.index.list(limit, p.before);
+    let next_before = if more {
+        jobs.last().map(|j| j.created_ms)
+    } else {
+        None
+    };
+    Ok(Json(json!({ "jobs": jobs, "next_before": next_before })))
+}
+
+/// `GET /api/jobs/{id}` query.
+#[derive(Deserialize, Debug)]
+pub struct DetailParams {
+    /// Machine to compare against.
+    pub baseline: Option<String>,
+}
+
+fn detail_of(
+    state: &AppState,
+    job_id: &str,
+    baseline: Option<&str>,
+) -> Result<compare::JobDetail, ApiError> {
+    validate_job_id(job_id)?;
+    if let Some(b) = baseline {
+        bench_schemas::validate_machine_id(b)?;
+    }
+    let r = state
+        .index
+        .get(job_id)
+        .ok_or_else(|| ApiError::NotFound(format!("no job {job_id}")))?;
+    compare::detail(&r, &state.registry, baseline)
+}
+
+/// `GET /api/jobs/{id}`.
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+    params: Result<Query<DetailParams>, QueryRejection>,
+) -> Result<Json<compare::JobDetail>, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    Ok(Json(detail_of(
+        &state,
+        &job_id,
+        p.baseline.as_deref().filter(|b| !b.is_empty()),
+    )?))
+}
+
+/// `POST /api/jobs/{id}/cancel`.
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    validate_job_id(&job_id)?;
+    if !state.index.contains(&job_id) {
+        return Err(ApiError::NotFound(format!("no job {job_id}")));
+    }
+    state
+        .client
+        .publish(subjects::cancel(&job_id), Bytes::new())
+        .await
+        .map_err(ApiError::nats)?;
+    state.client.flush().await.map_err(ApiError::nats)?;
+    tracing::info!(%job_id, "cancel sent");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"job_id": job_id, "cancel_sent": true})),
+    ))
+}
+
+/// `DELETE /api/jobs/{id}`: cancels it if running, and removes it from the index, the stream
+/// and `results/runs/`.
+pub async fn delete_job(
+    State(state): State<AppState>,
+    Path(job_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    validate_job_id(&job_id)?;
+    let Some(r) = state.index.get(&job_id) else {
+        return Err(ApiError::NotFound(format!("no job {job_id}")));
+    };
+    if !r.is_finished() {
+        let _ = state
+            .client
+            .publish(subjects::cancel(&job_id), Bytes::new())
+            .await;
+    }
+    state.index.remove(&job_id).await.map_err(ApiError::nats)?;
+    state
+        .stream
+        .purge()
+        .filter(subjects::events(&job_id))
+        .await
+        .map_err(ApiError::nats)?;
+    let dir = crate::results::run_dir(&state.cfg.results_dir, &job_id);
+    if dir.exists() {
+        tokio::fs::remove_dir_all(&dir)
+            .await
+            .map_err(|e| ApiError::Internal(format!("removing {}: {e}", dir.display())))?;
+    }
+    tracing::info!(%job_id, "job deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn attachment(
+    job_id: &str,
+    ext: &str,
+    content_type: &str,
+    body: impl Into<axum::body::Body>,
+) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"bench-{job_id}.{ext}\""),
+            ),
+        ],
+        body.into(),
+    )
+        .into_response()
+}
+
+/// `GET /api/jobs/{id}/export.json|.csv|.ndjson`.
+pub async fn export(
+    State(state): State<AppState>,
+    Path((job_id, file)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let ext = match file.as_str() {
+        "export.json" => "json",
+        "export.csv" => "csv",
+        "export.ndjson" => "ndjson",
+        _ => {
+            return Err(ApiError::NotFound(format!(
+                "no {file}: use export.json, export.csv or export.ndjson"
+            )))
+        }
+    };
+    let detail = detail_of(&state, &job_id, None)?;
+    Ok(match ext {
+        "json" => {
+            let body = serde_json::to_vec_pretty(&detail)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            attachment(&job_id, ext, "application/json", body)
+        }
+        "csv" => attachment(
+            &job_id,
+            ext,
+            "text/csv; charset=utf-8",
+            compare::csv(&detail),
+        ),
+        _ => {
+            let mut body = Vec::new();
+            for (_, payload) in replay::read_all(&state.stream, &job_id)
+                .await
+                .map_err(ApiError::nats)?
+            {
+                body.extend_from_slice(&payload);
+                body.push(b'\n');
+            }
+            attachment(&job_id, ext, "application/x-ndjson", body)
+        }
+    })
+}
+
+/// Any other `/api/...` path.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such API endpoint; see central/API.md".into())
+}

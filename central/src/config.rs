@@ -1,0 +1,402 @@
+//! Central configuration: `machines.yaml` (optional) into [`RawConfig`], environment overrides,
+//! then a validated [`Config`] whose errors name the file, the key and the fix.
+
+use bench_nats::streams::EventsRetention;
+use bench_nats::NatsConfig;
+use bench_schemas::validate_machine_id;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Config file read when `--config` is not given (and skipped when it does not exist).
+pub const DEFAULT_CONFIG_PATH: &str = "central/config/machines.yaml";
+/// HTTP bind host (`CENTRAL_HOST`).
+pub const DEFAULT_HOST: &str = "0.0.0.0";
+/// HTTP port (`CENTRAL_PORT`), the original's.
+pub const DEFAULT_PORT: u16 = 8080;
+/// A machine silent for this long while its agent is gone is marked failed.
+pub const DEFAULT_STALL_TIMEOUT_S: f64 = 120.0;
+/// How long a `"machines": "all"` dispatch gathers accepts.
+pub const DEFAULT_BROADCAST_WINDOW_S: f64 = 2.0;
+/// How long one machine has to answer a dispatched job.
+pub const DEFAULT_REQUEST_TIMEOUT_S: f64 = 5.0;
+/// How long start-up waits for NATS before giving up.
+pub const DEFAULT_NATS_WAIT_S: f64 = 30.0;
+/// Where finished runs are written (`results/runs/<job_id>/`).
+pub const DEFAULT_RESULTS_DIR: &str = "results";
+/// The browser UI's static files.
+pub const DEFAULT_WEB_DIR: &str = "web";
+/// Events buffered per SSE client before it is told it lagged.
+pub const DEFAULT_SSE_BUFFER: usize = 1024;
+/// Keep-alive comment period on SSE connections.
+pub const DEFAULT_SSE_KEEPALIVE_S: f64 = 15.0;
+
+/// One machine as written in `machines.yaml`.
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawMachine {
+    /// The agent's `machine_id`.
+    pub machine_id: String,
+    /// Display name (wins over the agent's own label).
+    pub label: Option<String>,
+    /// Free text shown in the UI.
+    pub notes: Option<String>,
+}
+
+/// The YAML as written. Every key is optional; unknown keys are errors.
+#[derive(Deserialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Labels, notes and display order.
+    #[serde(default)]
+    pub machines: Vec<RawMachine>,
+    /// HTTP bind host.
+    pub host: Option<String>,
+    /// HTTP port.
+    pub port: Option<u16>,
+    /// NATS connection.
+    #[serde(default)]
+    pub nats: NatsConfig,
+    /// Stall timeout in seconds.
+    pub stall_timeout_s: Option<f64>,
+    /// `"all"` gather window in seconds.
+    pub broadcast_window_s: Option<f64>,
+    /// Per-machine dispatch timeout in seconds.
+    pub request_timeout_s: Option<f64>,
+    /// Start-up wait for NATS in seconds.
+    pub nats_wait_s: Option<f64>,
+    /// Results folder.
+    pub results_dir: Option<PathBuf>,
+    /// Static files folder.
+    pub web_dir: Option<PathBuf>,
+    /// Events buffered per SSE client.
+    pub sse_buffer: Option<usize>,
+    /// Keep events this many days.
+    pub events_max_age_days: Option<f64>,
+    /// Cap the event stream at this many bytes.
+    pub events_max_bytes: Option<i64>,
+}
+
+/// A machine from `machines.yaml`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineConfig {
+    /// Its id.
+    pub machine_id: String,
+    /// Display name.
+    pub label: Option<String>,
+    /// Notes.
+    pub notes: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from (`-` when no file was read).
+    pub source: PathBuf,
+    /// Configured machines, in display order.
+    pub machines: Vec<MachineConfig>,
+    /// HTTP bind host.
+    pub host: String,
+    /// HTTP port.
+    pub port: u16,
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Stall timeout.
+    pub stall_timeout: Duration,
+    /// `"all"` gather window.
+    pub broadcast_window: Duration,
+    /// Per-machine dispatch timeout.
+    pub request_timeout: Duration,
+    /// Start-up wait for NATS.
+    pub nats_wait: Duration,
+    /// Results folder.
+    pub results_dir: PathBuf,
+    /// Static files folder.
+    pub web_dir: PathBuf,
+    /// Events buffered per SSE client.
+    pub sse_buffer: usize,
+    /// SSE keep-alive period.
+    pub sse_keepalive: Duration,
+    /// `BENCH_EVENTS` limits.
+    pub retention: EventsRetention,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            source: PathBuf::from("-"),
+            machines: Vec::new(),
+            host: DEFAULT_HOST.into(),
+            port: DEFAULT_PORT,
+            nats: NatsConfig::default(),
+            stall_timeout: Duration::from_secs_f64(DEFAULT_STALL_TIMEOUT_S),
+            broadcast_window: Duration::from_secs_f64(DEFAULT_BROADCAST_WINDOW_S),
+            request_timeout: Duration::from_secs_f64(DEFAULT_REQUEST_TIMEOUT_S),
+            nats_wait: Duration::from_secs_f64(DEFAULT_NATS_WAIT_S),
+            results_dir: DEFAULT_RESULTS_DIR.into(),
+            web_dir: DEFAULT_WEB_DIR.into(),
+            sse_buffer: DEFAULT_SSE_BUFFER,
+            sse_keepalive: Duration::from_secs_f64(DEFAULT_SSE_KEEPALIVE_S),
+            retention: EventsRetention::default(),
+        }
+    }
+}
+
+/// A configuration problem, naming where and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {problem}. Fix: {fix}")]
+pub struct ConfigError {
+    /// The file (or `environment`).
+    pub file: String,
+    /// The key.
+    pub key: String,
+    /// What is wrong.
+    pub problem: String,
+    /// What to do.
+    pub fix: String,
+}
+
+/// Environment the config reads, passed in so tests don't touch the process environment.
+pub type Env = BTreeMap<String, String>;
+
+/// The process environment as an [`Env`].
+pub fn process_env() -> Env {
+    std::env::vars().collect()
+}
+
+impl Config {
+    /// Reads `path` (when given it must exist; the default path may be absent), applies the
+    /// environment and validates.
+    pub fn load(path: Option<&Path>, env: &Env) -> Result<Self, ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text, &path, env),
+            Err(e) if required || e.kind() != std::io::ErrorKind::NotFound => Err(ConfigError {
+                file: path.display().to_string(),
+                key: "-".into(),
+                problem: format!("cannot read the file ({e})"),
+                fix: format!("create it (see central/config/machines.example.yaml) or omit --config to run without one; default is {DEFAULT_CONFIG_PATH}"),
+            }),
+            Err(_) => Self::from_raw(RawConfig::default(), Path::new("-"), env),
+        }
+    }
+
+    /// Parses YAML text as if read from `path`. An empty file is a valid, empty config.
+    pub fn parse(text: &str, path: &Path, env: &Env) -> Result<Self, ConfigError> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ConfigError {
+                file: path.display().to_string(),
+                key: "-".into(),
+                problem: e.to_string(),
+                fix:
+                    "correct the YAML; every key is listed in central/config/machines.example.yaml"
+                        .into(),
+            })?
+        };
+        Self::from_raw(raw, path, env)
+    }
+
+    /// Applies environment overrides to `raw` and validates it.
+    pub fn from_raw(raw: RawConfig, path: &Path, env: &Env) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let err = |key: &str, problem: String, fix: &str| ConfigError {
+            file: file.clone(),
+            key: key.into(),
+            problem,
+            fix: fix.into(),
+        };
+        let env_err = |key: &str, problem: String, fix: &str| ConfigError {
+            file: format!("environment ({file})"),
+            key: key.into(),
+            problem,
+            fix: fix.into(),
+        };
+        let get = |k: &str| env.get(k).filter(|v| !v.trim().is_empty()).cloned();
+        let d = Config::default();
+
+        let mut machines = Vec::new();
+        for (i, m) in raw.machines.iter().enumerate() {
+            validate_machine_id(&m.machine_id).map_err(|e| {
+                err(
+                    &format!("machines[{i}].machine_id"),
+                    e.to_string(),
+                    "use the agent's machine_id (a-z, 0-9, '_' and '-')",
+                )
+            })?;
+            if machines
+                .iter()
+                .any(|x: &MachineConfig| x.machine_id == m.machine_id)
+            {
+                return Err(err(
+                    &format!("machines[{i}]"),
+                    format!("{} is listed twice", m.machine_id),
+                    "list each machine once",
+                ));
+            }
+            machines.push(MachineConfig {
+                machine_id: m.machine_id.clone(),
+                label: m.label.clone(),
+                notes: m.notes.clone(),
+            });
+        }
+
+        let host = get("CENTRAL_HOST").or(raw.host).unwrap_or(d.host);
+        let port = match get("CENTRAL_PORT") {
+            Some(p) => p.parse::<u16>().map_err(|_| {
+                env_err(
+                    "CENTRAL_PORT",
+                    format!("{p:?} is not a port"),
+                    "set CENTRAL_PORT to 0..65535",
+                )
+            })?,
+            None => raw.port.unwrap_or(d.port),
+        };
+        let mut nats = raw.nats;
+        if let Some(url) = get("NATS_URL") {
+            nats.url = Some(url);
+        }
+        let secs = |key: &str,
+                    v: Option<f64>,
+                    default: Duration,
+                    range: std::ops::RangeInclusive<f64>| match v {
+            None => Ok(default),
+            Some(s) if s.is_finite() && range.contains(&s) => Ok(Duration::from_secs_f64(s)),
+            Some(s) => Err(err(
+                key,
+                format!("{s} is out of range"),
+                &format!("use {}..={} seconds", range.start(), range.end()),
+            )),
+        };
+        let stall_env = match get("CENTRAL_STALL_TIMEOUT_S") {
+            Some(v) => Some(v.parse::<f64>().map_err(|_| {
+                env_err(
+                    "CENTRAL_STALL_TIMEOUT_S",
+                    format!("{v:?} is not a number"),
+                    "set it to seconds, e.g. 120",
+                )
+            })?),
+            None => None,
+        };
+        let stall_timeout = secs(
+            "stall_timeout_s",
+            stall_env.or(raw.stall_timeout_s),
+            d.stall_timeout,
+            0.1..=86_400.0,
+        )?;
+        let broadcast_window = secs(
+            "broadcast_window_s",
+            raw.broadcast_window_s,
+            d.broadcast_window,
+            0.05..=60.0,
+        )?;
+        let request_timeout = secs(
+            "request_timeout_s",
+            raw.request_timeout_s,
+            d.request_timeout,
+            0.1..=120.0,
+        )?;
+        let nats_wait = secs("nats_wait_s", raw.nats_wait_s, d.nats_wait, 0.0..=3600.0)?;
+        let sse_buffer = raw.sse_buffer.unwrap_or(d.sse_buffer);
+        if !(16..=1_000_000).contains(&sse_buffer) {
+            return Err(err(
+                "sse_buffer",
+                format!("{sse_buffer} is out of range"),
+                "use 16..=1000000 (default 1024)",
+            ));
+        }
+        let mut retention = d.retention;
+        if let Some(days) = raw.events_max_age_days {
+            retention.max_age = secs(
+                "events_max_age_days",
+                Some(days * 86_400.0),
+                retention.max_age,
+                60.0..=(3650.0 * 86_400.0),
+            )?;
+        }
+        if let Some(bytes) = raw.events_max_bytes {
+            if bytes < 1 << 20 {
+                return Err(err(
+                    "events_max_bytes",
+                    format!("{bytes} is too small"),
+                    "use at least 1048576 (1 MiB)",
+                ));
+            }
+            retention.max_bytes = bytes;
+        }
+
+        Ok(Self {
+            source: path.to_path_buf(),
+            machines,
+            host,
+            port,
+            nats,
+            stall_timeout,
+            broadcast_window,
+            request_timeout,
+            nats_wait,
+            results_dir: get("CENTRAL_RESULTS_DIR")
+                .map(PathBuf::from)
+                .or(raw.results_dir)
+                .unwrap_or(d.results_dir),
+            web_dir: get("CENTRAL_WEB_DIR")
+                .map(PathBuf::from)
+                .or(raw.web_dir)
+                .unwrap_or(d.web_dir),
+            sse_buffer,
+            sse_keepalive: d.sse_keepalive,
+            retention,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::parse(yaml, Path::new("machines.yaml"), &env)
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = parse("", &[]).unwrap();
+        assert_eq!((c.host.as_str(), c.port), (DEFAULT_HOST, DEFAULT_PORT));
+        let c = parse(
+            "machines:\n  - machine_id: box1\n    label: Box One\nport: 9000\n",
+            &[
+                ("CENTRAL_HOST", "127.0.0.1"),
+                ("CENTRAL_PORT", "0"),
+                ("NATS_URL", "nats://h:1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 0));
+        assert_eq!(c.machines[0].label.as_deref(), Some("Box One"));
+        assert_eq!(c.nats.url.as_deref(), Some("nats://h:1"));
+    }
+
+    #[test]
+    fn errors_name_key_and_fix() {
+        let e = parse("machines:\n  - machine_id: Bad.Id\n", &[]).unwrap_err();
+        assert_eq!(e.key, "machines[0].machine_id");
+        let e = parse("prot: 1\n", &[]).unwrap_err();
+        assert!(e.problem.contains("prot"), "{e}");
+        let e = parse("", &[("CENTRAL_PORT", "http")]).unwrap_err();
+        assert_eq!(e.key, "CENTRAL_PORT");
+        let e = parse("stall_timeout_s: -1\n", &[]).unwrap_err();
+        assert_eq!(e.key, "stall_timeout_s");
+        let missing =
+            Config::load(Some(Path::new("/nonexistent/machines.yaml")), &Env::new()).unwrap_err();
+        assert!(missing.to_string().contains("cannot read"), "{missing}");
+    }
+}

@@ -1,0 +1,276 @@
+//! The fleet as central sees it: `machines.yaml` (labels, notes, display order) merged with the
+//! `bench_agents` KV bucket the agents heart-beat into, watched live. A status change goes out
+//! on the hub as an `event: machine`.
+
+use crate::config::MachineConfig;
+use crate::hub::{Hub, HubMsg};
+use async_nats::jetstream::kv;
+use bench_schemas::{AgentInfo, AgentStatus, Hardware};
+use futures::StreamExt;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// A machine's status in `GET /api/machines`.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum MachineStatus {
+    /// Heart-beating, idle.
+    Online,
+    /// Heart-beating, running a job.
+    Busy,
+    /// Entry gone or stale.
+    Offline,
+}
+
+impl MachineStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::Busy => "busy",
+            Self::Offline => "offline",
+        }
+    }
+}
+
+/// One machine in `GET /api/machines`.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct MachineView {
+    /// Its id.
+    pub machine_id: String,
+    /// machines.yaml label, else the agent's, else the id.
+    pub label: String,
+    /// online, busy or offline.
+    pub status: MachineStatus,
+    /// Unix ms (NATS server clock) of the last heartbeat.
+    pub last_seen_ms: Option<u64>,
+    /// Models offered.
+    pub models: Vec<String>,
+    /// Default backend kind.
+    pub engine: Option<String>,
+    /// Machine facts.
+    pub hardware: Option<Hardware>,
+    /// Selector labels.
+    pub labels: BTreeMap<String, String>,
+    /// From machines.yaml.
+    pub notes: Option<String>,
+    /// Running job.
+    pub current_job: Option<String>,
+    /// Agent version.
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    info: AgentInfo,
+    seen_ms: u64,
+    present: bool,
+}
+
+/// Configured and heart-beating machines.
+#[derive(Debug)]
+pub struct Registry {
+    configured: Vec<MachineConfig>,
+    agents: RwLock<BTreeMap<String, Seen>>,
+    last_status: Mutex<HashMap<String, MachineStatus>>,
+}
+
+impl Registry {
+    /// A registry of the configured machines; agents are added by [`watch`].
+    pub fn new(configured: Vec<MachineConfig>) -> Self {
+        Self {
+            configured,
+            agents: RwLock::default(),
+            last_status: Mutex::default(),
+        }
+    }
+
+    /// Whether central knows the machine at all (configured, or ever heard from).
+    pub fn is_known(&self, machine_id: &str) -> bool {
+        self.configured.iter().any(|m| m.machine_id == machine_id)
+            || self
+                .agents
+                .read()
+                .expect("registry lock")
+                .contains_key(machine_id)
+    }
+
+    /// The label to show for a machine.
+    pub fn label(&self, machine_id: &str) -> Option<String> {
+        self.configured
+            .iter()
+            .find(|m| m.machine_id == machine_id)
+            .and_then(|m| m.label.clone())
+            .or_else(|| {
+                self.agents
+                    .read()
+                    .expect("registry lock")
+                    .get(machine_id)
+                    .map(|s| s.info.label.clone())
+            })
+    }
+
+    fn status(seen: Option<&Seen>, now_ms: u64) -> MachineStatus {
+        match seen {
+            Some(s) if s.present => {
+                let stale_after = (s.info.heartbeat_s * 3.0 * 1000.0) as u64;
+                if now_ms.saturating_sub(s.seen_ms) > stale_after {
+                    MachineStatus::Offline
+                } else if s.info.status == AgentStatus::Busy {
+                    MachineStatus::Busy
+                } else {
+                    MachineStatus::Online
+                }
+            }
+            _ => MachineStatus::Offline,
+        }
+    }
+
+    /// The machine's status and running job now.
+    pub fn status_of(&self, machine_id: &str, now_ms: u64) -> (MachineStatus, Option<String>) {
+        let agents = self.agents.read().expect("registry lock");
+        let seen = agents.get(machine_id);
+        let status = Self::status(seen, now_ms);
+        let current = seen
+            .filter(|_| status != MachineStatus::Offline)
+            .and_then(|s| s.info.current_job.clone());
+        (status, current)
+    }
+
+    /// Every machine: machines.yaml order first, then the rest by id.
+    pub fn machines(&self, now_ms: u64) -> Vec<MachineView> {
+        let agents = self.agents.read().expect("registry lock");
+        let view = |id: &str, cfg: Option<&MachineConfig>| {
+            let seen = agents.get(id);
+            let status = Self::status(seen, now_ms);
+            let info = seen.map(|s| &s.info);
+            MachineView {
+                machine_id: id.to_string(),
+                label: cfg
+                    .and_then(|c| c.label.clone())
+                    .or_else(|| info.map(|i| i.label.clone()))
+                    .unwrap_or_else(|| id.to_string()),
+                status,
+                last_seen_ms: seen.map(|s| s.seen_ms),
+                models: info.map(|i| i.models.clone()).unwrap_or_default(),
+                engine: info.map(|i| i.engine.clone()),
+                hardware: info.map(|i| i.hardware.clone()),
+                labels: info.map(|i| i.labels.clone()).unwrap_or_default(),
+                notes: cfg.and_then(|c| c.notes.clone()),
+                current_job: info
+                    .filter(|_| status != MachineStatus::Offline)
+                    .and_then(|i| i.current_job.clone()),
+                version: info.map(|i| i.version.clone()),
+            }
+        };
+        let mut out: Vec<MachineView> = self
+            .configured
+            .iter()
+            .map(|c| view(&c.machine_id, Some(c)))
+            .collect();
+        for id in agents.keys() {
+            if !self.configured.iter().any(|c| &c.machine_id == id) {
+                out.push(view(id, None));
+            }
+        }
+        out
+    }
+
+    /// Machines per status, for metrics.
+    pub fn status_counts(&self) -> HashMap<&'static str, usize> {
+        let mut counts = HashMap::new();
+        for m in self.machines(crate::now_ms()) {
+            *counts.entry(m.status.as_str()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Ids of machines heart-beating now.
+    pub fn online_ids(&self, now_ms: u64) -> Vec<String> {
+        self.machines(now_ms)
+            .into_iter()
+            .filter(|m| m.status != MachineStatus::Offline)
+            .map(|m| m.machine_id)
+            .collect()
+    }
+
+    /// Records one bucket entry.
+    pub fn apply(&self, entry: &kv::Entry) {
+        let mut agents = self.agents.write().expect("registry lock");
+        match entry.operation {
+            kv::Operation::Put => match serde_json::from_slice::<AgentInfo>(&entry.value) {
+                Ok(info) => {
+                    let seen_ms = (entry.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+                    agents.insert(
+                        entry.key.clone(),
+                        Seen {
+                            info,
+                            seen_ms,
+                            present: true,
+                        },
+                    );
+                }
+                Err(e) => tracing::warn!(key = %entry.key, error = %e, "unreadable heartbeat"),
+            },
+            kv::Operation::Delete | kv::Operation::Purge => {
+                if let Some(s) = agents.get_mut(&entry.key) {
+                    s.present = false;
+                }
+            }
+        }
+    }
+
+    /// Sends an `event: machine` for every machine whose status changed since the last call.
+    pub fn publish_changes(&self, hub: &Hub, now_ms: u64) {
+        let machines = self.machines(now_ms);
+        let mut last = self.last_status.lock().expect("status lock");
+        for m in machines {
+            if last.insert(m.machine_id.clone(), m.status) != Some(m.status) {
+                if let Ok(data) = serde_json::to_string(&m) {
+                    hub.send(HubMsg::Machine { data: data.into() });
+                }
+            }
+        }
+    }
+}
+
+/// Follows the bucket until shutdown, re-watching after errors; re-checks staleness every
+/// second.
+pub async fn watch(
+    shared: std::sync::Arc<crate::Shared>,
+    agents: kv::Store,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    'outer: loop {
+        let mut entries = match agents.watch_with_history(">").await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the agent registry; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'outer,
+                _ = tick.tick() => shared.registry.publish_changes(&shared.hub, crate::now_ms()),
+                entry = entries.next() => match entry {
+                    Some(Ok(entry)) => {
+                        shared.registry.apply(&entry);
+                        shared.registry.publish_changes(&shared.hub, crate::now_ms());
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "registry watch error");
+                    }
+                    None => continue 'outer,
+                },
+            }
+        }
+    }
+}

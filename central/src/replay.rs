@@ -1,0 +1,90 @@
+//! Reading one job's stored events back from `BENCH_EVENTS`, in stream order, from any
+//! sequence: the SSE replay, the `.ndjson` export and `events.ndjson` all come from here.
+
+use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use bench_schemas::subjects;
+use bytes::Bytes;
+use futures::StreamExt;
+
+/// A replay in progress: yields stored events after `after`, up to what the stream held when it
+/// was opened.
+pub struct Replay {
+    messages: Ordered,
+    /// The last stream sequence to yield.
+    pub until: u64,
+    done: bool,
+}
+
+/// The job's last stored sequence, 0 when it has none.
+pub async fn last_seq(stream: &Stream, job_id: &str) -> Result<u64, async_nats::Error> {
+    match stream
+        .get_last_raw_message_by_subject(&subjects::events(job_id))
+        .await
+    {
+        Ok(m) => Ok(m.sequence),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Opens a replay of the job's events with stream sequence > `after`; None when there are none.
+pub async fn open(
+    stream: &Stream,
+    job_id: &str,
+    after: u64,
+) -> Result<Option<Replay>, async_nats::Error> {
+    let until = last_seq(stream, job_id).await?;
+    if until <= after {
+        return Ok(None);
+    }
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subjects::events(job_id),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            },
+            ..Default::default()
+        })
+        .await?;
+    Ok(Some(Replay {
+        messages: consumer.messages().await?,
+        until,
+        done: false,
+    }))
+}
+
+impl Replay {
+    /// The next `(stream_seq, payload)`, or None at the end.
+    pub async fn next(&mut self) -> Result<Option<(u64, Bytes)>, async_nats::Error> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.messages.next().await {
+            None => Ok(None),
+            Some(Err(e)) => Err(e.into()),
+            Some(Ok(m)) => {
+                let seq = m.info()?.stream_sequence;
+                if seq >= self.until {
+                    self.done = true;
+                }
+                Ok(Some((seq, m.payload.clone())))
+            }
+        }
+    }
+}
+
+/// Every stored event of the job, in stream order.
+pub async fn read_all(
+    stream: &Stream,
+    job_id: &str,
+) -> Result<Vec<(u64, Bytes)>, async_nats::Error> {
+    let mut out = Vec::new();
+    if let Some(mut r) = open(stream, job_id, 0).await? {
+        while let Some(item) = r.next().await? {
+            out.push(item);
+        }
+    }
+    Ok(out)
+}
