@@ -316,6 +316,20 @@ async function openJob(id, { submitted, body } = {}) {
   scheduleRender();
 }
 
+function closeJob() {
+  ui.openSeq++;
+  ui.jobStream?.close();
+  ui.jobStream = null;
+  ui.job = null;
+  ui.panes.clear();
+  replace($('#panes'));
+  replace($('#job-meta'));
+  setHash(null);
+  localStorage.removeItem(LS.current);
+  markHistoryCurrent();
+  scheduleRender();
+}
+
 function followJob(job) {
   const handlers = {};
   for (const type of EVENT_TYPES) {
@@ -397,6 +411,7 @@ function renderJobHead() {
   const meta = $('#job-meta');
   const stEl = $('#job-status');
   const exp = $('#exports');
+  $('#close-job').hidden = !job;
   if (!job) {
     $('#job-h').textContent = 'Fleet';
     stEl.hidden = true;
@@ -482,6 +497,7 @@ function createPane(id) {
     if (atBottom(out)) jump.hidden = true;
   });
   const metrics = h('dl', { class: 'metrics' });
+  const info = h('dl', { class: 'fleet-info' });
   const err = h('p', { class: 'pane-error', role: 'alert', hidden: true });
   const el = h('article', { class: 'pane', 'data-machine': id, 'aria-label': `Machine ${id}` },
     h('header', { class: 'pane-head' },
@@ -490,10 +506,11 @@ function createPane(id) {
       h('span', { class: 'spacer' }),
       fleetBadge, pin),
     h('div', { class: 'pane-bar' }, jobState, h('span', { class: 'spacer' }), live),
+    info,
     h('div', { class: 'output-wrap' }, out, jump),
     err,
     metrics);
-  return { id, el, title, fleetBadge, pin, jobState, live, out, jump, metrics, err, shownRun: null, shownLen: 0 };
+  return { id, el, title, fleetBadge, pin, jobState, live, out, jump, metrics, info, err, shownRun: null, shownLen: 0 };
 }
 
 function atBottom(el) {
@@ -515,12 +532,16 @@ function updatePane(p) {
   p.pin.title = isBase ? 'Unpin baseline' : 'Pin as the baseline for deltas';
   p.el.classList.toggle('is-baseline', isBase);
 
+  p.el.classList.toggle('is-fleet', !m);
   if (!m) {
-    p.jobState.textContent = fs === 'offline' ? 'offline' : 'ready';
-    p.live.textContent = '';
+    const fm = ui.fleet.get(id);
+    p.jobState.textContent = fs === 'offline' ? 'offline' : fs === 'busy' ? 'busy with another job' : 'ready';
+    p.el.dataset.state = fs === 'offline' ? 'offline' : 'ready';
+    p.live.textContent = fm?.last_seen_ms ? `seen ${when(fm.last_seen_ms)}` : '';
     setOutput(p, null, '');
     replace(p.metrics);
     p.err.hidden = true;
+    renderFleetInfo(p, fm);
     return;
   }
   // state line
@@ -547,6 +568,22 @@ function updatePane(p) {
     p.err.textContent = `${m.error.code}: ${m.error.message}`;
   } else p.err.hidden = true;
   renderPaneMetrics(p, m);
+}
+
+function renderFleetInfo(p, fm) {
+  if (!fm) {
+    replace(p.info);
+    return;
+  }
+  const hw = fm.hardware ?? {};
+  const gib = hw.memory_bytes ? `${num(hw.memory_bytes / 2 ** 30, 0)} GiB` : null;
+  const row = (k, v) => (v ? h('div', { class: 'info-row' }, h('dt', {}, k), h('dd', {}, v)) : null);
+  replace(p.info,
+    row('engine', fm.engine),
+    row('models', (fm.models ?? []).join(', ') || '–'),
+    row('hardware', [hw.cpu, hw.cores ? `${hw.cores} cores` : null, gib, [hw.os, hw.arch].filter(Boolean).join('/')].filter(Boolean).join(' · ')),
+    row('agent', fm.version),
+    row('notes', fm.notes));
 }
 
 /** Shows text in a pane: appends what is new (keeping the reader's scroll), replaces on a new run. */
@@ -653,6 +690,11 @@ function renderCompare() {
   }
   sec.hidden = false;
   const rows = compareRows();
+  // rebuilt only when something it shows changed (not on every streamed token: keeps focus and hover)
+  const avail0 = $('#charts').clientWidth;
+  const sig = JSON.stringify([job.job_id, rows, ui.sort, ui.baseline, avail0, job.ranking, job.ended, allTerminal(job)]);
+  if (sig === ui.compareSig) return;
+  ui.compareSig = sig;
   const withTps = rows.filter((r) => r.tps);
 
   // verdicts: the gap must be larger than the spread (min-max ranges must not overlap)
@@ -867,6 +909,7 @@ function init() {
     }
   });
   $('#cancel-btn').addEventListener('click', cancel);
+  $('#close-job').addEventListener('click', closeJob);
   $('#hist-refresh').addEventListener('click', () => loadHistory());
   $('#hist-more').addEventListener('click', () => loadHistory(true));
   window.addEventListener('hashchange', () => {

@@ -42,11 +42,13 @@ trap 'exit 130' INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
 
-# wait_for DESCRIPTION TIMEOUT_S COMMAND...: retries COMMAND until it succeeds or time runs out.
+# wait_for DESCRIPTION TIMEOUT_S COMMAND...: retries COMMAND until it succeeds, time runs out, or
+# the process started last has exited.
 wait_for() {
   local what=$1 timeout=$2; shift 2
-  local deadline=$((SECONDS + timeout))
+  local deadline=$((SECONDS + timeout)) last=${PIDS[${#PIDS[@]}-1]}
   until "$@" >/dev/null 2>&1; do
+    kill -0 "$last" 2>/dev/null || die "$what: the process exited (logs in $LOGS)"
     [ $SECONDS -lt $deadline ] || die "$what not ready after ${timeout}s (logs in $LOGS)"
     sleep 0.2
   done

@@ -222,7 +222,7 @@ describe('bench-race web UI in headless Chromium', () => {
     assert.equal(await page.getAttribute('#cmp-table th[data-key="ttft"]', 'aria-sort'), 'descending');
     const first = await page.getAttribute('#panes .pane >> nth=0', 'data-machine');
     await page.click('#panes .pane >> nth=0 >> .pin');
-    assert.equal(await page.getAttribute('#panes .pane >> nth=0 >> .pin', 'aria-pressed'), 'true');
+    await page.waitForFunction(() => document.querySelector('#panes .pane .pin').getAttribute('aria-pressed') === 'true', null, { timeout: T });
     await page.waitForFunction(() => document.querySelectorAll('#panes .pane .delta').length > 0, null, { timeout: T });
     const dTable = await page.$$eval('#cmp-table tbody td .delta', (d) => d.length);
     assert.ok(dTable >= 1, 'table shows deltas against the baseline');
