@@ -80,12 +80,13 @@ host_port() {
   echo "${hp%:*} ${hp##*:}"
 }
 
-# cargo_bin NAME: build (release) once and print the binary path.
+# cargo_bin NAME [PACKAGE]: build (release) when sources changed and print the binary path.
 cargo_bin() {
-  local bin="$ROOT/target/release/$1"
-  if [ ! -x "$bin" ] || [ -n "$(find "$ROOT/agent" "$ROOT/central" "$ROOT/schemas" "$ROOT/nats" "$ROOT/Cargo.toml" -newer "$bin" -name '*.rs' -o -newer "$bin" -name 'Cargo.toml' 2>/dev/null | head -n1)" ]; then
-    say "building $1 (release)" >&2
-    (cd "$ROOT" && cargo build --release --locked -p "$1" >&2)
+  local name=$1 pkg=${2:-$1}
+  local bin="${CARGO_TARGET_DIR:-$ROOT/target}/release/$name"
+  if [ ! -x "$bin" ] || [ -n "$(find "$ROOT/agent" "$ROOT/central" "$ROOT/schemas" "$ROOT/nats" "$ROOT/Cargo.toml" "$ROOT/Cargo.lock" \( -name '*.rs' -o -name 'Cargo.*' \) -newer "$bin" 2>/dev/null | head -n1)" ]; then
+    say "building $name (release; the first build takes a few minutes)" >&2
+    (cd "$ROOT" && cargo build --release --locked -p "$pkg" --bin "$name" >&2)
   fi
   echo "$bin"
 }

@@ -228,3 +228,30 @@ fn bad_config_fails_at_start_naming_file_key_and_fix() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml"));
 }
+
+#[tokio::test]
+async fn start_together_waits_for_the_shared_start_time() {
+    let nats = NatsServer::start();
+    let _a = start_agent(config(&format!("machine_id: ta\n{MOCK}"), &nats.url()), &nats.url()).await;
+    let _b = start_agent(config(&format!("machine_id: tb\n{MOCK}"), &nats.url()), &nats.url()).await;
+    let c = client(&nats.url()).await;
+    let mut ev = Events::watch(&c, "together-1").await;
+    let start_at = bench_agent::publisher::now_ms() + 600;
+    let job = job_json("mock-7b", json!({"job_id": "together-1", "start": "together", "start_at_ms": start_at}));
+    c.publish(subjects::JOBS_ALL, job.into()).await.unwrap();
+    let mut started = Vec::new();
+    while started.len() < 2 {
+        let e = ev.next().await;
+        if let EventKind::JobStarted(_) = e.kind {
+            started.push((e.machine_id.clone(), e.ts_ms));
+        }
+    }
+    for (m, ts) in &started {
+        assert!(*ts >= start_at, "{m} started at {ts}, before {start_at}");
+    }
+    let accepted: Vec<u64> = ev.seen.iter().filter(|e| e.kind.name() == "job_accepted").map(|e| e.ts_ms).collect();
+    assert!(accepted.iter().all(|t| *t < start_at), "accepted at once, started later");
+    // A together job without a start time is refused.
+    let r = request(&c, subjects::jobs("ta"), job_json("mock-7b", json!({"start": "together"}))).await;
+    assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::InvalidJob));
+}

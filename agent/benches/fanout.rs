@@ -1,0 +1,88 @@
+//! Fan-out benchmark (not a test): N lightweight agents (mock engine, one NATS connection
+//! each, as N machines would have) on a real nats-server; one broadcast request on
+//! `bench.jobs.all`; measures publish -> last accept and publish -> last `job_done`.
+//!
+//!   cargo bench -p bench-agent --bench fanout -- 1 10 100 500     (scripts/bench fanout)
+
+use bench_agent::config::{Config, Env};
+use bench_nats::harness::NatsServer;
+use bench_schemas::{subjects, Event, JobReply};
+use futures::StreamExt;
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+async fn round(nats: &NatsServer, n: usize) -> (Duration, Duration, Duration) {
+    let token = CancellationToken::new();
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let yaml = format!(
+            "machine_id: fan-{n}-{i}\nengine: mock\nmock: {{tokens_per_s: 2000, ttft_ms: 1}}\nllm_models: [mock-7b]\nbind_port: 0\nheartbeat_s: 5\n"
+        );
+        let env: Env = [("NATS_URL".to_string(), nats.url())].into();
+        let cfg = Config::parse(&yaml, Path::new("bench.yaml"), &env).expect("config");
+        let client = bench_nats::connect(&cfg.nats, "fanout").await.expect("connect");
+        handles.push(bench_agent::start(cfg, client, token.clone()).await.expect("agent"));
+    }
+    let startup = started.elapsed();
+    let c = async_nats::connect(nats.url()).await.unwrap();
+    let job_id = format!("fanout-{n}");
+    let mut events = c.subscribe(subjects::events(&job_id)).await.unwrap();
+    let inbox = c.new_inbox();
+    let mut replies = c.subscribe(inbox.clone()).await.unwrap();
+    c.flush().await.unwrap();
+    // Only this round's agents: the selector lists their ids.
+    let ids: Vec<String> = (0..n).map(|i| format!("fan-{n}-{i}")).collect();
+    let job = serde_json::json!({"job_id": job_id, "model": "mock-7b", "prompt": "hi", "max_tokens": 8, "selector": ids});
+    let t0 = Instant::now();
+    c.publish_with_reply(subjects::JOBS_ALL, inbox, serde_json::to_vec(&job).unwrap().into()).await.unwrap();
+    let mut accepted = 0;
+    let last_accept = tokio::time::timeout(LIMIT, async {
+        while accepted < n {
+            let m = replies.next().await.unwrap();
+            let r: JobReply = serde_json::from_slice(&m.payload).unwrap();
+            assert!(r.accepted, "{r:?}");
+            accepted += 1;
+        }
+        t0.elapsed()
+    })
+    .await
+    .expect("accepts");
+    let mut done = HashSet::new();
+    let last_done = tokio::time::timeout(LIMIT, async {
+        while done.len() < n {
+            let m = events.next().await.unwrap();
+            let e: Event = serde_json::from_slice(&m.payload).unwrap();
+            if matches!(e.kind, bench_schemas::EventKind::JobDone(_)) {
+                done.insert(e.machine_id);
+            }
+        }
+        t0.elapsed()
+    })
+    .await
+    .expect("job_done from every agent");
+    token.cancel();
+    for h in handles {
+        h.join().await;
+    }
+    (startup, last_accept, last_done)
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let sizes = if sizes.is_empty() { vec![1, 10, 100, 500] } else { sizes };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let nats = NatsServer::start();
+        println!("| agents | start-up | publish -> last accept | publish -> last job_done |");
+        println!("|---:|---:|---:|---:|");
+        for n in sizes {
+            let (s, a, d) = round(&nats, n).await;
+            println!("| {n} | {:.0} ms | {:.1} ms | {:.1} ms |", s.as_secs_f64() * 1e3, a.as_secs_f64() * 1e3, d.as_secs_f64() * 1e3);
+        }
+    });
+}
