@@ -1,0 +1,358 @@
+//! Shared by central's integration tests: a real nats-server, central and agents in-process, an
+//! HTTP client on the real socket, an SSE frame reader, and waits that poll or await with a
+//! timeout (never a bare sleep as synchronisation).
+#![allow(dead_code, unused_imports)]
+
+use bench_central::config::Config;
+use bench_central::CentralHandle;
+use futures::StreamExt;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub use bench_nats::harness::{LlamaServer, NatsServer, ENGINE_MODEL};
+
+/// Upper bound for anything a test awaits.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub async fn within<T>(what: &str, d: Duration, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(d, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {d:?} waiting for {what}"))
+}
+
+/// Polls `f` every 20 ms until it returns Some, for at most `WAIT`.
+pub async fn until<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    within(what, WAIT, async {
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+pub async fn client(url: &str) -> async_nats::Client {
+    within("nats connect", WAIT, async_nats::connect(url))
+        .await
+        .expect("test client connects")
+}
+
+// ---- agents ----
+
+pub struct TestAgent {
+    pub handle: Option<bench_agent::AgentHandle>,
+    pub token: CancellationToken,
+}
+
+impl TestAgent {
+    pub async fn stop(&mut self) {
+        self.token.cancel();
+        if let Some(h) = self.handle.take() {
+            within("agent shutdown", WAIT, h.join()).await;
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// An agent from YAML (bind_port 0, fast heartbeats) on `nats_url`.
+pub async fn start_agent(yaml: &str, nats_url: &str) -> TestAgent {
+    let env: bench_agent::config::Env = [("NATS_URL".to_string(), nats_url.to_string())].into();
+    let yaml = format!("bind_port: 0\nheartbeat_s: 0.5\n{yaml}");
+    let cfg = bench_agent::config::Config::parse(&yaml, Path::new("test-agent.yaml"), &env)
+        .expect("agent config");
+    let client = bench_nats::connect(&cfg.nats.clone(), "test-agent")
+        .await
+        .expect("agent connects");
+    let token = CancellationToken::new();
+    let handle = within(
+        "agent start",
+        WAIT,
+        bench_agent::start(cfg, client, token.clone()),
+    )
+    .await
+    .expect("agent starts");
+    TestAgent {
+        handle: Some(handle),
+        token,
+    }
+}
+
+/// A mock agent offering `model`.
+pub async fn mock_agent(
+    machine_id: &str,
+    model: &str,
+    tokens_per_s: f64,
+    nats_url: &str,
+) -> TestAgent {
+    let yaml = format!(
+        "machine_id: {machine_id}\nlabel: Mock {machine_id}\nengine: mock\nmock: {{tokens_per_s: {tokens_per_s}, ttft_ms: 5}}\nllm_models: [{model}]\n"
+    );
+    start_agent(&yaml, nats_url).await
+}
+
+// ---- central ----
+
+pub struct TestCentral {
+    pub handle: Option<CentralHandle>,
+    pub token: CancellationToken,
+    pub client: async_nats::Client,
+}
+
+impl TestCentral {
+    pub fn base(&self) -> String {
+        format!("http://{}", self.handle.as_ref().expect("running").addr)
+    }
+    pub fn state(&self) -> bench_central::AppState {
+        self.handle.as_ref().expect("running").state.clone()
+    }
+    pub async fn stop(&mut self) {
+        self.token.cancel();
+        if let Some(h) = self.handle.take() {
+            within("central shutdown", WAIT, h.join()).await;
+        }
+    }
+}
+
+impl Drop for TestCentral {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// A test config: results in `results_dir`, short timeouts.
+pub fn central_config(nats_url: &str, results_dir: &Path) -> Config {
+    let mut cfg = Config::default();
+    cfg.nats.url = Some(nats_url.to_string());
+    cfg.results_dir = results_dir.to_path_buf();
+    cfg.web_dir = results_dir.join("web");
+    cfg.broadcast_window = Duration::from_secs(2);
+    cfg.request_timeout = Duration::from_secs(5);
+    cfg.nats_wait = Duration::from_secs(10);
+    cfg
+}
+
+pub async fn start_central(cfg: Config) -> TestCentral {
+    let url = cfg.nats.url.clone().expect("url");
+    let client = client(&url).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let token = CancellationToken::new();
+    let handle = within(
+        "central start",
+        WAIT,
+        bench_central::start(cfg, client.clone(), listener, token.clone()),
+    )
+    .await
+    .expect("central starts");
+    TestCentral {
+        handle: Some(handle),
+        token,
+        client,
+    }
+}
+
+// ---- HTTP ----
+
+pub async fn get(base: &str, path: &str) -> (u16, Value) {
+    let resp = within(
+        path,
+        WAIT,
+        reqwest::Client::new().get(format!("{base}{path}")).send(),
+    )
+    .await
+    .expect("GET");
+    let status = resp.status().as_u16();
+    let text = within(path, WAIT, resp.text()).await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+pub async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    let resp = within(
+        path,
+        WAIT,
+        reqwest::Client::new()
+            .post(format!("{base}{path}"))
+            .json(body)
+            .send(),
+    )
+    .await
+    .expect("POST");
+    let status = resp.status().as_u16();
+    let text = within(path, WAIT, resp.text()).await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Waits until `GET /api/jobs/{id}` satisfies `ok`, and returns it.
+pub async fn job_when(base: &str, job_id: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let path = format!("/api/jobs/{job_id}");
+    until(what, || async {
+        let (status, v) = get(base, &path).await;
+        (status == 200 && ok(&v)).then_some(v)
+    })
+    .await
+}
+
+pub async fn job_finished(base: &str, job_id: &str) -> Value {
+    job_when(base, job_id, "job finished", |v| v["status"] != "running").await
+}
+
+/// Waits until every named machine is online (or busy) in `GET /api/machines`.
+pub async fn machines_online(base: &str, ids: &[&str]) {
+    until("machines online", || async {
+        let (_, v) = get(base, "/api/machines").await;
+        let ms = v["machines"].as_array()?.clone();
+        ids.iter()
+            .all(|id| {
+                ms.iter()
+                    .any(|m| m["machine_id"] == *id && m["status"] != "offline")
+            })
+            .then_some(())
+    })
+    .await
+}
+
+// ---- SSE ----
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub id: Option<u64>,
+    pub event: String,
+    pub data: String,
+}
+
+impl Frame {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+}
+
+/// An SSE connection on the real socket, parsed into frames.
+pub struct Sse {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+    pub status: u16,
+}
+
+impl Sse {
+    pub async fn open(url: &str, last_event_id: Option<u64>) -> Self {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        let resp = within("SSE connect", WAIT, req.send())
+            .await
+            .expect("SSE request");
+        let status = resp.status().as_u16();
+        Self {
+            body: Box::pin(resp.bytes_stream()),
+            buf: String::new(),
+            status,
+        }
+    }
+
+    /// The next frame (comments and keep-alives skipped), or None when the server closed.
+    pub async fn next(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut f = Frame {
+                    id: None,
+                    event: "message".into(),
+                    data: String::new(),
+                };
+                let mut any = false;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        f.id = v.trim().parse().ok();
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        f.event = v.trim().to_string();
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        if !f.data.is_empty() {
+                            f.data.push('\n');
+                        }
+                        f.data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                        any = true;
+                    }
+                }
+                if any {
+                    return Some(f);
+                }
+                continue;
+            }
+            match within("SSE frame", WAIT, self.body.next()).await {
+                Some(Ok(chunk)) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Frames until (and including) `end`, or until the server closes.
+    pub async fn until_end(&mut self) -> Vec<Frame> {
+        let mut out = Vec::new();
+        while let Some(f) = self.next().await {
+            let end = f.event == "end";
+            out.push(f);
+            if end {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// The job's stored events from `results/runs/<job>/events.ndjson`.
+pub fn results_events(results_dir: &Path, job_id: &str) -> Vec<bench_schemas::Event> {
+    let text = std::fs::read_to_string(results_dir.join("runs").join(job_id).join("events.ndjson"))
+        .expect("events.ndjson");
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("event line"))
+        .collect()
+}
+
+/// Asserts each machine's events are 1..n exactly once, ending with a terminal event.
+pub fn assert_exactly_once(
+    events: &[bench_schemas::Event],
+) -> std::collections::BTreeMap<String, u64> {
+    let mut per: std::collections::BTreeMap<String, Vec<&bench_schemas::Event>> =
+        Default::default();
+    for e in events.iter().filter(|e| e.seq > 0) {
+        per.entry(e.machine_id.clone()).or_default().push(e);
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for (m, evs) in per {
+        let seqs: Vec<u64> = evs.iter().map(|e| e.seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "machine {m}: every event once, in order"
+        );
+        assert!(
+            evs.last().unwrap().kind.is_terminal(),
+            "machine {m} ends with a terminal event"
+        );
+        counts.insert(m, seqs.len() as u64);
+    }
+    counts
+}
