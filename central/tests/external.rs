@@ -1,0 +1,154 @@
+//! Jobs central never dispatched: one submitted by an independent NATS client straight to an
+//! agent is recorded from the stream; a machine that goes silent with no agent behind it is
+//! marked failed by the stall timeout and the job completes.
+
+mod common;
+
+use async_nats::jetstream;
+use bench_schemas::event::{Accepted, Started, Token};
+use bench_schemas::{subjects, Event, EventKind, Job};
+use common::*;
+use serde_json::json;
+use std::future::IntoFuture;
+use std::time::Duration;
+
+#[tokio::test]
+async fn job_from_an_independent_nats_client_is_recorded() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let central = start_central(central_config(&nats.url(), dir.path())).await;
+    let base = central.base();
+    let _agent = mock_agent("cli-box", "mock-7b", 400.0, &nats.url()).await;
+    machines_online(&base, &["cli-box"]).await;
+
+    // What `nats pub bench.jobs.cli-box '{...}'` does: a plain publish, no reply, no central.
+    let other = client(&nats.url()).await;
+    let job = json!({"job_id": "from-cli-1", "test_type": "llm_generate", "model": "mock-7b", "prompt": "hello from the CLI", "max_tokens": 8, "run_label": "cli"});
+    other
+        .publish(
+            subjects::jobs("cli-box"),
+            serde_json::to_vec(&job).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    other.flush().await.unwrap();
+
+    let listed = until("external job listed", || async {
+        let (_, v) = get(&base, "/api/jobs").await;
+        v["jobs"]
+            .as_array()?
+            .iter()
+            .find(|j| j["job_id"] == "from-cli-1")
+            .cloned()
+    })
+    .await;
+    assert_eq!(listed["source"], "external");
+    assert_eq!(listed["model"], "mock-7b");
+    assert_eq!(listed["prompt"], "hello from the CLI");
+    let done = job_finished(&base, "from-cli-1").await;
+    assert_eq!(done["status"], "done", "{done:#}");
+    assert_eq!(done["job"]["run_label"], "cli");
+    assert_eq!(done["machines"][0]["machine_id"], "cli-box");
+    assert_eq!(done["machines"][0]["summary"]["repeats"], 1);
+    until("results written", || async {
+        dir.path()
+            .join("runs/from-cli-1/metadata.json")
+            .exists()
+            .then_some(())
+    })
+    .await;
+    assert_exactly_once(&results_events(dir.path(), "from-cli-1"));
+}
+
+async fn publish(js: &jetstream::Context, ev: &Event) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Nats-Msg-Id",
+        subjects::msg_id(&ev.job_id, &ev.machine_id, ev.seq).as_str(),
+    );
+    let ack = js
+        .publish_with_headers(
+            subjects::events(&ev.job_id),
+            headers,
+            serde_json::to_vec(ev).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    within("publish ack", WAIT, ack.into_future())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_silent_machine_is_marked_failed_and_the_job_completes() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = central_config(&nats.url(), dir.path());
+    cfg.stall_timeout = Duration::from_millis(600);
+    let central = start_central(cfg).await;
+    let base = central.base();
+
+    // An "agent" that accepts, starts, streams a little and dies: no heartbeat, no more events.
+    let js = jetstream::new(client(&nats.url()).await);
+    let ev = |seq, kind| Event {
+        job_id: "ghost-job".into(),
+        machine_id: "ghost".into(),
+        seq,
+        ts_ms: 1,
+        kind,
+    };
+    let mut job = Job::new("m", "p");
+    job.job_id = Some("ghost-job".into());
+    let accepted = Accepted {
+        job,
+        position: 0,
+        engine: "mock".into(),
+        engine_url: String::new(),
+        label: "Ghost".into(),
+        agent_version: "0".into(),
+    };
+    publish(&js, &ev(1, EventKind::JobAccepted(accepted))).await;
+    publish(
+        &js,
+        &ev(
+            2,
+            EventKind::JobStarted(Started {
+                repeat_index: 0,
+                warmup: false,
+            }),
+        ),
+    )
+    .await;
+    publish(
+        &js,
+        &ev(
+            3,
+            EventKind::LlmToken(Token {
+                repeat_index: 0,
+                text: "half a sen".into(),
+                tokens: Some(3),
+                t_ms: 5.0,
+            }),
+        ),
+    )
+    .await;
+
+    let mut sse = Sse::open(&format!("{base}/api/jobs/ghost-job/events"), None).await;
+    let frames = sse.until_end().await;
+    let end = frames.last().unwrap();
+    assert_eq!(end.event, "end", "{frames:?}");
+    assert_eq!(end.json()["status"], "failed");
+    assert_eq!(frames.iter().filter(|f| f.id.is_some()).count(), 3);
+    let (_, detail) = get(&base, "/api/jobs/ghost-job").await;
+    assert_eq!(detail["machines"][0]["status"], "failed");
+    assert_eq!(detail["machines"][0]["error"]["code"], "stalled");
+    assert_eq!(detail["machines"][0]["output_text"], "half a sen");
+    let (_, metrics) = get(&base, "/metrics").await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("bench_central_stalls_total 1"),
+        "{metrics}"
+    );
+}
