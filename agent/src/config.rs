@@ -21,7 +21,7 @@ pub const DEFAULT_FLUSH_CHARS: usize = 64;
 /// ...or this many seconds after the first buffered character.
 pub const DEFAULT_FLUSH_SECONDS: f64 = 0.10;
 /// Heartbeat period.
-pub const DEFAULT_HEARTBEAT_S: f64 = 5.0;
+pub const DEFAULT_HEARTBEAT_S: f64 = 3.0;
 /// No byte from the engine for this long fails the run with `timeout`.
 pub const DEFAULT_ENGINE_IDLE_TIMEOUT_S: f64 = 120.0;
 /// Jobs waiting behind the running one.

@@ -66,7 +66,7 @@ class NatsServer:
 class Agent:
     """A bench-agent process with the mock engine (the engine is not what these tests check)."""
 
-    def __init__(self, nats_url: str, machine_id: str, extra: str = "", tokens_per_s: int = 200):
+    def __init__(self, nats_url: str, machine_id: str, extra: str = "", tokens_per_s: int = 200, heartbeat_s=1):
         self.dir = tempfile.mkdtemp(prefix=f"bench-agent-{machine_id}-")
         self.http_port = free_port()
         cfg = os.path.join(self.dir, "agent.yaml")
@@ -74,7 +74,8 @@ class Agent:
             f.write(
                 f"machine_id: {machine_id}\nlabel: CLI test {machine_id}\nengine: mock\n"
                 f"mock: {{tokens_per_s: {tokens_per_s}, ttft_ms: 5}}\nllm_models: [mock-7b]\n"
-                f"bind_port: {self.http_port}\nheartbeat_s: 1\n{extra}"
+                f"bind_port: {self.http_port}\n{extra}"
+                + (f"heartbeat_s: {heartbeat_s}\n" if heartbeat_s is not None else "")
             )
         binary = os.path.join(TARGET, "debug", "bench-agent")
         if not os.path.exists(binary):
@@ -94,7 +95,8 @@ class Agent:
             return False
 
     def stop(self):
-        self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.terminate()
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:

@@ -4,6 +4,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
-cargo build --locked -p bench-agent >/dev/null
+cargo build --locked -p bench-agent -p bench-central >/dev/null
 cd tests/cli
-PYTHONPATH="$ROOT/.tools/py" python3 -m unittest -v test_nats_cli 2>&1
+PYTHONPATH="$ROOT/.tools/py" python3 -m unittest -v test_nats_cli test_discovery 2>&1
