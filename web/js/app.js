@@ -6,7 +6,7 @@ import { h, s, replace, $ } from './dom.js';
 import { num, ms, rate, int, pct, when } from './format.js';
 import { barChart, fitLabels } from './chart.js';
 import {
-  newJob, machine, applySnapshot, applyEvent, liveRate, machineStats, deltaPct, clearWinner, allTerminal, TERMINAL,
+  newJob, machine, applySnapshot, applyEvent, liveRate, liveTokens, CHARS_PER_TOKEN, machineStats, deltaPct, clearWinner, allTerminal, TERMINAL,
 } from './state.js';
 
 const LS = {
@@ -433,7 +433,7 @@ function renderJobHead() {
   replace(exp, h('span', { class: 'muted' }, 'Export'),
     ['csv', 'json', 'ndjson'].map((ext) => h('a', { href: api.exportUrl(job.job_id, ext), download: `${job.job_id}.${ext}`, class: 'export' }, ext.toUpperCase())));
   const j = job.job ?? {};
-  const runs = j.repeat != null ? `${j.repeat} run${j.repeat === 1 ? '' : 's'}` + (j.warmup ? ` + ${j.warmup} warmup` : '') : null;
+  const runs = j.repeat != null ? `${j.repeat}` + (j.warmup ? ` + ${j.warmup} warmup` : '') : null;
   const kv = (k, v) => (v === undefined || v === null ? null : h('span', { class: 'kv' }, h('span', { class: 'k' }, k), h('span', { class: 'v' }, String(v))));
   replace(meta,
     h('div', { class: 'kvs' },
@@ -449,9 +449,12 @@ function renderJobHead() {
     h('p', { class: 'prompt', id: 'job-prompt', title: 'Prompt' }, j.prompt ?? ''));
 }
 
+/** Panes in the fleet's order (machines.yaml order, then by id), so a machine keeps its place. */
 function paneIds() {
-  if (ui.job) return [...ui.job.machines.keys()];
-  return [...ui.fleet.keys()];
+  if (!ui.job) return [...ui.fleet.keys()];
+  const order = [...ui.fleet.keys()];
+  const rank = (id) => (order.includes(id) ? order.indexOf(id) : order.length);
+  return [...ui.job.machines.keys()].sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
 }
 
 function renderPanes() {
@@ -557,8 +560,11 @@ function updatePane(p) {
   p.el.dataset.state = m.status;
   if (m.status === 'running' && m.live) {
     const r = liveRate(m);
-    const approx = m.live.exact ? '' : '~';
-    p.live.textContent = `${approx}${int(m.live.tokens)} tok · ${r === null ? '–' : approx + rate(r)} tok/s live`;
+    const approx = m.live.exact ? '' : '≈';
+    p.live.textContent = `${approx}${int(liveTokens(m))} tok · ${r === null ? '–' : approx + rate(r)} tok/s live`;
+    p.live.title = m.live.exact
+      ? 'Live, from the engine\'s per-chunk token counts; the final decode rate uses the engine\'s total count'
+      : `Estimated live from characters (~${CHARS_PER_TOKEN} per token): this engine reports no per-chunk token counts; the final numbers use its own total count`;
   } else {
     p.live.textContent = '';
   }
@@ -831,7 +837,7 @@ function renderHistory() {
         h('span', { class: 'hist-model' }, j.model ?? ''),
         j.source === 'external' ? h('span', { class: 'tag', title: 'Submitted on NATS directly' }, 'nats') : null,
         h('span', { class: 'spacer' }),
-        h('span', { class: 'hist-n mono', title: (j.machines ?? []).join(', ') }, `${(j.machines ?? []).length}×`)),
+        (j.machines ?? []).length ? h('span', { class: 'hist-n mono', title: `machines: ${j.machines.join(', ')}` }, `${j.machines.length}×`) : null),
       h('span', { class: 'hist-prompt' }, (j.prompt ?? '').replace(/\s+/g, ' ').slice(0, 120)));
     btn.setAttribute('aria-label', `${j.status} job ${when(j.created_ms)}, ${j.model ?? ''}: ${(j.prompt ?? '').slice(0, 60)}`);
     btn.addEventListener('click', () => openJob(j.job_id));

@@ -21,7 +21,7 @@ function truncate(text, max) {
 export function barChart(rows, opts) {
   const W = Math.max(280, Math.round(opts.width ?? 560));
   const labelW = Math.round(Math.min(178, W * 0.3));
-  const valueW = Math.round(Math.min(112, W * 0.27));
+  const valueW = Math.round(Math.min(84, W * 0.22));
   const rowH = 26;
   const top = 28;
   const axisH = 22;
@@ -72,8 +72,10 @@ export function barChart(rows, opts) {
           s('line', { x1: x2, x2, y1: cy - 6, y2: cy + 6, class: 'chart-whisker' }),
         );
       }
-      const spread = r.stat.n > 1 ? ` ±${num((r.stat.max - r.stat.min) / 2, opts.digits)}` : '';
-      row.append(s('text', { x: W, y: cy + 4, 'text-anchor': 'end', class: 'chart-value' }, num(r.stat.median, opts.digits) + spread + ' ' + opts.unit));
+      row.append(s('text', { x: W, y: cy + 4, 'text-anchor': 'end', class: 'chart-value' }, num(r.stat.median, opts.digits) + ' ' + opts.unit));
+      if (r.stat.n > 1) {
+        row.querySelector('title').textContent = `${r.label} (${r.id}): median ${num(r.stat.median, opts.digits)}, min ${num(r.stat.min, opts.digits)}, max ${num(r.stat.max, opts.digits)} ${opts.unit} over ${r.stat.n} runs`;
+      }
     } else {
       row.append(s('text', { x: labelW + 4, y: cy + 4, class: 'chart-empty' }, 'no result yet'));
     }

@@ -115,11 +115,13 @@ export function applyEvent(state, ev) {
       m.status = 'running';
       m.text += p.text ?? '';
       const toks = Number.isFinite(p.tokens) ? p.tokens : null;
+      const chars = (p.text ?? '').length;
       if (!m.live) {
-        m.live = { firstT: p.t_ms, lastT: p.t_ms, firstTokens: toks ?? 1, tokens: toks ?? 1, chunks: 1, exact: toks !== null };
+        m.live = { firstT: p.t_ms, lastT: p.t_ms, firstTokens: toks ?? 0, tokens: toks ?? 0, firstChars: chars, chars, chunks: 1, exact: toks !== null };
       } else {
         m.live.lastT = p.t_ms;
-        m.live.tokens += toks ?? 1;
+        m.live.tokens += toks ?? 0;
+        m.live.chars += chars;
         m.live.chunks += 1;
         if (toks === null) m.live.exact = false;
       }
@@ -152,11 +154,25 @@ export function applyEvent(state, ev) {
   return m;
 }
 
-/** Live decode rate of the run streaming now: tokens after the first over the time since it. */
+/** Characters per token assumed when the engine does not count tokens per chunk (a rough English average). */
+export const CHARS_PER_TOKEN = 4;
+
+/** Tokens streamed so far in the current run: the engine's count, or an estimate from characters (`exact` false). */
+export function liveTokens(m) {
+  const l = m.live;
+  if (!l) return null;
+  return l.exact ? l.tokens : l.chars / CHARS_PER_TOKEN;
+}
+
+/**
+ * Live decode rate of the run streaming now: tokens after the first batch over the time since it.
+ * Estimated from characters when the engine gives no per-chunk counts (then `m.live.exact` is false).
+ */
 export function liveRate(m) {
   const l = m.live;
   if (!l || !(l.lastT > l.firstT)) return null;
-  return ((l.tokens - l.firstTokens) * 1000) / (l.lastT - l.firstT);
+  const after = l.exact ? l.tokens - l.firstTokens : (l.chars - l.firstChars) / CHARS_PER_TOKEN;
+  return (after * 1000) / (l.lastT - l.firstT);
 }
 
 /** median, mean, stdev (sample), min, max, n: the same definition as schemas::Stats. */

@@ -87,8 +87,11 @@ PIDS+=($!)
 wait_for "nats-server on :$NATS_PORT" 20 bash -c "exec 3<>/dev/tcp/127.0.0.1/$NATS_PORT"
 
 # --- llama-server -------------------------------------------------------------------------------
+# One core is left to Chromium, central and the agents: llama.cpp's threads slow down badly when
+# the machine is oversubscribed, which would turn the race into a measurement of the test itself.
+LLAMA_THREADS=${LLAMA_THREADS:-$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))}
 "$LLAMA_BIN" -m "$MODEL" --alias "$MODEL_NAME" --host 127.0.0.1 --port "$ENGINE_PORT" \
-  --no-jinja --chat-template gemma -c 4096 -t "$(nproc)" --no-ui >"$LOGS/llama-server.log" 2>&1 &
+  --no-jinja --chat-template gemma -c 4096 -t "$LLAMA_THREADS" --no-ui >"$LOGS/llama-server.log" 2>&1 &
 PIDS+=($!)
 wait_for "llama-server on :$ENGINE_PORT" 120 curl -fsS "http://127.0.0.1:$ENGINE_PORT/health"
 

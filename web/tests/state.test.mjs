@@ -2,7 +2,7 @@
 //   node --test web/tests/state.test.mjs
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { newJob, applyEvent, applySnapshot, liveRate, stats, clearWinner, machineStats, allTerminal } from '../js/state.js';
+import { newJob, applyEvent, applySnapshot, liveRate, liveTokens, stats, clearWinner, machineStats, allTerminal } from '../js/state.js';
 
 const ev = (machine_id, seq, type, payload) => ({ job_id: 'j1', machine_id, seq, ts_ms: 0, type, payload });
 const metrics = (i, tps, ttft, warmup = false) => ({ repeat_index: i, warmup, ttft_ms: ttft, total_ms: 1000, gen_tokens: 10, token_count_source: 'mock', gen_tokens_per_s: tps });
@@ -24,6 +24,16 @@ test('a replayed event is applied once: text is never doubled', () => {
   assert.equal(s.machines.get('a').label, 'A');
   assert.equal(s.machines.get('b').status, 'running');
   assert.equal(liveRate(s.machines.get('a')), 50); // 2 tokens after the first in 40 ms
+});
+
+test('without per-chunk counts the live rate is estimated from characters', () => {
+  const s = newJob('j1');
+  applyEvent(s, ev('a', 1, 'llm_token', { repeat_index: 0, text: 'abcd', t_ms: 100 }));
+  applyEvent(s, ev('a', 2, 'llm_token', { repeat_index: 0, text: 'efghijklmnop', t_ms: 200 }));
+  const m = s.machines.get('a');
+  assert.equal(m.live.exact, false);
+  assert.equal(liveTokens(m), 4);
+  assert.equal(liveRate(m), 30); // 12 chars = 3 tokens in 100 ms
 });
 
 test('events of another job are ignored; a new run starts a fresh text', () => {

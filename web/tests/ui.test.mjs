@@ -106,6 +106,8 @@ async function fillForm({ prompt, maxTokens, repeat, warmup = 0 }) {
 
 describe('bench-race web UI in headless Chromium', () => {
   before(async () => {
+    // this run's screenshots only
+    if (fs.existsSync(SHOTS)) for (const f of fs.readdirSync(SHOTS)) if (f.endsWith('.png')) fs.rmSync(path.join(SHOTS, f));
     profile = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-race-chromium-'));
     ctx = await chromium.launchPersistentContext(profile, {
       executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
@@ -148,7 +150,7 @@ describe('bench-race web UI in headless Chromium', () => {
 
   it('runs a race: tokens stream into both panes, then metrics, chart and table', async () => {
     const model = await chooseModel();
-    await fillForm({ prompt: PROMPT, maxTokens: 64, repeat: 3 });
+    await fillForm({ prompt: PROMPT, maxTokens: 64, repeat: 3, warmup: 1 });
     await installStreamWatch();
     // Ctrl+Enter in the prompt runs it
     await page.focus('#f-prompt');
@@ -156,8 +158,9 @@ describe('bench-race web UI in headless Chromium', () => {
     raceJob = await currentJobId();
     await page.waitForFunction(() => document.querySelectorAll('#panes .pane').length >= 2, null, { timeout: T });
     // a moment where both stream at once makes the best picture; not required (one may be much faster)
-    await page.waitForFunction(() => [...document.querySelectorAll('#panes .pane')].filter((p) => p.dataset.state === 'running' && p.querySelector('.output').textContent.length > 20).length >= 2,
-      null, { timeout: 15000, polling: 50 }).then(() => shot('02-streaming'), () => shot('02-streaming-not-simultaneous'));
+    const streaming = (n) => page.waitForFunction((k) => [...document.querySelectorAll('#panes .pane')]
+      .filter((p) => p.dataset.state === 'running' && p.querySelector('.output').textContent.length > 20).length >= k, n, { timeout: 10000, polling: 50 });
+    await streaming(2).then(() => shot('02-streaming'), () => streaming(1).then(() => shot('02-streaming-one'), () => {}));
     await waitAllFinished(['done']);
     const seen = await page.evaluate(() => window.__streamSeen);
     const ids = Object.keys(seen);
