@@ -878,7 +878,10 @@ function followFleet() {
       job: (j) => {
         if (!j?.job_id) return;
         const prev = ui.history.get(j.job_id);
-        ui.history.set(j.job_id, { ...prev, ...j });
+        const item = { ...prev, ...j };
+        // central's creation event names no machines yet; keep what the list already knows
+        if (!(j.machines ?? []).length && prev?.machines?.length) item.machines = prev.machines;
+        ui.history.set(j.job_id, item);
         renderHistory();
         if (ui.job?.job_id === j.job_id && FINISHED.has(j.status) && !ui.job.ended) scheduleRanking(ui.job);
       },
