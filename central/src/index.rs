@@ -157,12 +157,20 @@ impl Index {
     }
 
     async fn put(&self, shared: &Shared, job_id: &str) -> Result<(), async_nats::Error> {
+        // Leave room for the KV headers under the server's max_payload.
+        let max = (shared.client.server_info().max_payload.max(64 * 1024)) - 4096;
         let body = {
             let jobs = self.jobs.read().expect("index lock");
             match jobs.get(job_id) {
-                Some(r) => serde_json::to_vec(r)?,
+                Some(r) => r.to_kv_bytes(max),
                 None => return Ok(()),
             }
+        };
+        let Some(body) = body else {
+            // Retrying cannot help; the stream still holds every event of the job.
+            tracing::error!(%job_id, max, "job record too large for the jobs bucket even without output text; not persisted");
+            shared.metrics.kv_errors.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
         };
         let mut backoff = Duration::from_millis(50);
         loop {

@@ -110,6 +110,9 @@ pub struct MachineRun {
     /// Events missing from its sequence (should stay 0).
     #[serde(default)]
     pub gaps: u64,
+    /// `output_text` was cut to fit the KV value limit (the stream keeps every token).
+    #[serde(default)]
+    pub output_truncated: bool,
 }
 
 impl MachineRun {
@@ -130,6 +133,7 @@ impl MachineRun {
             summary: None,
             error: None,
             gaps: 0,
+            output_truncated: false,
         }
     }
 
@@ -313,6 +317,30 @@ impl JobRecord {
         Applied::Changed
     }
 
+    /// The record as KV bytes, at most `max` long: when it would be larger, output texts are
+    /// cut (flagged `output_truncated`). None when even that does not fit.
+    pub fn to_kv_bytes(&self, max: usize) -> Option<Vec<u8>> {
+        let body = serde_json::to_vec(self).ok()?;
+        if body.len() <= max {
+            return Some(body);
+        }
+        let mut slim = self.clone();
+        let text: usize = slim.machines.iter().map(|m| m.output_text.len()).sum();
+        let budget = (max.saturating_sub(body.len() - text)) / slim.machines.len().max(1);
+        for m in &mut slim.machines {
+            if m.output_text.len() > budget {
+                let mut cut = budget;
+                while !m.output_text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                m.output_text.truncate(cut);
+                m.output_truncated = true;
+            }
+        }
+        let body = serde_json::to_vec(&slim).ok()?;
+        (body.len() <= max).then_some(body)
+    }
+
     /// Recomputes `status` (and `finished_ms` when it becomes finished). Returns the old status.
     pub fn refresh_status(&mut self, now_ms: u64) -> JobStatus {
         let old = self.status;
@@ -408,6 +436,18 @@ mod tests {
         assert_eq!(r, before);
         assert_eq!(r.machines[0].output_text, "hi");
         assert_eq!(r.job.as_ref().map(|j| j.model.as_str()), Some("m"));
+    }
+
+    #[test]
+    fn oversized_records_are_cut_to_fit() {
+        let mut r = JobRecord::external("j", 0);
+        r.machine_mut("a").output_text = "é".repeat(10_000);
+        r.machine_mut("b").output_text = "x".repeat(100);
+        assert!(r.to_kv_bytes(1 << 20).unwrap().len() > 20_000);
+        let cut: JobRecord = serde_json::from_slice(&r.to_kv_bytes(4_000).unwrap()).unwrap();
+        assert!(cut.machines[0].output_truncated && cut.machines[0].output_text.len() < 2_000);
+        assert!(!cut.machines[1].output_truncated);
+        assert!(r.to_kv_bytes(10).is_none());
     }
 
     #[test]
