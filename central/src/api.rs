@@ -262,3 +262,21 @@ pub async fn export(
 pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such API endpoint; see central/API.md".into())
 }
+
+/// Everything else: the web UI's files from `web_dir` (its tooling folders excepted).
+pub async fn static_files(State(state): State<AppState>, req: axum::extract::Request) -> Response {
+    let hidden = req
+        .uri()
+        .path()
+        .split('/')
+        .any(|seg| seg == "node_modules" || seg == "tests" || seg.starts_with('.'));
+    if hidden {
+        return ApiError::NotFound(format!("no file {}", req.uri().path())).into_response();
+    }
+    let files = tower_http::services::ServeDir::new(&state.cfg.web_dir)
+        .append_index_html_on_directories(true);
+    match tower::ServiceExt::oneshot(files, req).await {
+        Ok(resp) => resp.into_response(),
+        Err(e) => ApiError::Internal(format!("serving a file: {e}")).into_response(),
+    }
+}

@@ -36,7 +36,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
-use tower_http::services::ServeDir;
 
 /// This build's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -78,7 +77,6 @@ pub type AppState = Arc<Shared>;
 
 /// The HTTP routes (for `axum::serve`, or `tower::ServiceExt::oneshot` in tests).
 pub fn app(state: AppState) -> Router {
-    let web = ServeDir::new(&state.cfg.web_dir).append_index_html_on_directories(true);
     Router::new()
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))
@@ -90,7 +88,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/jobs/{id}/{file}", get(api::export))
         .route("/api/events", get(sse::all_events))
         .route("/api/{*rest}", any(api::not_found))
-        .fallback_service(web)
+        .fallback(api::static_files)
         .with_state(state)
 }
 

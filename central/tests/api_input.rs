@@ -280,6 +280,15 @@ async fn bad_input_gets_4xx_with_a_code() {
     assert_eq!(machines["machines"][0]["status"], "offline");
     assert_eq!(machines["machines"][0]["notes"], "under the desk");
 
+    // The web UI's files, but not its tooling.
+    std::fs::create_dir_all(dir.path().join("web/tests")).unwrap();
+    std::fs::write(dir.path().join("web/index.html"), "<h1>bench-race</h1>").unwrap();
+    std::fs::write(dir.path().join("web/tests/secret.mjs"), "x").unwrap();
+    let (s, page) = call(&app, get_req("/")).await;
+    assert_eq!((s, page), (200, json!("<h1>bench-race</h1>")));
+    assert_eq!(call(&app, get_req("/tests/secret.mjs")).await.0, 404);
+    assert_eq!(call(&app, get_req("/missing.js")).await.0, 404);
+
     // A configured machine with no agent: no responders, reported offline at once.
     let started = Instant::now();
     let (s, out) = call(
