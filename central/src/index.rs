@@ -257,7 +257,6 @@ async fn apply_batch(shared: &Shared, batch: &[jetstream::Message]) -> bool {
     let index = &shared.index;
     let _w = index.writer.lock().await;
     let mut dirty = BTreeSet::new();
-    let mut changed: Vec<String> = Vec::new();
     let now = now_ms();
     for msg in batch {
         let Ok(info) = msg.info() else {
@@ -329,7 +328,6 @@ async fn apply_batch(shared: &Shared, batch: &[jetstream::Message]) -> bool {
             if let Some(r) = index.get(&event.job_id) {
                 announce(shared, &r);
             }
-            changed.push(event.job_id.clone());
         }
         dirty.insert(event.job_id);
     }

@@ -266,7 +266,11 @@ pub async fn watch(
                         shared.registry.publish_changes(&shared.hub, crate::now_ms());
                     }
                     Some(Err(e)) => {
-                        tracing::debug!(error = %e, "registry watch error");
+                        tracing::debug!(error = %e, "registry watch error; re-watching");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break 'outer,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => continue 'outer,
+                        }
                     }
                     None => continue 'outer,
                 },
