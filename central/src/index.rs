@@ -23,6 +23,8 @@ use std::time::Duration;
 
 /// Most messages applied before one KV write and ack.
 pub const BATCH_MAX: usize = 512;
+/// How long an update outside ingestion (dispatch, stall) retries its KV write.
+pub const UPDATE_PERSIST_WAIT: Duration = Duration::from_secs(5);
 
 /// One item of `GET /api/jobs`.
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -156,7 +158,14 @@ impl Index {
             .collect()
     }
 
-    async fn put(&self, shared: &Shared, job_id: &str) -> Result<(), async_nats::Error> {
+    /// Writes the record to KV, retrying until it succeeds, `shutdown` fires, or `give_up`
+    /// passes (ingestion has no deadline: it must not ack what is not stored).
+    async fn put(
+        &self,
+        shared: &Shared,
+        job_id: &str,
+        give_up: Option<tokio::time::Instant>,
+    ) -> Result<(), async_nats::Error> {
         // Leave room for the KV headers under the server's max_payload.
         let max = (shared.client.server_info().max_payload.max(64 * 1024)) - 4096;
         let body = {
@@ -179,7 +188,9 @@ impl Index {
                 Err(e) => {
                     shared.metrics.kv_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%job_id, error = %e, "writing the job record failed; retrying");
-                    if shared.shutdown.is_cancelled() {
+                    if shared.shutdown.is_cancelled()
+                        || give_up.is_some_and(|t| tokio::time::Instant::now() >= t)
+                    {
                         return Err(e.into());
                     }
                 }
@@ -213,7 +224,9 @@ impl Index {
             jobs.insert(job_id.to_string(), r.clone());
             (r, old)
         };
-        self.put(shared, job_id).await?;
+        // A request must not hang while NATS is away; the next batch touching the job stores it.
+        let give_up = tokio::time::Instant::now() + UPDATE_PERSIST_WAIT;
+        self.put(shared, job_id, Some(give_up)).await?;
         if old != Some(after.status) {
             announce(shared, &after);
         }
@@ -332,7 +345,7 @@ async fn apply_batch(shared: &Shared, batch: &[jetstream::Message]) -> bool {
         dirty.insert(event.job_id);
     }
     for job_id in &dirty {
-        if index.put(shared, job_id).await.is_err() {
+        if index.put(shared, job_id, None).await.is_err() {
             return false;
         }
     }
