@@ -25,8 +25,14 @@ async fn round(nats: &NatsServer, n: usize) -> (Duration, Duration, Duration) {
         );
         let env: Env = [("NATS_URL".to_string(), nats.url())].into();
         let cfg = Config::parse(&yaml, Path::new("bench.yaml"), &env).expect("config");
-        let client = bench_nats::connect(&cfg.nats, "fanout").await.expect("connect");
-        handles.push(bench_agent::start(cfg, client, token.clone()).await.expect("agent"));
+        let client = bench_nats::connect(&cfg.nats, "fanout")
+            .await
+            .expect("connect");
+        handles.push(
+            bench_agent::start(cfg, client, token.clone())
+                .await
+                .expect("agent"),
+        );
     }
     let startup = started.elapsed();
     let c = async_nats::connect(nats.url()).await.unwrap();
@@ -39,12 +45,23 @@ async fn round(nats: &NatsServer, n: usize) -> (Duration, Duration, Duration) {
     let ids: Vec<String> = (0..n).map(|i| format!("fan-{n}-{i}")).collect();
     let job = serde_json::json!({"job_id": job_id, "model": "mock-7b", "prompt": "hi", "max_tokens": 8, "selector": ids});
     let t0 = Instant::now();
-    c.publish_with_reply(subjects::JOBS_ALL, inbox, serde_json::to_vec(&job).unwrap().into()).await.unwrap();
+    c.publish_with_reply(
+        subjects::JOBS_ALL,
+        inbox,
+        serde_json::to_vec(&job).unwrap().into(),
+    )
+    .await
+    .unwrap();
     let mut accepted = 0;
     let last_accept = tokio::time::timeout(LIMIT, async {
         while accepted < n {
             let m = replies.next().await.unwrap();
-            let r: JobReply = serde_json::from_slice(&m.payload).unwrap();
+            if m.status.is_some() {
+                panic!("broadcast got {:?} (no agent subscribed yet?)", m.status);
+            }
+            let r: JobReply = serde_json::from_slice(&m.payload).unwrap_or_else(|e| {
+                panic!("reply {:?} {:?} {:?}: {e}", m.status, m.headers, m.payload)
+            });
             assert!(r.accepted, "{r:?}");
             accepted += 1;
         }
@@ -73,16 +90,31 @@ async fn round(nats: &NatsServer, n: usize) -> (Duration, Duration, Duration) {
 }
 
 fn main() {
-    let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let sizes = if sizes.is_empty() { vec![1, 10, 100, 500] } else { sizes };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let sizes = if sizes.is_empty() {
+        vec![1, 10, 100, 500]
+    } else {
+        sizes
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let nats = NatsServer::start();
         println!("| agents | start-up | publish -> last accept | publish -> last job_done |");
         println!("|---:|---:|---:|---:|");
         for n in sizes {
             let (s, a, d) = round(&nats, n).await;
-            println!("| {n} | {:.0} ms | {:.1} ms | {:.1} ms |", s.as_secs_f64() * 1e3, a.as_secs_f64() * 1e3, d.as_secs_f64() * 1e3);
+            println!(
+                "| {n} | {:.0} ms | {:.1} ms | {:.1} ms |",
+                s.as_secs_f64() * 1e3,
+                a.as_secs_f64() * 1e3,
+                d.as_secs_f64() * 1e3
+            );
         }
     });
 }

@@ -71,7 +71,10 @@ fn default_mock_ttft() -> f64 {
 
 impl Default for MockConfig {
     fn default() -> Self {
-        Self { tokens_per_s: default_mock_rate(), ttft_ms: default_mock_ttft() }
+        Self {
+            tokens_per_s: default_mock_rate(),
+            ttft_ms: default_mock_ttft(),
+        }
     }
 }
 
@@ -233,12 +236,15 @@ impl Config {
     pub fn parse(text: &str, path: &Path, env: &Env) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
-            let at = e.location().map(|l| format!(" (line {}, column {})", l.line(), l.column()));
+            let at = e
+                .location()
+                .map(|l| format!(" (line {}, column {})", l.line(), l.column()));
             ConfigError {
                 file: file.clone(),
                 key: "-".into(),
                 problem: format!("{e}{}", at.unwrap_or_default()),
-                fix: "correct the YAML; every key is listed in agent/config/agent.example.yaml".into(),
+                fix: "correct the YAML; every key is listed in agent/config/agent.example.yaml"
+                    .into(),
             }
         })?;
         Self::from_raw(raw, path, env)
@@ -268,14 +274,24 @@ impl Config {
         };
 
         let machine_id = raw.machine_id.clone().ok_or_else(|| {
-            err("machine_id", "missing".into(), "add `machine_id: my-box` (a-z, 0-9, '_' and '-')")
+            err(
+                "machine_id",
+                "missing".into(),
+                "add `machine_id: my-box` (a-z, 0-9, '_' and '-')",
+            )
         })?;
         validate_machine_id(&machine_id).map_err(|e| {
-            err("machine_id", e.to_string(), "use lowercase letters, digits, '_' and '-', not 'all'")
+            err(
+                "machine_id",
+                e.to_string(),
+                "use lowercase letters, digits, '_' and '-', not 'all'",
+            )
         })?;
         let label = raw.label.clone().unwrap_or_else(|| machine_id.clone());
 
-        let bind_host = get("AGENT_HOST").or(raw.bind_host).unwrap_or_else(|| DEFAULT_BIND_HOST.into());
+        let bind_host = get("AGENT_HOST")
+            .or(raw.bind_host)
+            .unwrap_or_else(|| DEFAULT_BIND_HOST.into());
         let bind_port = match get("AGENT_PORT") {
             Some(p) => p.parse::<u16>().map_err(|_| ConfigError {
                 file: format!("environment ({file})"),
@@ -290,18 +306,32 @@ impl Config {
         let mut ollama = raw.ollama_base_url.clone();
         if get("OLLAMA_HOST").is_some() || get("OLLAMA_PORT").is_some() {
             let host = get("OLLAMA_HOST").unwrap_or_else(|| "127.0.0.1".into());
-            let host = host.trim_start_matches("http://").trim_end_matches('/').to_string();
+            let host = host
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string();
             let port = get("OLLAMA_PORT").unwrap_or_else(|| "11434".into());
-            ollama = Some(if host.contains(':') { format!("http://{host}") } else { format!("http://{host}:{port}") });
+            ollama = Some(if host.contains(':') {
+                format!("http://{host}")
+            } else {
+                format!("http://{host}:{port}")
+            });
         }
         let engine = raw.engine.unwrap_or(EngineKind::Ollama);
         if engine == EngineKind::Ollama && ollama.is_none() {
             ollama = Some(DEFAULT_OLLAMA_URL.into());
         }
-        for (key, url) in [("ollama_base_url", &ollama), ("openai_base_url", &raw.openai_base_url)] {
+        for (key, url) in [
+            ("ollama_base_url", &ollama),
+            ("openai_base_url", &raw.openai_base_url),
+        ] {
             if let Some(u) = url {
                 if !(u.starts_with("http://") || u.starts_with("https://")) {
-                    return Err(err(key, format!("{u:?} is not an http(s) URL"), "write it as http://host:port"));
+                    return Err(err(
+                        key,
+                        format!("{u:?} is not an http(s) URL"),
+                        "write it as http://host:port",
+                    ));
                 }
             }
         }
@@ -314,7 +344,11 @@ impl Config {
         }
         let mock = raw.mock.clone().unwrap_or_default();
         if !(mock.tokens_per_s.is_finite() && mock.tokens_per_s > 0.0) || !(mock.ttft_ms >= 0.0) {
-            return Err(err("mock", "tokens_per_s must be > 0 and ttft_ms >= 0".into(), "e.g. `mock: {tokens_per_s: 50, ttft_ms: 30}`"));
+            return Err(err(
+                "mock",
+                "tokens_per_s must be > 0 and ttft_ms >= 0".into(),
+                "e.g. `mock: {tokens_per_s: 50, ttft_ms: 30}`",
+            ));
         }
 
         let flush_chars = match get("BENCH_STREAM_FLUSH_CHARS") {
@@ -330,15 +364,29 @@ impl Config {
             .or(raw.stream_flush_seconds)
             .unwrap_or(DEFAULT_FLUSH_SECONDS);
         if !(flush_s.is_finite() && flush_s > 0.0 && flush_s <= 10.0) {
-            return Err(err("stream_flush_seconds", format!("{flush_s} is out of range"), "use 0.01..10 (default 0.10)"));
+            return Err(err(
+                "stream_flush_seconds",
+                format!("{flush_s} is out of range"),
+                "use 0.01..10 (default 0.10)",
+            ));
         }
         let heartbeat_s = raw.heartbeat_s.unwrap_or(DEFAULT_HEARTBEAT_S);
         if !(heartbeat_s.is_finite() && (0.1..=60.0).contains(&heartbeat_s)) {
-            return Err(err("heartbeat_s", format!("{heartbeat_s} is out of range"), "use 0.1..60 (default 5)"));
+            return Err(err(
+                "heartbeat_s",
+                format!("{heartbeat_s} is out of range"),
+                "use 0.1..60 (default 5)",
+            ));
         }
-        let idle = raw.engine_idle_timeout_s.unwrap_or(DEFAULT_ENGINE_IDLE_TIMEOUT_S);
+        let idle = raw
+            .engine_idle_timeout_s
+            .unwrap_or(DEFAULT_ENGINE_IDLE_TIMEOUT_S);
         if !(idle.is_finite() && idle > 0.0) {
-            return Err(err("engine_idle_timeout_s", format!("{idle} is out of range"), "use a positive number of seconds"));
+            return Err(err(
+                "engine_idle_timeout_s",
+                format!("{idle} is out of range"),
+                "use a positive number of seconds",
+            ));
         }
 
         let d = JobLimits::default();
@@ -349,7 +397,11 @@ impl Config {
             max_num_ctx: raw.limits.max_num_ctx.unwrap_or(d.max_num_ctx),
         };
         if limits.max_prompt_bytes == 0 || limits.max_tokens == 0 || limits.max_runs == 0 {
-            return Err(err("limits", "limits must be positive".into(), "remove the key to use the default"));
+            return Err(err(
+                "limits",
+                "limits must be positive".into(),
+                "remove the key to use the default",
+            ));
         }
 
         let mut nats = raw.nats.clone();
@@ -365,7 +417,9 @@ impl Config {
             bind_port,
             engine,
             ollama_base_url: ollama.map(|u| u.trim_end_matches('/').to_string()),
-            openai_base_url: raw.openai_base_url.map(|u| u.trim_end_matches('/').trim_end_matches("/v1").to_string()),
+            openai_base_url: raw
+                .openai_base_url
+                .map(|u| u.trim_end_matches('/').trim_end_matches("/v1").to_string()),
             openai_api_key: raw.openai_api_key,
             mock,
             llm_models: raw.llm_models,
@@ -389,7 +443,10 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let env: Env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::parse(yaml, Path::new("agent.yaml"), &env)
     }
 
@@ -402,7 +459,14 @@ mod tests {
         assert_eq!(c.flush_chars, 64);
         let c = parse(
             "machine_id: box1\n",
-            &[("OLLAMA_HOST", "10.0.0.5"), ("OLLAMA_PORT", "1234"), ("AGENT_PORT", "0"), ("BENCH_STREAM_FLUSH_CHARS", "8"), ("BENCH_STREAM_FLUSH_SECONDS", "0.5"), ("NATS_URL", "nats://h:1")],
+            &[
+                ("OLLAMA_HOST", "10.0.0.5"),
+                ("OLLAMA_PORT", "1234"),
+                ("AGENT_PORT", "0"),
+                ("BENCH_STREAM_FLUSH_CHARS", "8"),
+                ("BENCH_STREAM_FLUSH_SECONDS", "0.5"),
+                ("NATS_URL", "nats://h:1"),
+            ],
         )
         .unwrap();
         assert_eq!(c.ollama_base_url.as_deref(), Some("http://10.0.0.5:1234"));
@@ -415,7 +479,11 @@ mod tests {
     fn errors_name_file_key_and_fix() {
         let e = parse("label: x\n", &[]).unwrap_err();
         assert_eq!(e.key, "machine_id");
-        assert!(e.to_string().starts_with("agent.yaml: machine_id: missing. Fix:"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("agent.yaml: machine_id: missing. Fix:"),
+            "{e}"
+        );
         let e = parse("machine_id: Bad.Id\n", &[]).unwrap_err();
         assert_eq!(e.key, "machine_id");
         let e = parse("machine_id: a\nmachine_idd: b\n", &[]).unwrap_err();

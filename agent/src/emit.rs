@@ -18,7 +18,12 @@ pub struct JobCtx {
 impl JobCtx {
     /// A new emitter; the first event gets `seq` 1.
     pub fn new(job_id: String, machine_id: String, publisher: Publisher) -> Self {
-        Self { job_id, machine_id, seq: AtomicU64::new(0), publisher }
+        Self {
+            job_id,
+            machine_id,
+            seq: AtomicU64::new(0),
+            publisher,
+        }
     }
 
     /// Publishes one event.

@@ -18,7 +18,11 @@ pub fn hardware(accelerator: Option<String>) -> Hardware {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let memory_bytes = meminfo
@@ -29,7 +33,9 @@ pub fn hardware(accelerator: Option<String>) -> Hardware {
         .unwrap_or(0);
     Hardware {
         cpu,
-        cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(0),
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(0),
         memory_bytes,
         os: std::env::consts::OS.to_string(),
         arch: std::env::consts::ARCH.to_string(),
@@ -44,9 +50,16 @@ pub async fn info(shared: &Shared) -> AgentInfo {
     AgentInfo {
         machine_id: shared.cfg.machine_id.clone(),
         label: shared.cfg.label.clone(),
-        status: if occ.running.is_some() { AgentStatus::Busy } else { AgentStatus::Idle },
+        status: if occ.running.is_some() {
+            AgentStatus::Busy
+        } else {
+            AgentStatus::Idle
+        },
         engine: backend.kind().to_string(),
-        models: shared.models.offered(&*backend, &shared.cfg.llm_models).await,
+        models: shared
+            .models
+            .offered(&*backend, &shared.cfg.llm_models)
+            .await,
         hardware: shared.hardware.clone(),
         labels: shared.cfg.labels.clone(),
         version: crate::VERSION.to_string(),
@@ -67,7 +80,9 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         if store.is_none() {
             match bench_nats::streams::ensure_agents_bucket(&js, ttl).await {
                 Ok(s) => store = Some(s),
-                Err(e) => tracing::warn!(error = %e, "cannot open the {} bucket; will retry", bench_schemas::subjects::AGENTS_BUCKET),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the {} bucket; will retry", bench_schemas::subjects::AGENTS_BUCKET)
+                }
             }
         }
         if let Some(kv) = &store {

@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 /// The router.
 pub fn app(shared: Arc<Shared>) -> Router {
-    Router::new().route("/health", get(health)).route("/capabilities", get(capabilities)).with_state(shared)
+    Router::new()
+        .route("/health", get(health))
+        .route("/capabilities", get(capabilities))
+        .with_state(shared)
 }
 
 async fn health(State(s): State<Arc<Shared>>) -> Json<Value> {

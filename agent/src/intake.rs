@@ -9,12 +9,19 @@ use crate::queue::{Cancelled as QueueCancelled, Queued};
 use crate::Shared;
 use async_nats::service::Request;
 use bench_schemas::event::{Accepted, Cancelled, Failed};
-use bench_schemas::{subjects, validate_job_id, ErrorBody, ErrorCode, Event, EventKind, Job, JobReply};
+use bench_schemas::{
+    subjects, validate_job_id, ErrorBody, ErrorCode, Event, EventKind, Job, JobReply,
+};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Handles one job message; returns the reply (None when a selector excludes this agent).
-pub async fn handle_job(shared: &Arc<Shared>, subject: &str, reply: Option<&str>, payload: &[u8]) -> Option<JobReply> {
+pub async fn handle_job(
+    shared: &Arc<Shared>,
+    subject: &str,
+    reply: Option<&str>,
+    payload: &[u8],
+) -> Option<JobReply> {
     let machine_id = &shared.cfg.machine_id;
     let broadcast = subjects::is_broadcast(subject);
     let mut job: Job = match serde_json::from_slice(payload) {
@@ -48,7 +55,11 @@ pub async fn handle_job(shared: &Arc<Shared>, subject: &str, reply: Option<&str>
         let usable = validate_job_id(&job_id).is_ok().then_some(job_id.as_str());
         return Some(refuse(shared, usable, e));
     }
-    let ctx = Arc::new(JobCtx::new(job_id.clone(), machine_id.clone(), shared.publisher.clone()));
+    let ctx = Arc::new(JobCtx::new(
+        job_id.clone(),
+        machine_id.clone(),
+        shared.publisher.clone(),
+    ));
     let backend = shared.backend_for(&job).expect("checked");
     let accepted = Accepted {
         job: job.clone(),
@@ -59,10 +70,17 @@ pub async fn handle_job(shared: &Arc<Shared>, subject: &str, reply: Option<&str>
         agent_version: crate::VERSION.to_string(),
     };
     // Emit before queueing so job_accepted is always seq 1, ahead of job_started.
-    let queued = Queued { job, ctx: ctx.clone(), cancel: CancellationToken::new() };
+    let queued = Queued {
+        job,
+        ctx: ctx.clone(),
+        cancel: CancellationToken::new(),
+    };
     match shared.queue.push(queued) {
         Ok(position) => {
-            ctx.emit(EventKind::JobAccepted(Accepted { position, ..accepted }));
+            ctx.emit(EventKind::JobAccepted(Accepted {
+                position,
+                ..accepted
+            }));
             tracing::info!(%job_id, position, "job accepted");
             Some(JobReply::accepted(&job_id, machine_id, position))
         }
@@ -79,7 +97,13 @@ fn derive_job_id(broadcast: bool, reply: Option<&str>) -> String {
             let id: String = r
                 .trim_start_matches("_INBOX.")
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
                 .collect();
             let id = format!("bc-{id}");
             if validate_job_id(&id).is_ok() {
@@ -93,10 +117,16 @@ fn derive_job_id(broadcast: bool, reply: Option<&str>) -> String {
 async fn check(shared: &Shared, job: &Job) -> Result<(), ErrorBody> {
     job.validate(&shared.cfg.limits)?;
     if job.expires_at.is_some_and(|t| t < now_ms()) {
-        return Err(ErrorBody::new(ErrorCode::Expired, "expires_at is in the past"));
+        return Err(ErrorBody::new(
+            ErrorCode::Expired,
+            "expires_at is in the past",
+        ));
     }
     let backend = shared.backend_for(job)?;
-    shared.models.check(&*backend, &shared.cfg.llm_models, &job.model).await
+    shared
+        .models
+        .check(&*backend, &shared.cfg.llm_models, &job.model)
+        .await
 }
 
 fn refuse(shared: &Shared, job_id: Option<&str>, error: ErrorBody) -> JobReply {
@@ -109,11 +139,19 @@ fn refuse(shared: &Shared, job_id: Option<&str>, error: ErrorBody) -> JobReply {
             machine_id: machine_id.clone(),
             seq: 0,
             ts_ms: now_ms(),
-            kind: EventKind::JobError(Failed { error: error.clone(), repeat_index: None }),
+            kind: EventKind::JobError(Failed {
+                error: error.clone(),
+                repeat_index: None,
+            }),
         };
         // Outside the job's sequence: a refusal must not occupy seq 1 of a later, valid
         // submission with the same id.
-        let msg_id = format!("{}.{}.refused.{}", id, machine_id, uuid::Uuid::new_v4().simple());
+        let msg_id = format!(
+            "{}.{}.refused.{}",
+            id,
+            machine_id,
+            uuid::Uuid::new_v4().simple()
+        );
         shared.publisher.send_with_id(&event, msg_id);
     }
     JobReply::rejected(job_id, machine_id, error)
@@ -137,7 +175,10 @@ pub fn handle_cancel(shared: &Shared, subject: &str) {
         QueueCancelled::Running => tracing::info!(%job_id, "cancelling running job"),
         QueueCancelled::Waiting(ctx) => {
             tracing::info!(%job_id, "cancelled waiting job");
-            ctx.emit(EventKind::JobCancelled(Cancelled { repeat_index: None, reason: "cancel requested".into() }));
+            ctx.emit(EventKind::JobCancelled(Cancelled {
+                repeat_index: None,
+                reason: "cancel requested".into(),
+            }));
         }
         QueueCancelled::Unknown => tracing::debug!(%job_id, "cancel for a job not on this agent"),
     }

@@ -64,17 +64,30 @@ impl Shared {
     pub fn backend_for(&self, job: &Job) -> Result<DynBackend, ErrorBody> {
         match &job.backend {
             None => Ok(self.default_backend()),
-            Some(name) => self.backends.iter().find(|b| b.kind() == name).cloned().ok_or_else(|| {
-                let have: Vec<_> = self.backends.iter().map(|b| b.kind()).collect();
-                ErrorBody::new(ErrorCode::UnknownBackend, format!("backend {name:?} is not configured on this agent; it has {have:?}"))
-            }),
+            Some(name) => self
+                .backends
+                .iter()
+                .find(|b| b.kind() == name)
+                .cloned()
+                .ok_or_else(|| {
+                    let have: Vec<_> = self.backends.iter().map(|b| b.kind()).collect();
+                    ErrorBody::new(
+                        ErrorCode::UnknownBackend,
+                        format!(
+                            "backend {name:?} is not configured on this agent; it has {have:?}"
+                        ),
+                    )
+                }),
         }
     }
 }
 
 /// The backends a config asks for, default first. Mock only when configured explicitly.
 pub fn backends_from_config(cfg: &Config) -> Vec<DynBackend> {
-    let ollama = cfg.ollama_base_url.as_ref().map(|u| Arc::new(Ollama::new(u.clone())) as DynBackend);
+    let ollama = cfg
+        .ollama_base_url
+        .as_ref()
+        .map(|u| Arc::new(Ollama::new(u.clone())) as DynBackend);
     let openai = cfg
         .openai_base_url
         .as_ref()
@@ -108,7 +121,11 @@ impl AgentHandle {
 }
 
 /// Starts an agent on `client`: subscriptions are live when this returns.
-pub async fn start(cfg: Config, client: async_nats::Client, shutdown: CancellationToken) -> anyhow::Result<AgentHandle> {
+pub async fn start(
+    cfg: Config,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+) -> anyhow::Result<AgentHandle> {
     let machine_id = cfg.machine_id.clone();
     let backends = backends_from_config(&cfg);
     let (publisher, publisher_task) = publisher::Publisher::spawn(client.clone());
@@ -116,10 +133,20 @@ pub async fn start(cfg: Config, client: async_nats::Client, shutdown: Cancellati
     // The stream is normally central's; creating it here too means events are kept even when
     // central has never run. Best effort: a server without JetStream still gets live events.
     let js = async_nats::jetstream::new(client.clone());
-    match tokio::time::timeout(Duration::from_secs(5), bench_nats::streams::open_or_create_events_stream(&js, &Default::default())).await {
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        bench_nats::streams::open_or_create_events_stream(&js, &Default::default()),
+    )
+    .await
+    {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "could not create the {} stream", subjects::EVENTS_STREAM),
-        Err(_) => tracing::warn!("NATS not answering yet; the {} stream is not checked", subjects::EVENTS_STREAM),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not create the {} stream", subjects::EVENTS_STREAM)
+        }
+        Err(_) => tracing::warn!(
+            "NATS not answering yet; the {} stream is not checked",
+            subjects::EVENTS_STREAM
+        ),
     }
 
     let shared = Arc::new(Shared {
@@ -158,7 +185,10 @@ pub async fn start(cfg: Config, client: async_nats::Client, shutdown: Cancellati
         .add(subjects::JOBS_ALL)
         .await
         .map_err(|e| anyhow::anyhow!("subscribing to {}: {e}", subjects::JOBS_ALL))?;
-    let cancels = client.subscribe(subjects::CANCEL_ALL).await.context("subscribing to cancels")?;
+    let cancels = client
+        .subscribe(subjects::CANCEL_ALL)
+        .await
+        .context("subscribing to cancels")?;
     // With retry_on_initial_connect the client may still be dialling: give it a moment so that,
     // once this returns, the server has our subscriptions (it gets them on connect regardless).
     if !bench_nats::wait_connected(&client, Duration::from_secs(10)).await {
@@ -166,9 +196,17 @@ pub async fn start(cfg: Config, client: async_nats::Client, shutdown: Cancellati
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
 
-    let listener = tokio::net::TcpListener::bind((shared.cfg.bind_host.as_str(), shared.cfg.bind_port))
-        .await
-        .with_context(|| format!("binding the local HTTP port {}:{} (bind_host/bind_port, AGENT_HOST/AGENT_PORT)", shared.cfg.bind_host, shared.cfg.bind_port))?;
+    let listener = tokio::net::TcpListener::bind((
+        shared.cfg.bind_host.as_str(),
+        shared.cfg.bind_port,
+    ))
+    .await
+    .with_context(|| {
+        format!(
+            "binding the local HTTP port {}:{} (bind_host/bind_port, AGENT_HOST/AGENT_PORT)",
+            shared.cfg.bind_host, shared.cfg.bind_port
+        )
+    })?;
     let http_addr = listener.local_addr()?;
 
     let worker = tokio::spawn(runner::worker(shared.clone(), shutdown.clone()));
@@ -177,7 +215,9 @@ pub async fn start(cfg: Config, client: async_nats::Client, shutdown: Cancellati
         let app = http::app(shared.clone());
         let token = shutdown.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
         })
     };
     let intake_shared = shared.clone();
@@ -209,10 +249,12 @@ pub async fn start(cfg: Config, client: async_nats::Client, shutdown: Cancellati
         tracing::info!("shutting down");
         let _ = intake.await;
         for ctx in shared_for_join.queue.drain() {
-            ctx.emit(bench_schemas::EventKind::JobCancelled(bench_schemas::event::Cancelled {
-                repeat_index: None,
-                reason: "agent shutting down".into(),
-            }));
+            ctx.emit(bench_schemas::EventKind::JobCancelled(
+                bench_schemas::event::Cancelled {
+                    repeat_index: None,
+                    reason: "agent shutting down".into(),
+                },
+            ));
         }
         let _ = worker.await;
         let _ = beat.await;
@@ -223,7 +265,11 @@ pub async fn start(cfg: Config, client: async_nats::Client, shutdown: Cancellati
         let _ = tokio::time::timeout(Duration::from_secs(10), publisher_task).await;
         let _ = client.drain().await;
     });
-    Ok(AgentHandle { http_addr, shared, join })
+    Ok(AgentHandle {
+        http_addr,
+        shared,
+        join,
+    })
 }
 
 /// Connects to NATS with the config's settings and runs until `shutdown`.

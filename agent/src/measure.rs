@@ -20,19 +20,33 @@ impl Measure {
     }
 
     /// The metrics of the run. `total_ms` is when the engine's final message arrived.
-    pub fn finish(&self, repeat_index: u32, warmup: bool, total_ms: f64, report: &EngineReport) -> Metrics {
+    pub fn finish(
+        &self,
+        repeat_index: u32,
+        warmup: bool,
+        total_ms: f64,
+        report: &EngineReport,
+    ) -> Metrics {
         let n_chunks = self.chunks.len() as u64;
-        let (gen_tokens, source) = report.gen_tokens.unwrap_or((n_chunks, TokenCountSource::ChunkCount));
+        let (gen_tokens, source) = report
+            .gen_tokens
+            .unwrap_or((n_chunks, TokenCountSource::ChunkCount));
         let t_first = self.chunks.first().map(|c| c.0);
         let t_last = self.chunks.last().map(|c| c.0);
         // With nothing generated there is no first token: TTFT is the whole request.
         let ttft_ms = t_first.unwrap_or(total_ms);
         let gen_tokens_per_s = match (t_first, t_last) {
-            (Some(a), Some(b)) if gen_tokens >= 2 && b > a => Some((gen_tokens - 1) as f64 / ((b - a) / 1000.0)),
+            (Some(a), Some(b)) if gen_tokens >= 2 && b > a => {
+                Some((gen_tokens - 1) as f64 / ((b - a) / 1000.0))
+            }
             _ => None,
         };
         // Chunks that carry no count get the run's average tokens per chunk.
-        let avg = if n_chunks > 0 { (gen_tokens as f64 / n_chunks as f64).max(f64::MIN_POSITIVE) } else { 1.0 };
+        let avg = if n_chunks > 0 {
+            (gen_tokens as f64 / n_chunks as f64).max(f64::MIN_POSITIVE)
+        } else {
+            1.0
+        };
         let gaps: Vec<f64> = self
             .chunks
             .windows(2)
@@ -100,7 +114,10 @@ mod tests {
         let mut m = Measure::default();
         m.chunk(5.0, "x", None);
         let x = m.finish(1, true, 9.0, &EngineReport::default());
-        assert_eq!((x.gen_tokens, x.token_count_source), (1, TokenCountSource::ChunkCount));
+        assert_eq!(
+            (x.gen_tokens, x.token_count_source),
+            (1, TokenCountSource::ChunkCount)
+        );
         assert_eq!(x.gen_tokens_per_s, None);
         assert!(x.warmup);
         let empty = Measure::default().finish(0, false, 9.0, &EngineReport::default());

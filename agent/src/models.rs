@@ -18,7 +18,11 @@ pub struct ModelCatalog {
 
 impl ModelCatalog {
     /// The engine's list, from cache when fresh (`force` refetches).
-    pub async fn engine_models(&self, backend: &dyn Backend, force: bool) -> Result<Vec<String>, ErrorBody> {
+    pub async fn engine_models(
+        &self,
+        backend: &dyn Backend,
+        force: bool,
+    ) -> Result<Vec<String>, ErrorBody> {
         if !force {
             if let Some((at, list)) = self.cache.lock().expect("lock").get(backend.kind()) {
                 if at.elapsed() < FRESH {
@@ -27,7 +31,10 @@ impl ModelCatalog {
             }
         }
         let list = backend.list_models().await?;
-        self.cache.lock().expect("lock").insert(backend.kind(), (Instant::now(), list.clone()));
+        self.cache
+            .lock()
+            .expect("lock")
+            .insert(backend.kind(), (Instant::now(), list.clone()));
         Ok(list)
     }
 
@@ -46,7 +53,12 @@ impl ModelCatalog {
 
     /// Ok when the model is offered, or when nothing can be known (no list configured and the
     /// engine unreachable: the run will then fail with `engine_unreachable`).
-    pub async fn check(&self, backend: &dyn Backend, configured: &[String], model: &str) -> Result<(), ErrorBody> {
+    pub async fn check(
+        &self,
+        backend: &dyn Backend,
+        configured: &[String],
+        model: &str,
+    ) -> Result<(), ErrorBody> {
         if configured.iter().any(|c| backend.same_model(model, c)) {
             return Ok(());
         }

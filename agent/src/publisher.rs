@@ -11,7 +11,10 @@ use tokio::sync::mpsc;
 
 /// Wall-clock Unix ms (for `ts_ms` and expiry; never for metrics).
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 struct Outgoing {
@@ -39,7 +42,10 @@ impl Publisher {
 
     /// Queues an event.
     pub fn send(&self, event: &Event) {
-        self.send_with_id(event, subjects::msg_id(&event.job_id, &event.machine_id, event.seq));
+        self.send_with_id(
+            event,
+            subjects::msg_id(&event.job_id, &event.machine_id, event.seq),
+        );
     }
 
     /// Queues an event with an explicit message id (refusals, which are not part of a job's
@@ -52,7 +58,11 @@ impl Publisher {
                 return;
             }
         };
-        let out = Outgoing { subject: subjects::events(&event.job_id), msg_id, payload };
+        let out = Outgoing {
+            subject: subjects::events(&event.job_id),
+            msg_id,
+            payload,
+        };
         if self.tx.send(out).is_err() {
             tracing::warn!(job_id = %event.job_id, "publisher stopped; event dropped");
         }
@@ -70,7 +80,10 @@ async fn run(client: async_nats::Client, mut rx: mpsc::UnboundedReceiver<Outgoin
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(50);
         loop {
-            let res = match js.publish_with_headers(out.subject.clone(), headers.clone(), out.payload.clone()).await {
+            let res = match js
+                .publish_with_headers(out.subject.clone(), headers.clone(), out.payload.clone())
+                .await
+            {
                 Ok(ack) => ack.await.map(|_| ()),
                 Err(e) => Err(e),
             };
@@ -79,14 +92,27 @@ async fn run(client: async_nats::Client, mut rx: mpsc::UnboundedReceiver<Outgoin
                 Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
                     // No stream (nobody created BENCH_EVENTS): live subscribers still get it.
                     if !warned {
-                        tracing::warn!("no JetStream stream on {}; events are not stored", subjects::EVENTS_ALL);
+                        tracing::warn!(
+                            "no JetStream stream on {}; events are not stored",
+                            subjects::EVENTS_ALL
+                        );
                         warned = true;
                     }
-                    if client.publish_with_headers(out.subject.clone(), headers.clone(), out.payload.clone()).await.is_ok() {
+                    if client
+                        .publish_with_headers(
+                            out.subject.clone(),
+                            headers.clone(),
+                            out.payload.clone(),
+                        )
+                        .await
+                        .is_ok()
+                    {
                         break;
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, msg_id = %out.msg_id, "event not acknowledged; retrying"),
+                Err(e) => {
+                    tracing::debug!(error = %e, msg_id = %out.msg_id, "event not acknowledged; retrying")
+                }
             }
             if started.elapsed() > GIVE_UP_AFTER {
                 tracing::error!(msg_id = %out.msg_id, "event dropped after {GIVE_UP_AFTER:?} of retries");

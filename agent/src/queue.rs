@@ -84,12 +84,18 @@ impl JobQueue {
         let id = q.job.job_id.clone().unwrap_or_default();
         let mut inner = self.inner.lock().expect("queue lock");
         if inner.ids.contains(&id) {
-            return Err(ErrorBody::new(ErrorCode::DuplicateJob, format!("job {id} is already queued or running here")));
+            return Err(ErrorBody::new(
+                ErrorCode::DuplicateJob,
+                format!("job {id} is already queued or running here"),
+            ));
         }
         if inner.waiting.len() >= self.max_waiting {
             return Err(ErrorBody::new(
                 ErrorCode::QueueFull,
-                format!("{} jobs are already waiting (agent config limits.max_queue)", inner.waiting.len()),
+                format!(
+                    "{} jobs are already waiting (agent config limits.max_queue)",
+                    inner.waiting.len()
+                ),
             ));
         }
         let position = inner.waiting.len() as u32 + u32::from(inner.running.is_some());
@@ -137,7 +143,11 @@ impl JobQueue {
                 return Cancelled::Running;
             }
         }
-        if let Some(i) = inner.waiting.iter().position(|q| q.job.job_id.as_deref() == Some(job_id)) {
+        if let Some(i) = inner
+            .waiting
+            .iter()
+            .position(|q| q.job.job_id.as_deref() == Some(job_id))
+        {
             let q = inner.waiting.remove(i).expect("index");
             inner.ids.remove(job_id);
             self.publish(&inner);

@@ -39,7 +39,10 @@ async fn run_job(shared: &Shared, job: &Job, ctx: &JobCtx, cancel: &Cancellation
     let backend = shared.backend_for(job).expect("backend checked at intake");
     if job.expires_at.is_some_and(|t| t < now_ms()) {
         ctx.emit(EventKind::JobError(Failed {
-            error: ErrorBody::new(ErrorCode::Expired, "the job expired while it waited in the queue"),
+            error: ErrorBody::new(
+                ErrorCode::Expired,
+                "the job expired while it waited in the queue",
+            ),
             repeat_index: None,
         }));
         return;
@@ -60,7 +63,10 @@ async fn run_job(shared: &Shared, job: &Job, ctx: &JobCtx, cancel: &Cancellation
     let mut last_output = String::new();
     for index in 0..job.warmup + job.repeat {
         let warmup = index < job.warmup;
-        ctx.emit(EventKind::JobStarted(Started { repeat_index: index, warmup }));
+        ctx.emit(EventKind::JobStarted(Started {
+            repeat_index: index,
+            warmup,
+        }));
         match run_once(shared, &*backend, job, ctx, cancel, index, warmup).await {
             Ok((metrics, output)) => {
                 ctx.emit(EventKind::RepeatDone(metrics.clone()));
@@ -70,19 +76,28 @@ async fn run_job(shared: &Shared, job: &Job, ctx: &JobCtx, cancel: &Cancellation
                 }
             }
             Err(Stop::Cancelled(reason)) => {
-                ctx.emit(EventKind::JobCancelled(Cancelled { repeat_index: Some(index), reason }));
+                ctx.emit(EventKind::JobCancelled(Cancelled {
+                    repeat_index: Some(index),
+                    reason,
+                }));
                 return;
             }
             Err(Stop::Failed(error)) => {
                 tracing::warn!(job_id = %ctx.job_id, code = %error.code, message = %error.message, "job failed");
-                ctx.emit(EventKind::JobError(Failed { error, repeat_index: Some(index) }));
+                ctx.emit(EventKind::JobError(Failed {
+                    error,
+                    repeat_index: Some(index),
+                }));
                 return;
             }
         }
     }
     let summary = Summary::of(&runs);
     let median = |s: Option<bench_schemas::Stats>| s.map(|s| s.median);
-    let source = runs.last().map(|m| m.token_count_source).expect("at least one run");
+    let source = runs
+        .last()
+        .map(|m| m.token_count_source)
+        .expect("at least one run");
     ctx.emit(EventKind::JobDone(Done {
         model: job.model.clone(),
         engine: backend.kind().to_string(),
@@ -144,7 +159,12 @@ async fn run_once(
     };
     let mut measure = Measure::default();
     let mut output = String::new();
-    let mut batch = Batch { text: String::new(), tokens: Some(0), t_ms: 0.0, flush_at: None };
+    let mut batch = Batch {
+        text: String::new(),
+        tokens: Some(0),
+        t_ms: 0.0,
+        flush_at: None,
+    };
     let report = loop {
         let flush_at = batch.flush_at;
         tokio::select! {

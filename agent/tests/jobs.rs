@@ -13,21 +13,45 @@ const MOCK: &str = "engine: mock\nmock: {tokens_per_s: 400, ttft_ms: 5}\nllm_mod
 #[tokio::test]
 async fn mock_job_lifecycle_and_summary() {
     let nats = NatsServer::start();
-    let _agent = start_agent(config(&format!("machine_id: m1\n{MOCK}"), &nats.url()), &nats.url()).await;
+    let _agent = start_agent(
+        config(&format!("machine_id: m1\n{MOCK}"), &nats.url()),
+        &nats.url(),
+    )
+    .await;
     let c = client(&nats.url()).await;
     let mut ev = Events::watch(&c, "job-1").await;
-    let reply = request(&c, subjects::jobs("m1"), job_json("mock-7b", json!({"job_id": "job-1", "repeat": 3, "warmup": 1, "max_tokens": 8}))).await;
+    let reply = request(
+        &c,
+        subjects::jobs("m1"),
+        job_json(
+            "mock-7b",
+            json!({"job_id": "job-1", "repeat": 3, "warmup": 1, "max_tokens": 8}),
+        ),
+    )
+    .await;
     assert!(reply.accepted, "{reply:?}");
-    assert_eq!((reply.job_id.as_deref(), reply.position), (Some("job-1"), Some(0)));
+    assert_eq!(
+        (reply.job_id.as_deref(), reply.position),
+        (Some("job-1"), Some(0))
+    );
     let done = ev.terminal("m1").await;
-    let EventKind::JobDone(d) = &done.kind else { panic!("{:?}", ev.types()) };
+    let EventKind::JobDone(d) = &done.kind else {
+        panic!("{:?}", ev.types())
+    };
     assert_eq!(d.engine, "mock");
     assert_eq!(d.repeats.len(), 4);
     assert_eq!(d.repeats.iter().filter(|m| m.warmup).count(), 1);
     assert_eq!(d.summary.repeats, 3);
-    assert!(d.repeats.iter().all(|m| m.gen_tokens == 8 && m.token_count_source == TokenCountSource::Mock));
+    assert!(d
+        .repeats
+        .iter()
+        .all(|m| m.gen_tokens == 8 && m.token_count_source == TokenCountSource::Mock));
     assert!(d.repeats.iter().all(|m| m.ttft_ms < m.total_ms));
-    assert_eq!(d.output_text, ev.text(3), "job_done output is the last measured repeat's streamed text");
+    assert_eq!(
+        d.output_text,
+        ev.text(3),
+        "job_done output is the last measured repeat's streamed text"
+    );
     // Sequence: 1..n, no gap, accepted first.
     let seqs: Vec<u64> = ev.seen.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
@@ -41,32 +65,99 @@ async fn mock_job_lifecycle_and_summary() {
         })
         .collect();
     assert_eq!(starts, vec![(0, true), (1, false), (2, false), (3, false)]);
-    assert_eq!(ev.types().iter().filter(|t| **t == "repeat_done").count(), 4);
+    assert_eq!(
+        ev.types().iter().filter(|t| **t == "repeat_done").count(),
+        4
+    );
 }
 
 #[tokio::test]
 async fn bad_input_is_refused_with_codes_and_the_agent_keeps_serving() {
     let nats = NatsServer::start();
-    let _agent = start_agent(config(&format!("machine_id: m2\n{MOCK}"), &nats.url()), &nats.url()).await;
+    let _agent = start_agent(
+        config(&format!("machine_id: m2\n{MOCK}"), &nats.url()),
+        &nats.url(),
+    )
+    .await;
     let c = client(&nats.url()).await;
     let subject = subjects::jobs("m2");
     let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
         ("malformed json", b"{not json".to_vec(), ErrorCode::BadJson),
-        ("unknown field", job_json("mock-7b", json!({"max_token": 5})), ErrorCode::BadJson),
-        ("wrong type", job_json("mock-7b", json!({"max_tokens": "many"})), ErrorCode::BadJson),
-        ("unknown test_type", job_json("mock-7b", json!({"test_type": "whisper"})), ErrorCode::UnknownTestType),
-        ("missing model", serde_json::to_vec(&json!({"prompt": "hi"})).unwrap(), ErrorCode::MissingModel),
-        ("unknown model", job_json("llama-9000", json!({})), ErrorCode::ModelNotFound),
-        ("max_tokens 0", job_json("mock-7b", json!({"max_tokens": 0})), ErrorCode::InvalidMaxTokens),
-        ("max_tokens absurd", job_json("mock-7b", json!({"max_tokens": 10_000_000})), ErrorCode::InvalidMaxTokens),
-        ("id with dot", job_json("mock-7b", json!({"job_id": "a.b"})), ErrorCode::InvalidId),
-        ("id with star", job_json("mock-7b", json!({"job_id": "a*"})), ErrorCode::InvalidId),
-        ("id with gt", job_json("mock-7b", json!({"job_id": "a>"})), ErrorCode::InvalidId),
-        ("id with space", job_json("mock-7b", json!({"job_id": "a b"})), ErrorCode::InvalidId),
-        ("prompt over limit", job_json("mock-7b", json!({"prompt": "x".repeat(1001)})), ErrorCode::PromptTooLarge),
-        ("empty prompt", job_json("mock-7b", json!({"prompt": ""})), ErrorCode::InvalidJob),
-        ("unknown backend", job_json("mock-7b", json!({"backend": "vllm"})), ErrorCode::UnknownBackend),
-        ("expired", job_json("mock-7b", json!({"expires_at": 1})), ErrorCode::Expired),
+        (
+            "unknown field",
+            job_json("mock-7b", json!({"max_token": 5})),
+            ErrorCode::BadJson,
+        ),
+        (
+            "wrong type",
+            job_json("mock-7b", json!({"max_tokens": "many"})),
+            ErrorCode::BadJson,
+        ),
+        (
+            "unknown test_type",
+            job_json("mock-7b", json!({"test_type": "whisper"})),
+            ErrorCode::UnknownTestType,
+        ),
+        (
+            "missing model",
+            serde_json::to_vec(&json!({"prompt": "hi"})).unwrap(),
+            ErrorCode::MissingModel,
+        ),
+        (
+            "unknown model",
+            job_json("llama-9000", json!({})),
+            ErrorCode::ModelNotFound,
+        ),
+        (
+            "max_tokens 0",
+            job_json("mock-7b", json!({"max_tokens": 0})),
+            ErrorCode::InvalidMaxTokens,
+        ),
+        (
+            "max_tokens absurd",
+            job_json("mock-7b", json!({"max_tokens": 10_000_000})),
+            ErrorCode::InvalidMaxTokens,
+        ),
+        (
+            "id with dot",
+            job_json("mock-7b", json!({"job_id": "a.b"})),
+            ErrorCode::InvalidId,
+        ),
+        (
+            "id with star",
+            job_json("mock-7b", json!({"job_id": "a*"})),
+            ErrorCode::InvalidId,
+        ),
+        (
+            "id with gt",
+            job_json("mock-7b", json!({"job_id": "a>"})),
+            ErrorCode::InvalidId,
+        ),
+        (
+            "id with space",
+            job_json("mock-7b", json!({"job_id": "a b"})),
+            ErrorCode::InvalidId,
+        ),
+        (
+            "prompt over limit",
+            job_json("mock-7b", json!({"prompt": "x".repeat(1001)})),
+            ErrorCode::PromptTooLarge,
+        ),
+        (
+            "empty prompt",
+            job_json("mock-7b", json!({"prompt": ""})),
+            ErrorCode::InvalidJob,
+        ),
+        (
+            "unknown backend",
+            job_json("mock-7b", json!({"backend": "vllm"})),
+            ErrorCode::UnknownBackend,
+        ),
+        (
+            "expired",
+            job_json("mock-7b", json!({"expires_at": 1})),
+            ErrorCode::Expired,
+        ),
     ];
     for (what, body, code) in cases {
         let r = request(&c, subject.clone(), body).await;
@@ -78,7 +169,12 @@ async fn bad_input_is_refused_with_codes_and_the_agent_keeps_serving() {
     }
     // A refusal of a job with a usable id is also an event for `nats sub` watchers.
     let mut ev = Events::watch(&c, "bad-1").await;
-    let r = request(&c, subject.clone(), job_json("mock-7b", json!({"job_id": "bad-1", "max_tokens": 0}))).await;
+    let r = request(
+        &c,
+        subject.clone(),
+        job_json("mock-7b", json!({"job_id": "bad-1", "max_tokens": 0})),
+    )
+    .await;
     assert!(!r.accepted);
     let e = ev.next().await;
     match e.kind {
@@ -87,29 +183,67 @@ async fn bad_input_is_refused_with_codes_and_the_agent_keeps_serving() {
     }
     // ... and the agent still serves the next job.
     let mut ev = Events::watch(&c, "good-1").await;
-    let r = request(&c, subject, job_json("mock-7b", json!({"job_id": "good-1"}))).await;
+    let r = request(
+        &c,
+        subject,
+        job_json("mock-7b", json!({"job_id": "good-1"})),
+    )
+    .await;
     assert!(r.accepted, "{r:?}");
-    assert!(matches!(ev.terminal("m2").await.kind, EventKind::JobDone(_)));
+    assert!(matches!(
+        ev.terminal("m2").await.kind,
+        EventKind::JobDone(_)
+    ));
 }
 
 #[tokio::test]
 async fn queue_in_order_and_cancel_running_and_waiting() {
     let nats = NatsServer::start();
     let slow = "engine: mock\nmock: {tokens_per_s: 20, ttft_ms: 5}\nllm_models: [mock-7b]\n";
-    let _agent = start_agent(config(&format!("machine_id: m3\n{slow}"), &nats.url()), &nats.url()).await;
+    let _agent = start_agent(
+        config(&format!("machine_id: m3\n{slow}"), &nats.url()),
+        &nats.url(),
+    )
+    .await;
     let c = client(&nats.url()).await;
     let mut a = Events::watch(&c, "q-a").await;
     let mut b = Events::watch(&c, "q-b").await;
     let mut d = Events::watch(&c, "q-c").await;
-    let ra = request(&c, subjects::jobs("m3"), job_json("mock-7b", json!({"job_id": "q-a", "max_tokens": 2000}))).await;
-    let rb = request(&c, subjects::jobs("m3"), job_json("mock-7b", json!({"job_id": "q-b", "max_tokens": 2000}))).await;
-    let rc = request(&c, subjects::jobs("m3"), job_json("mock-7b", json!({"job_id": "q-c", "max_tokens": 3}))).await;
-    assert_eq!((ra.position, rb.position, rc.position), (Some(0), Some(1), Some(2)));
-    let dup = request(&c, subjects::jobs("m3"), job_json("mock-7b", json!({"job_id": "q-b"}))).await;
+    let ra = request(
+        &c,
+        subjects::jobs("m3"),
+        job_json("mock-7b", json!({"job_id": "q-a", "max_tokens": 2000})),
+    )
+    .await;
+    let rb = request(
+        &c,
+        subjects::jobs("m3"),
+        job_json("mock-7b", json!({"job_id": "q-b", "max_tokens": 2000})),
+    )
+    .await;
+    let rc = request(
+        &c,
+        subjects::jobs("m3"),
+        job_json("mock-7b", json!({"job_id": "q-c", "max_tokens": 3})),
+    )
+    .await;
+    assert_eq!(
+        (ra.position, rb.position, rc.position),
+        (Some(0), Some(1), Some(2))
+    );
+    let dup = request(
+        &c,
+        subjects::jobs("m3"),
+        job_json("mock-7b", json!({"job_id": "q-b"})),
+    )
+    .await;
     assert_eq!(dup.error.map(|e| e.code), Some(ErrorCode::DuplicateJob));
     // Cancel the waiting one first, then the running one once it streams.
     c.publish(subjects::cancel("q-b"), "".into()).await.unwrap();
-    assert!(matches!(b.terminal("m3").await.kind, EventKind::JobCancelled(_)));
+    assert!(matches!(
+        b.terminal("m3").await.kind,
+        EventKind::JobCancelled(_)
+    ));
     a.until(|e| matches!(e.kind, EventKind::LlmToken(_))).await;
     c.publish(subjects::cancel("q-a"), "".into()).await.unwrap();
     match a.terminal("m3").await.kind {
@@ -118,14 +252,20 @@ async fn queue_in_order_and_cancel_running_and_waiting() {
     }
     // The third runs to completion after both.
     assert!(matches!(d.terminal("m3").await.kind, EventKind::JobDone(_)));
-    assert!(!b.types().contains(&"job_started"), "a cancelled waiting job never starts");
+    assert!(
+        !b.types().contains(&"job_started"),
+        "a cancelled waiting job never starts"
+    );
 }
 
 #[tokio::test]
 async fn publish_without_reply_or_id_runs_and_discovery_and_http() {
     let nats = NatsServer::start();
     let mut agent = start_agent(
-        config(&format!("machine_id: m4\nlabel: Box Four\nlabels: {{accelerator: none}}\n{MOCK}"), &nats.url()),
+        config(
+            &format!("machine_id: m4\nlabel: Box Four\nlabels: {{accelerator: none}}\n{MOCK}"),
+            &nats.url(),
+        ),
         &nats.url(),
     )
     .await;
@@ -134,7 +274,9 @@ async fn publish_without_reply_or_id_runs_and_discovery_and_http() {
     // job_accepted.
     let mut all = c.subscribe(subjects::EVENTS_ALL).await.unwrap();
     c.flush().await.unwrap();
-    c.publish(subjects::jobs("m4"), job_json("mock-7b", json!({})).into()).await.unwrap();
+    c.publish(subjects::jobs("m4"), job_json("mock-7b", json!({})).into())
+        .await
+        .unwrap();
     let mut job_id = None;
     loop {
         let msg = within("events", WAIT, all.next()).await.unwrap();
@@ -165,23 +307,61 @@ async fn publish_without_reply_or_id_runs_and_discovery_and_http() {
     })
     .await;
     let info: AgentInfo = serde_json::from_slice(&entry).unwrap();
-    assert_eq!((info.machine_id.as_str(), info.label.as_str(), info.engine.as_str()), ("m4", "Box Four", "mock"));
+    assert_eq!(
+        (
+            info.machine_id.as_str(),
+            info.label.as_str(),
+            info.engine.as_str()
+        ),
+        ("m4", "Box Four", "mock")
+    );
     assert_eq!(info.models, vec!["mock-7b"]);
     assert!(matches!(info.status, AgentStatus::Idle | AgentStatus::Busy));
 
     // Micro service: what `nats micro ls bench-agent` asks.
-    let msg = within("micro info", WAIT, c.request(format!("$SRV.INFO.{}", subjects::SERVICE_NAME), "".into())).await.unwrap();
+    let msg = within(
+        "micro info",
+        WAIT,
+        c.request(format!("$SRV.INFO.{}", subjects::SERVICE_NAME), "".into()),
+    )
+    .await
+    .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(v["name"], subjects::SERVICE_NAME);
     assert_eq!(v["metadata"]["machine_id"], "m4");
-    let subjects_listed: Vec<&str> = v["endpoints"].as_array().unwrap().iter().filter_map(|e| e["subject"].as_str()).collect();
-    assert!(subjects_listed.contains(&"bench.jobs.m4") && subjects_listed.contains(&subjects::JOBS_ALL), "{v}");
+    let subjects_listed: Vec<&str> = v["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["subject"].as_str())
+        .collect();
+    assert!(
+        subjects_listed.contains(&"bench.jobs.m4") && subjects_listed.contains(&subjects::JOBS_ALL),
+        "{v}"
+    );
 
     // Local HTTP.
     let http = reqwest::Client::new();
-    let health: serde_json::Value = http.get(format!("http://{}/health", agent.http())).send().await.unwrap().json().await.unwrap();
-    assert_eq!((health["ok"].as_bool(), health["machine_id"].as_str()), (Some(true), Some("m4")));
-    let caps: serde_json::Value = http.get(format!("http://{}/capabilities", agent.http())).send().await.unwrap().json().await.unwrap();
+    let health: serde_json::Value = http
+        .get(format!("http://{}/health", agent.http()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (health["ok"].as_bool(), health["machine_id"].as_str()),
+        (Some(true), Some("m4"))
+    );
+    let caps: serde_json::Value = http
+        .get(format!("http://{}/capabilities", agent.http()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(caps["tests"], json!(["llm_generate"]));
     assert_eq!(caps["llm_models"], json!(["mock-7b"]));
 
@@ -193,22 +373,51 @@ async fn publish_without_reply_or_id_runs_and_discovery_and_http() {
 #[tokio::test]
 async fn broadcast_with_selector_and_shared_job_id() {
     let nats = NatsServer::start();
-    let _a = start_agent(config(&format!("machine_id: ga\nlabels: {{accelerator: nvidia}}\n{MOCK}"), &nats.url()), &nats.url()).await;
-    let _b = start_agent(config(&format!("machine_id: gb\nlabels: {{accelerator: apple}}\n{MOCK}"), &nats.url()), &nats.url()).await;
+    let _a = start_agent(
+        config(
+            &format!("machine_id: ga\nlabels: {{accelerator: nvidia}}\n{MOCK}"),
+            &nats.url(),
+        ),
+        &nats.url(),
+    )
+    .await;
+    let _b = start_agent(
+        config(
+            &format!("machine_id: gb\nlabels: {{accelerator: apple}}\n{MOCK}"),
+            &nats.url(),
+        ),
+        &nats.url(),
+    )
+    .await;
     let c = client(&nats.url()).await;
     let mut ev = Events::watch(&c, "bc-1").await;
     // Both agents answer a broadcast; the selector leaves only ga.
-    c.publish(subjects::JOBS_ALL, job_json("mock-7b", json!({"job_id": "bc-1", "selector": {"accelerator": "nvidia"}})).into())
-        .await
-        .unwrap();
+    c.publish(
+        subjects::JOBS_ALL,
+        job_json(
+            "mock-7b",
+            json!({"job_id": "bc-1", "selector": {"accelerator": "nvidia"}}),
+        )
+        .into(),
+    )
+    .await
+    .unwrap();
     let done = ev.terminal("ga").await;
     assert!(matches!(done.kind, EventKind::JobDone(_)));
     let mut ev2 = Events::watch(&c, "bc-2").await;
-    c.publish(subjects::JOBS_ALL, job_json("mock-7b", json!({"job_id": "bc-2"})).into()).await.unwrap();
+    c.publish(
+        subjects::JOBS_ALL,
+        job_json("mock-7b", json!({"job_id": "bc-2"})).into(),
+    )
+    .await
+    .unwrap();
     let first = ev2.until(|e| e.kind.is_terminal()).await;
     let other = if first.machine_id == "ga" { "gb" } else { "ga" };
     ev2.terminal(other).await;
-    assert!(ev.seen.iter().all(|e| e.machine_id == "ga"), "gb stayed silent for the nvidia selector");
+    assert!(
+        ev.seen.iter().all(|e| e.machine_id == "ga"),
+        "gb stayed silent for the nvidia selector"
+    );
 }
 
 fn uuid_like(s: &str) -> bool {
@@ -220,11 +429,24 @@ fn bad_config_fails_at_start_naming_file_key_and_fix() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.yaml");
     std::fs::write(&path, "machine_id: Not.Valid\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench-agent")).arg("--config").arg(&path).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench-agent"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&path.display().to_string()) && err.contains("machine_id") && err.contains("Fix:"), "{err}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench-agent")).arg("--config").arg(dir.path().join("missing.yaml")).output().unwrap();
+    assert!(
+        err.contains(&path.display().to_string())
+            && err.contains("machine_id")
+            && err.contains("Fix:"),
+        "{err}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench-agent"))
+        .arg("--config")
+        .arg(dir.path().join("missing.yaml"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml"));
 }
@@ -232,12 +454,23 @@ fn bad_config_fails_at_start_naming_file_key_and_fix() {
 #[tokio::test]
 async fn start_together_waits_for_the_shared_start_time() {
     let nats = NatsServer::start();
-    let _a = start_agent(config(&format!("machine_id: ta\n{MOCK}"), &nats.url()), &nats.url()).await;
-    let _b = start_agent(config(&format!("machine_id: tb\n{MOCK}"), &nats.url()), &nats.url()).await;
+    let _a = start_agent(
+        config(&format!("machine_id: ta\n{MOCK}"), &nats.url()),
+        &nats.url(),
+    )
+    .await;
+    let _b = start_agent(
+        config(&format!("machine_id: tb\n{MOCK}"), &nats.url()),
+        &nats.url(),
+    )
+    .await;
     let c = client(&nats.url()).await;
     let mut ev = Events::watch(&c, "together-1").await;
     let start_at = bench_agent::publisher::now_ms() + 600;
-    let job = job_json("mock-7b", json!({"job_id": "together-1", "start": "together", "start_at_ms": start_at}));
+    let job = job_json(
+        "mock-7b",
+        json!({"job_id": "together-1", "start": "together", "start_at_ms": start_at}),
+    );
     c.publish(subjects::JOBS_ALL, job.into()).await.unwrap();
     let mut started = Vec::new();
     while started.len() < 2 {
@@ -249,9 +482,22 @@ async fn start_together_waits_for_the_shared_start_time() {
     for (m, ts) in &started {
         assert!(*ts >= start_at, "{m} started at {ts}, before {start_at}");
     }
-    let accepted: Vec<u64> = ev.seen.iter().filter(|e| e.kind.name() == "job_accepted").map(|e| e.ts_ms).collect();
-    assert!(accepted.iter().all(|t| *t < start_at), "accepted at once, started later");
+    let accepted: Vec<u64> = ev
+        .seen
+        .iter()
+        .filter(|e| e.kind.name() == "job_accepted")
+        .map(|e| e.ts_ms)
+        .collect();
+    assert!(
+        accepted.iter().all(|t| *t < start_at),
+        "accepted at once, started later"
+    );
     // A together job without a start time is refused.
-    let r = request(&c, subjects::jobs("ta"), job_json("mock-7b", json!({"start": "together"}))).await;
+    let r = request(
+        &c,
+        subjects::jobs("ta"),
+        job_json("mock-7b", json!({"start": "together"})),
+    )
+    .await;
     assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::InvalidJob));
 }

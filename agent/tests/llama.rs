@@ -15,7 +15,12 @@ const PROMPT: &str = "The capital of France is";
 /// SSE parsing (independent of the agent's).
 async fn predicted_n_direct(engine: &str, max_tokens: u32) -> u64 {
     let body = json!({"model": ENGINE_MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 7, "stream": true});
-    let resp = reqwest::Client::new().post(format!("{engine}/v1/completions")).json(&body).send().await.unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{engine}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert!(resp.status().is_success());
     let mut body = resp.bytes_stream();
     let mut text = String::new();
@@ -33,17 +38,28 @@ async fn predicted_n_direct(engine: &str, max_tokens: u32) -> u64 {
 async fn real_engine_jobs_metrics_and_repeats() {
     let engine = LlamaServer::start();
     let nats = NatsServer::start();
-    let cfg = config(&format!("machine_id: llama\nengine: openai\nopenai_base_url: {}\n", engine.url()), &nats.url());
+    let cfg = config(
+        &format!(
+            "machine_id: llama\nengine: openai\nopenai_base_url: {}\n",
+            engine.url()
+        ),
+        &nats.url(),
+    );
     let _agent = start_agent(cfg, &nats.url()).await;
     let c = client(&nats.url()).await;
 
     // One job: accepted, started, tokens, done.
     let mut ev = Events::watch(&c, "ll-1").await;
-    let job = job_json(ENGINE_MODEL, json!({"job_id": "ll-1", "prompt": PROMPT, "max_tokens": 24, "temperature": 0.0, "seed": 7}));
+    let job = job_json(
+        ENGINE_MODEL,
+        json!({"job_id": "ll-1", "prompt": PROMPT, "max_tokens": 24, "temperature": 0.0, "seed": 7}),
+    );
     let r = request(&c, subjects::jobs("llama"), job).await;
     assert!(r.accepted, "{r:?}");
     let done = ev.terminal("llama").await;
-    let EventKind::JobDone(d) = &done.kind else { panic!("{:?}", ev.types()) };
+    let EventKind::JobDone(d) = &done.kind else {
+        panic!("{:?}", ev.types())
+    };
     let types = ev.types();
     assert_eq!(&types[..2], &["job_accepted", "job_started"]);
     assert!(types.contains(&"llm_token"));
@@ -53,9 +69,18 @@ async fn real_engine_jobs_metrics_and_repeats() {
     assert_eq!(streamed, d.output_text);
     let m = &d.repeats[0];
     assert_eq!(m.token_count_source, TokenCountSource::LlamacppTimings);
-    assert_eq!(m.gen_tokens, predicted_n_direct(&engine.url(), 24).await, "gen_tokens is llama.cpp's predicted_n");
+    assert_eq!(
+        m.gen_tokens,
+        predicted_n_direct(&engine.url(), 24).await,
+        "gen_tokens is llama.cpp's predicted_n"
+    );
     assert!(m.gen_tokens > 0 && m.gen_tokens <= 24);
-    assert!(m.ttft_ms > 0.0 && m.ttft_ms < m.total_ms, "ttft {} total {}", m.ttft_ms, m.total_ms);
+    assert!(
+        m.ttft_ms > 0.0 && m.ttft_ms < m.total_ms,
+        "ttft {} total {}",
+        m.ttft_ms,
+        m.total_ms
+    );
     assert!(m.prompt_tokens.unwrap_or(0) > 0);
     assert!(m.engine_gen_tokens_per_s.is_some() && m.engine_gen_ms.is_some());
     if m.gen_tokens >= 2 {
@@ -72,26 +97,57 @@ async fn real_engine_jobs_metrics_and_repeats() {
 
     // Chat mode goes through /v1/chat/completions with the gemma template.
     let mut ev = Events::watch(&c, "ll-chat").await;
-    let r = request(&c, subjects::jobs("llama"), job_json(ENGINE_MODEL, json!({"job_id": "ll-chat", "mode": "chat", "max_tokens": 12}))).await;
+    let r = request(
+        &c,
+        subjects::jobs("llama"),
+        job_json(
+            ENGINE_MODEL,
+            json!({"job_id": "ll-chat", "mode": "chat", "max_tokens": 12}),
+        ),
+    )
+    .await;
     assert!(r.accepted, "{r:?}");
-    let EventKind::JobDone(d) = ev.terminal("llama").await.kind else { panic!("{:?}", ev.types()) };
+    let EventKind::JobDone(d) = ev.terminal("llama").await.kind else {
+        panic!("{:?}", ev.types())
+    };
     assert!(d.repeats[0].gen_tokens > 0);
 
     // repeat 3, warmup 1: three measured repeats and their summary.
     let mut ev = Events::watch(&c, "ll-rep").await;
-    let r = request(&c, subjects::jobs("llama"), job_json(ENGINE_MODEL, json!({"job_id": "ll-rep", "max_tokens": 12, "repeat": 3, "warmup": 1}))).await;
+    let r = request(
+        &c,
+        subjects::jobs("llama"),
+        job_json(
+            ENGINE_MODEL,
+            json!({"job_id": "ll-rep", "max_tokens": 12, "repeat": 3, "warmup": 1}),
+        ),
+    )
+    .await;
     assert!(r.accepted, "{r:?}");
-    let EventKind::JobDone(d) = ev.terminal("llama").await.kind else { panic!("{:?}", ev.types()) };
+    let EventKind::JobDone(d) = ev.terminal("llama").await.kind else {
+        panic!("{:?}", ev.types())
+    };
     assert_eq!(d.repeats.len(), 4);
-    assert_eq!(d.repeats.iter().map(|m| m.warmup).collect::<Vec<_>>(), vec![true, false, false, false]);
+    assert_eq!(
+        d.repeats.iter().map(|m| m.warmup).collect::<Vec<_>>(),
+        vec![true, false, false, false]
+    );
     assert_eq!(d.summary.repeats, 3);
     let ttft = d.summary.ttft_ms.expect("ttft stats");
     assert_eq!(ttft.n, 3);
     assert!(ttft.min <= ttft.median && ttft.median <= ttft.max);
-    assert_eq!(ev.types().iter().filter(|t| **t == "job_started").count(), 4);
+    assert_eq!(
+        ev.types().iter().filter(|t| **t == "job_started").count(),
+        4
+    );
 
     // A model the engine doesn't serve is refused (llama-server itself would answer anyway).
-    let r = request(&c, subjects::jobs("llama"), job_json("llama3.1:70b", json!({}))).await;
+    let r = request(
+        &c,
+        subjects::jobs("llama"),
+        job_json("llama3.1:70b", json!({})),
+    )
+    .await;
     assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::ModelNotFound));
 }
 
@@ -99,19 +155,39 @@ async fn real_engine_jobs_metrics_and_repeats() {
 async fn engine_killed_mid_stream_is_stream_broken_within_seconds() {
     let mut engine = LlamaServer::start();
     let nats = NatsServer::start();
-    let cfg = config(&format!("machine_id: victim\nengine: openai\nopenai_base_url: {}\n", engine.url()), &nats.url());
+    let cfg = config(
+        &format!(
+            "machine_id: victim\nengine: openai\nopenai_base_url: {}\n",
+            engine.url()
+        ),
+        &nats.url(),
+    );
     let _agent = start_agent(cfg, &nats.url()).await;
     let c = client(&nats.url()).await;
     let mut ev = Events::watch(&c, "kill-1").await;
-    let job = job_json(ENGINE_MODEL, json!({"job_id": "kill-1", "prompt": "Once upon a time, in a land far away,", "max_tokens": 2000}));
+    let job = job_json(
+        ENGINE_MODEL,
+        json!({"job_id": "kill-1", "prompt": "Once upon a time, in a land far away,", "max_tokens": 2000}),
+    );
     assert!(request(&c, subjects::jobs("victim"), job).await.accepted);
     ev.until(|e| matches!(e.kind, EventKind::LlmToken(_))).await;
     engine.kill();
     let killed = Instant::now();
-    let end = within("job_error after the kill", Duration::from_secs(20), ev.terminal("victim")).await;
+    let end = within(
+        "job_error after the kill",
+        Duration::from_secs(20),
+        ev.terminal("victim"),
+    )
+    .await;
     match end.kind {
-        EventKind::JobError(f) => assert_eq!(f.error.code, ErrorCode::StreamBroken, "{}", f.error.message),
+        EventKind::JobError(f) => {
+            assert_eq!(f.error.code, ErrorCode::StreamBroken, "{}", f.error.message)
+        }
         other => panic!("expected job_error, got {other:?}"),
     }
-    assert!(killed.elapsed() < Duration::from_secs(5), "took {:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        killed.elapsed()
+    );
 }

@@ -55,7 +55,8 @@ async fn stream(path: &'static str, fake: Fake, body: Value) -> Response {
     }
     let chat = path == "/api/chat";
     let piece = move |text: &str, done: bool| {
-        let mut v = json!({"model": model, "created_at": "2025-10-17T23:14:07.414671Z", "done": done});
+        let mut v =
+            json!({"model": model, "created_at": "2025-10-17T23:14:07.414671Z", "done": done});
         if chat {
             v["message"] = json!({"role": "assistant", "content": text});
         } else {
@@ -64,30 +65,32 @@ async fn stream(path: &'static str, fake: Fake, body: Value) -> Response {
         v
     };
     let broken = body_model_is_broken(&piece("", false));
-    let s = async_stream(move |tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>| async move {
-        tokio::time::sleep(FIRST_DELAY).await;
-        for (i, c) in CHUNKS.iter().enumerate() {
-            if i > 0 {
-                tokio::time::sleep(GAP).await;
+    let s = async_stream(
+        move |tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>| async move {
+            tokio::time::sleep(FIRST_DELAY).await;
+            for (i, c) in CHUNKS.iter().enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(GAP).await;
+                }
+                let _ = tx.send(Ok(line(piece(c, false)))).await;
+                if broken && i == 1 {
+                    return; // connection closes without the final line
+                }
             }
-            let _ = tx.send(Ok(line(piece(c, false)))).await;
-            if broken && i == 1 {
-                return; // connection closes without the final line
+            let mut last = piece("", true);
+            last["done_reason"] = json!("stop");
+            if !chat {
+                last["context"] = json!([1, 2, 3]);
             }
-        }
-        let mut last = piece("", true);
-        last["done_reason"] = json!("stop");
-        if !chat {
-            last["context"] = json!([1, 2, 3]);
-        }
-        last["total_duration"] = json!(TOTAL_NS);
-        last["load_duration"] = json!(LOAD_NS);
-        last["prompt_eval_count"] = json!(PROMPT_EVAL_COUNT);
-        last["prompt_eval_duration"] = json!(PROMPT_EVAL_NS);
-        last["eval_count"] = json!(EVAL_COUNT);
-        last["eval_duration"] = json!(EVAL_NS);
-        let _ = tx.send(Ok(line(last))).await;
-    });
+            last["total_duration"] = json!(TOTAL_NS);
+            last["load_duration"] = json!(LOAD_NS);
+            last["prompt_eval_count"] = json!(PROMPT_EVAL_COUNT);
+            last["prompt_eval_duration"] = json!(PROMPT_EVAL_NS);
+            last["eval_count"] = json!(EVAL_COUNT);
+            last["eval_duration"] = json!(EVAL_NS);
+            let _ = tx.send(Ok(line(last))).await;
+        },
+    );
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(s))
@@ -112,8 +115,14 @@ async fn start_fake() -> (String, Fake) {
     let fake = Fake::default();
     let app = Router::new()
         .route("/api/tags", get(tags))
-        .route("/api/generate", post(|State(f): State<Fake>, Json(b): Json<Value>| stream("/api/generate", f, b)))
-        .route("/api/chat", post(|State(f): State<Fake>, Json(b): Json<Value>| stream("/api/chat", f, b)))
+        .route(
+            "/api/generate",
+            post(|State(f): State<Fake>, Json(b): Json<Value>| stream("/api/generate", f, b)),
+        )
+        .route(
+            "/api/chat",
+            post(|State(f): State<Fake>, Json(b): Json<Value>| stream("/api/chat", f, b)),
+        )
         .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -124,27 +133,45 @@ async fn start_fake() -> (String, Fake) {
 /// Equal up to float rounding (1 part in 10^12).
 fn close(got: Option<f64>, want: f64) {
     let got = got.unwrap_or_else(|| panic!("missing value, expected {want}"));
-    assert!((got - want).abs() <= want.abs() * 1e-12, "got {got}, want {want}");
+    assert!(
+        (got - want).abs() <= want.abs() * 1e-12,
+        "got {got}, want {want}"
+    );
 }
 
 async fn run_and_check(mode: &str, expect_path: &str) {
     let nats = NatsServer::start();
     let (url, fake) = start_fake().await;
-    let _agent = start_agent(config(&format!("machine_id: ol\nengine: ollama\nollama_base_url: {url}\n"), &nats.url()), &nats.url()).await;
+    let _agent = start_agent(
+        config(
+            &format!("machine_id: ol\nengine: ollama\nollama_base_url: {url}\n"),
+            &nats.url(),
+        ),
+        &nats.url(),
+    )
+    .await;
     let c = client(&nats.url()).await;
     let job_id = format!("ol-{mode}");
     let mut ev = Events::watch(&c, &job_id).await;
-    let job = job_json("llama3.1:8b", json!({"job_id": job_id, "mode": mode, "max_tokens": 64, "num_ctx": 4096, "temperature": 0.5, "seed": 42}));
+    let job = job_json(
+        "llama3.1:8b",
+        json!({"job_id": job_id, "mode": mode, "max_tokens": 64, "num_ctx": 4096, "temperature": 0.5, "seed": 42}),
+    );
     let r = request(&c, subjects::jobs("ol"), job).await;
     assert!(r.accepted, "{r:?}");
     let done = ev.terminal("ol").await;
-    let EventKind::JobDone(d) = &done.kind else { panic!("{:?}", done) };
+    let EventKind::JobDone(d) = &done.kind else {
+        panic!("{:?}", done)
+    };
 
     // What we asked Ollama for.
     let (path, body) = fake.requests.lock().unwrap().last().cloned().unwrap();
     assert_eq!(path, expect_path);
     assert_eq!(body["stream"], true);
-    assert_eq!(body["options"], json!({"num_predict": 64, "num_ctx": 4096, "temperature": 0.5, "seed": 42}));
+    assert_eq!(
+        body["options"],
+        json!({"num_predict": 64, "num_ctx": 4096, "temperature": 0.5, "seed": 42})
+    );
 
     // Streamed text, one llm_token per chunk (flush_chars 1), stamped on arrival.
     let tokens: Vec<(String, f64)> = ev
@@ -155,7 +182,10 @@ async fn run_and_check(mode: &str, expect_path: &str) {
             _ => None,
         })
         .collect();
-    assert_eq!(tokens.iter().map(|t| t.0.as_str()).collect::<String>(), CHUNKS.concat());
+    assert_eq!(
+        tokens.iter().map(|t| t.0.as_str()).collect::<String>(),
+        CHUNKS.concat()
+    );
     assert_eq!(d.output_text, CHUNKS.concat());
     let times: Vec<f64> = tokens.iter().map(|t| t.1).collect();
 
@@ -173,13 +203,19 @@ async fn run_and_check(mode: &str, expect_path: &str) {
     close(m.gen_tokens_per_s, rate);
     close(m.tpot_ms, 1000.0 / rate);
     let per_chunk = EVAL_COUNT as f64 / CHUNKS.len() as f64;
-    let gaps: Vec<f64> = times.windows(2).map(|w| (w[1] - w[0]) / per_chunk).collect();
+    let gaps: Vec<f64> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]) / per_chunk)
+        .collect();
     let (got, want) = (m.itl_ms.unwrap(), percentiles(&gaps).unwrap());
     close(Some(got.p50), want.p50);
     close(Some(got.p90), want.p90);
     close(Some(got.p99), want.p99);
     assert_eq!(m.prompt_tokens, Some(PROMPT_EVAL_COUNT));
-    close(m.prompt_tokens_per_s, PROMPT_EVAL_COUNT as f64 / (m.ttft_ms / 1000.0));
+    close(
+        m.prompt_tokens_per_s,
+        PROMPT_EVAL_COUNT as f64 / (m.ttft_ms / 1000.0),
+    );
     // Ollama's own numbers, converted from nanoseconds.
     close(m.load_ms, 12.345678);
     close(m.engine_prompt_ms, 70.0);
@@ -189,7 +225,10 @@ async fn run_and_check(mode: &str, expect_path: &str) {
     close(m.engine_prompt_tokens_per_s, 100.0);
     assert_eq!(m.done_reason.as_deref(), Some("stop"));
     // job_done's top-level fields are the medians over the (one) measured run.
-    assert_eq!((d.ttft_ms, d.total_ms, d.gen_tokens, d.gen_tokens_per_s), (m.ttft_ms, m.total_ms, m.gen_tokens, m.gen_tokens_per_s));
+    assert_eq!(
+        (d.ttft_ms, d.total_ms, d.gen_tokens, d.gen_tokens_per_s),
+        (m.ttft_ms, m.total_ms, m.gen_tokens, m.gen_tokens_per_s)
+    );
     assert_eq!(d.engine, "ollama");
 }
 
@@ -207,7 +246,14 @@ async fn chat_metrics_are_exact() {
 async fn unknown_model_broken_stream_and_unreachable_engine() {
     let nats = NatsServer::start();
     let (url, _fake) = start_fake().await;
-    let _agent = start_agent(config(&format!("machine_id: ol2\nengine: ollama\nollama_base_url: {url}\n"), &nats.url()), &nats.url()).await;
+    let _agent = start_agent(
+        config(
+            &format!("machine_id: ol2\nengine: ollama\nollama_base_url: {url}\n"),
+            &nats.url(),
+        ),
+        &nats.url(),
+    )
+    .await;
     let c = client(&nats.url()).await;
     // Not in /api/tags: refused before it queues.
     let r = request(&c, subjects::jobs("ol2"), job_json("qwen:0.5b", json!({}))).await;
@@ -217,13 +263,24 @@ async fn unknown_model_broken_stream_and_unreachable_engine() {
     assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::ModelNotFound));
     // The stream closes after two chunks without its final line.
     let mut ev = Events::watch(&c, "ol-broken").await;
-    let r = request(&c, subjects::jobs("ol2"), job_json("broken", json!({"job_id": "ol-broken"}))).await;
+    let r = request(
+        &c,
+        subjects::jobs("ol2"),
+        job_json("broken", json!({"job_id": "ol-broken"})),
+    )
+    .await;
     assert!(r.accepted, "{r:?}");
     match ev.terminal("ol2").await.kind {
-        EventKind::JobError(f) => assert_eq!(f.error.code, ErrorCode::StreamBroken, "{}", f.error.message),
+        EventKind::JobError(f) => {
+            assert_eq!(f.error.code, ErrorCode::StreamBroken, "{}", f.error.message)
+        }
         other => panic!("{other:?}"),
     }
-    assert_eq!(ev.text(0), "Paris is", "text streamed before the break is kept");
+    assert_eq!(
+        ev.text(0),
+        "Paris is",
+        "text streamed before the break is kept"
+    );
 
     // Nothing listening: engine_unreachable, never a silent switch to mock.
     let dead = format!("http://127.0.0.1:{}", bench_nats::harness::free_port());
@@ -233,10 +290,20 @@ async fn unknown_model_broken_stream_and_unreachable_engine() {
     )
     .await;
     let mut ev = Events::watch(&c, "ol-dead").await;
-    let r = request(&c, subjects::jobs("ol3"), job_json("llama3.1:8b", json!({"job_id": "ol-dead"}))).await;
+    let r = request(
+        &c,
+        subjects::jobs("ol3"),
+        job_json("llama3.1:8b", json!({"job_id": "ol-dead"})),
+    )
+    .await;
     assert!(r.accepted, "{r:?}");
     match ev.terminal("ol3").await.kind {
-        EventKind::JobError(f) => assert_eq!(f.error.code, ErrorCode::EngineUnreachable, "{}", f.error.message),
+        EventKind::JobError(f) => assert_eq!(
+            f.error.code,
+            ErrorCode::EngineUnreachable,
+            "{}",
+            f.error.message
+        ),
         other => panic!("{other:?}"),
     }
     assert!(!ev.types().contains(&"llm_token"));

@@ -34,7 +34,14 @@ impl Fleet {
         }
     }
     fn conf(&self) -> String {
-        render_accounts(&[("sec-a".into(), self.a.public.clone()), ("sec-b".into(), self.b.public.clone())], &self.central.public, &self.observer.public)
+        render_accounts(
+            &[
+                ("sec-a".into(), self.a.public.clone()),
+                ("sec-b".into(), self.b.public.clone()),
+            ],
+            &self.central.public,
+            &self.observer.public,
+        )
     }
     fn seed_file(&self, name: &str, id: &Identity) -> String {
         let p = self.dir.path().join(format!("{name}.nk"));
@@ -44,7 +51,11 @@ impl Fleet {
 }
 
 /// A client as `id`, with the server's error notices (permission violations) on a channel.
-async fn connect_as(url: &str, id: &Identity, inbox: Option<String>) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+async fn connect_as(
+    url: &str,
+    id: &Identity,
+    inbox: Option<String>,
+) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let mut opts = ConnectOptions::with_nkey(id.seed.clone()).event_callback(move |e| {
         let tx = tx.clone();
@@ -57,7 +68,9 @@ async fn connect_as(url: &str, id: &Identity, inbox: Option<String>) -> (async_n
     if let Some(p) = inbox {
         opts = opts.custom_inbox_prefix(p);
     }
-    let c = within("connect", WAIT, opts.connect(url)).await.expect("authorised connect");
+    let c = within("connect", WAIT, opts.connect(url))
+        .await
+        .expect("authorised connect");
     (c, rx)
 }
 
@@ -88,26 +101,50 @@ async fn per_agent_permissions_central_observer_and_no_anonymous() {
     let url = nats.url();
 
     // Anonymous clients are refused.
-    let anon = tokio::time::timeout(WAIT, async_nats::connect(&url)).await.expect("answer");
+    let anon = tokio::time::timeout(WAIT, async_nats::connect(&url))
+        .await
+        .expect("answer");
     assert!(anon.is_err(), "an unauthenticated client must be refused");
 
     // Central defines the stream and the registry bucket.
     let (central, _central_errs) = connect_as(&url, &fleet.central, None).await;
     let js = async_nats::jetstream::new(central.clone());
-    streams::ensure_events_stream(&js, &Default::default()).await.expect("central creates the stream");
-    let kv = streams::ensure_agents_bucket(&js, Duration::from_secs(15)).await.expect("central creates the bucket");
+    streams::ensure_events_stream(&js, &Default::default())
+        .await
+        .expect("central creates the stream");
+    let kv = streams::ensure_agents_bucket(&js, Duration::from_secs(15))
+        .await
+        .expect("central creates the bucket");
 
-    let _a = start_agent(config(&agent_yaml("sec-a", &fleet.seed_file("a", &fleet.a)), &url), &url).await;
-    let _b = start_agent(config(&agent_yaml("sec-b", &fleet.seed_file("b", &fleet.b)), &url), &url).await;
+    let _a = start_agent(
+        config(&agent_yaml("sec-a", &fleet.seed_file("a", &fleet.a)), &url),
+        &url,
+    )
+    .await;
+    let _b = start_agent(
+        config(&agent_yaml("sec-b", &fleet.seed_file("b", &fleet.b)), &url),
+        &url,
+    )
+    .await;
 
     // The whole path works under least privilege; the observer watches it.
     let (observer, mut observer_errs) = connect_as(&url, &fleet.observer, None).await;
-    let mut watch = observer.subscribe(subjects::events("sec-job")).await.unwrap();
+    let mut watch = observer
+        .subscribe(subjects::events("sec-job"))
+        .await
+        .unwrap();
     observer.flush().await.unwrap();
-    let r = request(&central, subjects::jobs("sec-a"), job_json("mock-7b", json!({"job_id": "sec-job", "max_tokens": 5}))).await;
+    let r = request(
+        &central,
+        subjects::jobs("sec-a"),
+        job_json("mock-7b", json!({"job_id": "sec-job", "max_tokens": 5})),
+    )
+    .await;
     assert!(r.accepted, "{r:?}");
     loop {
-        let msg = within("observer sees events", WAIT, watch.next()).await.unwrap();
+        let msg = within("observer sees events", WAIT, watch.next())
+            .await
+            .unwrap();
         let e: bench_schemas::Event = serde_json::from_slice(&msg.payload).unwrap();
         if e.kind.is_terminal() {
             assert!(matches!(e.kind, EventKind::JobDone(_)), "{e:?}");
@@ -133,40 +170,129 @@ async fn per_agent_permissions_central_observer_and_no_anonymous() {
     let _sub = as_a.subscribe("_INBOX.>").await.unwrap();
     violation(&mut a_errs, "_INBOX.>").await;
     // ... nor write b's registry key.
-    as_a.publish(format!("$KV.{}.sec-b", subjects::AGENTS_BUCKET), r#"{"forged":true}"#.into()).await.unwrap();
+    as_a.publish(
+        format!("$KV.{}.sec-b", subjects::AGENTS_BUCKET),
+        r#"{"forged":true}"#.into(),
+    )
+    .await
+    .unwrap();
     violation(&mut a_errs, "$KV.bench_agents.sec-b").await;
     as_a.flush().await.unwrap();
-    let after: AgentInfo = serde_json::from_slice(&kv.get("sec-b").await.unwrap().unwrap()).unwrap();
-    assert_eq!(after.machine_id, before.machine_id, "b's entry is still b's own");
+    let after: AgentInfo =
+        serde_json::from_slice(&kv.get("sec-b").await.unwrap().unwrap()).unwrap();
+    assert_eq!(
+        after.machine_id, before.machine_id,
+        "b's entry is still b's own"
+    );
 
     // The observer is read-only: it cannot submit or cancel.
-    observer.publish(subjects::jobs("sec-a"), job_json("mock-7b", json!({})).into()).await.unwrap();
+    observer
+        .publish(
+            subjects::jobs("sec-a"),
+            job_json("mock-7b", json!({})).into(),
+        )
+        .await
+        .unwrap();
     violation(&mut observer_errs, "bench.jobs.sec-a").await;
-    observer.publish(subjects::cancel("sec-job"), "".into()).await.unwrap();
+    observer
+        .publish(subjects::cancel("sec-job"), "".into())
+        .await
+        .unwrap();
     violation(&mut observer_errs, "bench.cancel.sec-job").await;
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl").current_dir(dir).args(args).output().expect("openssl (apt-get install openssl)");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
 async fn tls_with_a_generated_self_signed_ca_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    openssl(d, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=bench-race test CA", "-keyout", "ca-key.pem", "-out", "ca.pem"]);
-    openssl(d, &["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server-key.pem", "-out", "server.csr"]);
-    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-    openssl(d, &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem"]);
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bench-race test CA",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server-key.pem",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ],
+    );
     let p = |f: &str| d.join(f).display().to_string();
-    let conf = format!("tls {{ cert_file: \"{}\", key_file: \"{}\", timeout: 5 }}\n", p("server.pem"), p("server-key.pem"));
+    let conf = format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", timeout: 5 }}\n",
+        p("server.pem"),
+        p("server-key.pem")
+    );
     let nats = NatsServer::start_with_config(Some(&conf));
     let url = format!("tls://127.0.0.1:{}", nats.port());
 
     // Without the CA the server's certificate is not trusted.
-    let untrusted = tokio::time::timeout(WAIT, async_nats::connect(&url)).await.expect("answer");
-    assert!(untrusted.is_err(), "a client without the CA must not connect");
+    let untrusted = tokio::time::timeout(WAIT, async_nats::connect(&url))
+        .await
+        .expect("answer");
+    assert!(
+        untrusted.is_err(),
+        "a client without the CA must not connect"
+    );
 
     let yaml = format!(
         "machine_id: tls-a\nengine: mock\nllm_models: [mock-7b]\nnats: {{tls_ca_file: \"{}\", tls_required: true}}\n",
@@ -176,12 +302,23 @@ async fn tls_with_a_generated_self_signed_ca_end_to_end() {
     let c = within(
         "tls connect",
         WAIT,
-        ConnectOptions::new().add_root_certificates(d.join("ca.pem")).require_tls(true).connect(&url),
+        ConnectOptions::new()
+            .add_root_certificates(d.join("ca.pem"))
+            .require_tls(true)
+            .connect(&url),
     )
     .await
     .expect("client with the CA connects");
     let mut ev = Events::watch(&c, "tls-job").await;
-    let r = request(&c, subjects::jobs("tls-a"), job_json("mock-7b", json!({"job_id": "tls-job", "max_tokens": 4}))).await;
+    let r = request(
+        &c,
+        subjects::jobs("tls-a"),
+        job_json("mock-7b", json!({"job_id": "tls-job", "max_tokens": 4})),
+    )
+    .await;
     assert!(r.accepted, "{r:?}");
-    assert!(matches!(ev.terminal("tls-a").await.kind, EventKind::JobDone(_)));
+    assert!(matches!(
+        ev.terminal("tls-a").await.kind,
+        EventKind::JobDone(_)
+    ));
 }

@@ -10,7 +10,7 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// a dead link is noticed within a minute.
 pub const DEFAULT_PING_INTERVAL_S: u64 = 20;
 
-/// How to reach NATS. Every field is optional in YAML; `NATS_URL` overrides `url`.
+/// How to reach NATS. Every field is optional in YAML; programs let `NATS_URL` override `url`.
 #[derive(Deserialize, Debug, Clone, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
@@ -63,12 +63,12 @@ pub enum ConnectError {
 }
 
 impl NatsConfig {
-    /// The URL to use: `NATS_URL` from the environment wins over config, then the default.
+    /// The URL to use: `url`, else the default. (`NATS_URL` is applied by each program's config
+    /// loader, from the environment it was given, so that tests can pass their own.)
     pub fn effective_url(&self) -> String {
-        std::env::var("NATS_URL")
-            .ok()
+        self.url
+            .clone()
             .filter(|s| !s.trim().is_empty())
-            .or_else(|| self.url.clone())
             .unwrap_or_else(|| DEFAULT_NATS_URL.to_string())
     }
 
@@ -77,7 +77,10 @@ impl NatsConfig {
         let mut opts = match &self.creds_file {
             Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
                 .await
-                .map_err(|source| ConnectError::File { path: path.clone(), source })?,
+                .map_err(|source| ConnectError::File {
+                    path: path.clone(),
+                    source,
+                })?,
             None => async_nats::ConnectOptions::new(),
         };
         if let (Some(user), Some(pass)) = (&self.user, &self.password) {
@@ -87,8 +90,10 @@ impl NatsConfig {
             opts = opts.token(token.clone());
         }
         if let Some(path) = &self.nkey_seed_file {
-            let seed = std::fs::read_to_string(path)
-                .map_err(|source| ConnectError::File { path: path.clone(), source })?;
+            let seed = std::fs::read_to_string(path).map_err(|source| ConnectError::File {
+                path: path.clone(),
+                source,
+            })?;
             opts = opts.nkey(seed.trim().to_string());
         }
         if let Some(ca) = &self.tls_ca_file {
@@ -103,7 +108,10 @@ impl NatsConfig {
         if let Some(prefix) = &self.inbox_prefix {
             opts = opts.custom_inbox_prefix(prefix);
         }
-        let ping = self.ping_interval_s.unwrap_or(DEFAULT_PING_INTERVAL_S).max(1);
+        let ping = self
+            .ping_interval_s
+            .unwrap_or(DEFAULT_PING_INTERVAL_S)
+            .max(1);
         Ok(opts
             .name(name)
             .ping_interval(Duration::from_secs(ping))

@@ -14,7 +14,10 @@ pub const TOOLS_NATS_SERVER: &str = ".tools/nats-server/nats-server";
 
 /// The workspace root (the folder holding the top-level Cargo.toml).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// The nats-server binary to run, or a panic that says how to install one.
@@ -42,7 +45,10 @@ pub fn server_binary() -> PathBuf {
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 /// A running nats-server.
@@ -79,10 +85,17 @@ impl NatsServer {
     fn spawn(&mut self) {
         let store = self.store.path().join("js");
         let mut cmd = Command::new(server_binary());
-        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(&store)
-            .arg("-l")
-            .arg(&self.log);
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(&store)
+        .arg("-l")
+        .arg(&self.log);
         if let Some(text) = &self.config {
             let path = self.store.path().join("server.conf");
             let text = text.replace("{store}", &store.display().to_string());
@@ -115,7 +128,11 @@ impl NatsServer {
             if ready {
                 return;
             }
-            assert!(Instant::now() < deadline, "nats-server not ready in 15 s: {}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "nats-server not ready in 15 s: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -176,8 +193,12 @@ impl LlamaServer {
     /// Starts it and waits (up to 120 s) until `/health` answers 200.
     pub fn start() -> Self {
         let root = workspace_root();
-        let bin = std::env::var_os("LLAMA_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| root.join(TOOLS_LLAMA_SERVER));
-        let model = std::env::var_os("BENCH_MODEL_PATH").map(PathBuf::from).unwrap_or_else(|| root.join(TOOLS_MODEL));
+        let bin = std::env::var_os("LLAMA_SERVER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join(TOOLS_LLAMA_SERVER));
+        let model = std::env::var_os("BENCH_MODEL_PATH")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join(TOOLS_MODEL));
         assert!(
             bin.exists() && model.exists(),
             "llama-server or the gemma model is missing ({} / {}): run `scripts/engine install`",
@@ -190,23 +211,50 @@ impl LlamaServer {
         let child = Command::new(&bin)
             .arg("-m")
             .arg(&model)
-            .args(["--alias", ENGINE_MODEL, "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--no-jinja", "--chat-template", "gemma", "-c", "2048", "-t", "2", "--no-ui"])
+            .args([
+                "--alias",
+                ENGINE_MODEL,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .args([
+                "--no-jinja",
+                "--chat-template",
+                "gemma",
+                "-c",
+                "2048",
+                "-t",
+                "2",
+                "--no-ui",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("engine log"))
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
-        let mut s = Self { child: Some(child), port, _dir: dir, log };
+        let mut s = Self {
+            child: Some(child),
+            port,
+            _dir: dir,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(Ok(Some(status))) = s.child.as_mut().map(|c| c.try_wait()) {
-                panic!("llama-server exited with {status}: {}", std::fs::read_to_string(&s.log).unwrap_or_default());
+                panic!(
+                    "llama-server exited with {status}: {}",
+                    std::fs::read_to_string(&s.log).unwrap_or_default()
+                );
             }
             if http_get_status(port, "/health") == Some(200) {
                 return s;
             }
-            assert!(Instant::now() < deadline, "llama-server not healthy in 120 s");
+            assert!(
+                Instant::now() < deadline,
+                "llama-server not healthy in 120 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -47,9 +47,12 @@ pub async fn ensure_events_stream(
 ) -> Result<stream::Stream, jetstream::context::CreateStreamError> {
     let cfg = events_stream_config(r);
     js.create_or_update_stream(cfg.clone()).await?;
-    js.get_stream(cfg.name)
-        .await
-        .map_err(|e| jetstream::context::CreateStreamError::with_source(jetstream::context::CreateStreamErrorKind::JetStreamUnavailable, e))
+    js.get_stream(cfg.name).await.map_err(|e| {
+        jetstream::context::CreateStreamError::with_source(
+            jetstream::context::CreateStreamErrorKind::JetStreamUnavailable,
+            e,
+        )
+    })
 }
 
 /// Opens `BENCH_EVENTS`, creating it only when missing (agents: their users may read stream

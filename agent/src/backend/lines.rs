@@ -132,7 +132,10 @@ where
                     if !st.ended && !st.queue.iter().any(|i| matches!(i, Ok(Item::Final(_)))) {
                         st.queue.push_back(Err(ErrorBody::new(
                             ErrorCode::StreamBroken,
-                            format!("the engine at {} closed the stream before its final message", st.url),
+                            format!(
+                                "the engine at {} closed the stream before its final message",
+                                st.url
+                            ),
                         )));
                     }
                     st.ended = true;

@@ -9,8 +9,8 @@ use futures::StreamExt;
 use std::time::Duration;
 
 const WORDS: &[&str] = &[
-    " the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", " while", " unified",
-    " memory", " feeds", " tensor", " cores", " at", " full", " speed", ".",
+    " the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", " while",
+    " unified", " memory", " feeds", " tensor", " cores", " at", " full", " speed", ".",
 ];
 
 /// Model offered when no `llm_models` are configured.
@@ -25,7 +25,11 @@ pub struct Mock {
 impl Mock {
     /// A mock offering `models` (or `mock` when empty).
     pub fn new(cfg: MockConfig, models: Vec<String>) -> Self {
-        let models = if models.is_empty() { vec![DEFAULT_MOCK_MODEL.to_string()] } else { models };
+        let models = if models.is_empty() {
+            vec![DEFAULT_MOCK_MODEL.to_string()]
+        } else {
+            models
+        };
         Self { cfg, models }
     }
 }
@@ -65,7 +69,13 @@ impl Backend for Mock {
                 }
                 tokio::time::sleep(if i == 0 { ttft } else { gap }).await;
                 let text = WORDS[(i as usize) % WORDS.len()].to_string();
-                Some((Ok(Item::Text { text, tokens: Some(1) }), i + 1))
+                Some((
+                    Ok(Item::Text {
+                        text,
+                        tokens: Some(1),
+                    }),
+                    i + 1,
+                ))
             });
             Ok(tokens.boxed())
         })

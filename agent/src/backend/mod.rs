@@ -119,17 +119,29 @@ pub fn http_client() -> reqwest::Client {
 /// Maps a transport error on the request itself.
 pub(crate) fn request_error(url: &str, e: reqwest::Error) -> ErrorBody {
     if e.is_connect() {
-        ErrorBody::new(ErrorCode::EngineUnreachable, format!("cannot connect to the engine at {url}: {e}"))
+        ErrorBody::new(
+            ErrorCode::EngineUnreachable,
+            format!("cannot connect to the engine at {url}: {e}"),
+        )
     } else if e.is_timeout() {
-        ErrorBody::new(ErrorCode::Timeout, format!("engine at {url} timed out: {e}"))
+        ErrorBody::new(
+            ErrorCode::Timeout,
+            format!("engine at {url} timed out: {e}"),
+        )
     } else {
-        ErrorBody::new(ErrorCode::StreamBroken, format!("engine at {url} failed: {e}"))
+        ErrorBody::new(
+            ErrorCode::StreamBroken,
+            format!("engine at {url} failed: {e}"),
+        )
     }
 }
 
 /// Maps a transport error while reading the streaming body.
 pub(crate) fn body_error(url: &str, e: reqwest::Error) -> ErrorBody {
-    ErrorBody::new(ErrorCode::StreamBroken, format!("stream from {url} broke: {e}"))
+    ErrorBody::new(
+        ErrorCode::StreamBroken,
+        format!("stream from {url} broke: {e}"),
+    )
 }
 
 /// Reads an error response into a code: a 404 that talks about the model is `model_not_found`.
@@ -140,10 +152,17 @@ pub(crate) async fn status_error(url: &str, model: &str, resp: reqwest::Response
         .ok()
         .and_then(|v| {
             let e = v.get("error")?;
-            Some(e.get("message").and_then(|m| m.as_str()).or(e.as_str())?.to_string())
+            Some(
+                e.get("message")
+                    .and_then(|m| m.as_str())
+                    .or(e.as_str())?
+                    .to_string(),
+            )
         })
         .unwrap_or_else(|| body.chars().take(300).collect());
-    let code = if status == reqwest::StatusCode::NOT_FOUND && (detail.contains("model") || detail.contains(model)) {
+    let code = if status == reqwest::StatusCode::NOT_FOUND
+        && (detail.contains("model") || detail.contains(model))
+    {
         ErrorCode::ModelNotFound
     } else {
         ErrorCode::EngineError

@@ -16,7 +16,10 @@ pub struct Ollama {
 impl Ollama {
     /// `base_url` like `http://127.0.0.1:11434`.
     pub fn new(base_url: impl Into<String>) -> Self {
-        Self { base_url: base_url.into(), http: super::http_client() }
+        Self {
+            base_url: base_url.into(),
+            http: super::http_client(),
+        }
     }
 
     fn body(req: &GenRequest) -> (&'static str, Value) {
@@ -63,11 +66,18 @@ pub fn parse_line(line: &str) -> Result<Vec<Item>, ErrorBody> {
         return Ok(vec![]);
     }
     let v: Value = serde_json::from_str(line).map_err(|e| {
-        ErrorBody::new(ErrorCode::StreamBroken, format!("Ollama sent a line that is not JSON ({e}): {line:.200}"))
+        ErrorBody::new(
+            ErrorCode::StreamBroken,
+            format!("Ollama sent a line that is not JSON ({e}): {line:.200}"),
+        )
     })?;
     if let Some(err) = v.get("error") {
         let msg = err.as_str().unwrap_or("unknown error").to_string();
-        let code = if msg.contains("not found") { ErrorCode::ModelNotFound } else { ErrorCode::EngineError };
+        let code = if msg.contains("not found") {
+            ErrorCode::ModelNotFound
+        } else {
+            ErrorCode::EngineError
+        };
         return Err(ErrorBody::new(code, format!("Ollama: {msg}")));
     }
     let text = v
@@ -94,7 +104,10 @@ pub fn parse_line(line: &str) -> Result<Vec<Item>, ErrorBody> {
             total_ms: ns_to_ms(&v, "total_duration"),
             gen_tokens_per_s: rate(eval_count, gen_ms),
             prompt_tokens_per_s: rate(prompt_count, prompt_ms),
-            done_reason: v.get("done_reason").and_then(Value::as_str).map(str::to_string),
+            done_reason: v
+                .get("done_reason")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         }));
     }
     Ok(items)
@@ -110,14 +123,25 @@ impl Backend for Ollama {
     }
 
     fn same_model(&self, model: &str, listed: &str) -> bool {
-        let tagged = |m: &str| if m.contains(':') { m.to_string() } else { format!("{m}:latest") };
+        let tagged = |m: &str| {
+            if m.contains(':') {
+                m.to_string()
+            } else {
+                format!("{m}:latest")
+            }
+        };
         tagged(model) == tagged(listed)
     }
 
     fn list_models(&self) -> BoxFuture<'_, Result<Vec<String>, ErrorBody>> {
         Box::pin(async move {
             let url = format!("{}/api/tags", self.base_url);
-            let resp = self.http.get(&url).send().await.map_err(|e| request_error(&self.base_url, e))?;
+            let resp = self
+                .http
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| request_error(&self.base_url, e))?;
             if !resp.status().is_success() {
                 return Err(status_error(&self.base_url, "", resp).await);
             }
@@ -127,7 +151,11 @@ impl Backend for Ollama {
                 .map_err(|e| ErrorBody::new(ErrorCode::EngineError, format!("{url}: {e}")))?;
             Ok(v.get("models")
                 .and_then(Value::as_array)
-                .map(|ms| ms.iter().filter_map(|m| m.get("name")?.as_str().map(str::to_string)).collect())
+                .map(|ms| {
+                    ms.iter()
+                        .filter_map(|m| m.get("name")?.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default())
         })
     }
@@ -136,7 +164,13 @@ impl Backend for Ollama {
         Box::pin(async move {
             let (path, body) = Self::body(&req);
             let url = format!("{}{path}", self.base_url);
-            let resp = self.http.post(&url).json(&body).send().await.map_err(|e| request_error(&self.base_url, e))?;
+            let resp = self
+                .http
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| request_error(&self.base_url, e))?;
             if !resp.status().is_success() {
                 return Err(status_error(&self.base_url, &req.model, resp).await);
             }
@@ -152,17 +186,42 @@ mod tests {
     #[test]
     fn final_line_units() {
         let items = parse_line(r#"{"model":"m","created_at":"x","response":"","done":true,"done_reason":"stop","total_duration":5000000000,"load_duration":1000000,"prompt_eval_count":10,"prompt_eval_duration":500000000,"eval_count":100,"eval_duration":2000000000}"#).unwrap();
-        let Item::Final(r) = &items[0] else { panic!("{items:?}") };
+        let Item::Final(r) = &items[0] else {
+            panic!("{items:?}")
+        };
         assert_eq!(r.gen_tokens, Some((100, TokenCountSource::OllamaEvalCount)));
-        assert_eq!((r.load_ms, r.gen_ms, r.prompt_ms, r.total_ms), (Some(1.0), Some(2000.0), Some(500.0), Some(5000.0)));
-        assert_eq!((r.gen_tokens_per_s, r.prompt_tokens_per_s), (Some(50.0), Some(20.0)));
+        assert_eq!(
+            (r.load_ms, r.gen_ms, r.prompt_ms, r.total_ms),
+            (Some(1.0), Some(2000.0), Some(500.0), Some(5000.0))
+        );
+        assert_eq!(
+            (r.gen_tokens_per_s, r.prompt_tokens_per_s),
+            (Some(50.0), Some(20.0))
+        );
     }
 
     #[test]
     fn chat_and_errors() {
-        let items = parse_line(r#"{"model":"m","message":{"role":"assistant","content":"Hi"},"done":false}"#).unwrap();
-        assert_eq!(items, vec![Item::Text { text: "Hi".into(), tokens: None }]);
-        assert_eq!(parse_line(r#"{"error":"model 'x' not found"}"#).unwrap_err().code, ErrorCode::ModelNotFound);
-        assert_eq!(parse_line("nope").unwrap_err().code, ErrorCode::StreamBroken);
+        let items = parse_line(
+            r#"{"model":"m","message":{"role":"assistant","content":"Hi"},"done":false}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            items,
+            vec![Item::Text {
+                text: "Hi".into(),
+                tokens: None
+            }]
+        );
+        assert_eq!(
+            parse_line(r#"{"error":"model 'x' not found"}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::ModelNotFound
+        );
+        assert_eq!(
+            parse_line("nope").unwrap_err().code,
+            ErrorCode::StreamBroken
+        );
     }
 }

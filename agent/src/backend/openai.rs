@@ -18,7 +18,11 @@ pub struct OpenAi {
 impl OpenAi {
     /// `base_url` without `/v1`, like `http://127.0.0.1:8081`.
     pub fn new(base_url: impl Into<String>, api_key: Option<String>) -> Self {
-        Self { base_url: base_url.into(), api_key, http: super::http_client() }
+        Self {
+            base_url: base_url.into(),
+            api_key,
+            http: super::http_client(),
+        }
     }
 
     fn body(req: &GenRequest) -> (&'static str, Value) {
@@ -72,44 +76,74 @@ impl SseParser {
             report.gen_tokens = self
                 .timings_tokens
                 .map(|n| (n, TokenCountSource::LlamacppTimings))
-                .or(self.usage_tokens.map(|n| (n, TokenCountSource::OpenaiUsage)));
+                .or(self
+                    .usage_tokens
+                    .map(|n| (n, TokenCountSource::OpenaiUsage)));
             return Ok(vec![Item::Final(report)]);
         }
         let v: Value = serde_json::from_str(data).map_err(|e| {
-            ErrorBody::new(ErrorCode::StreamBroken, format!("server sent an event that is not JSON ({e}): {data:.200}"))
+            ErrorBody::new(
+                ErrorCode::StreamBroken,
+                format!("server sent an event that is not JSON ({e}): {data:.200}"),
+            )
         })?;
         if let Some(err) = v.get("error") {
-            let msg = err.get("message").and_then(Value::as_str).or(err.as_str()).unwrap_or("unknown error");
-            return Err(ErrorBody::new(ErrorCode::EngineError, format!("server error: {msg}")));
+            let msg = err
+                .get("message")
+                .and_then(Value::as_str)
+                .or(err.as_str())
+                .unwrap_or("unknown error");
+            return Err(ErrorBody::new(
+                ErrorCode::EngineError,
+                format!("server error: {msg}"),
+            ));
         }
         let mut items = Vec::new();
-        if let Some(choice) = v.get("choices").and_then(Value::as_array).and_then(|c| c.first()) {
+        if let Some(choice) = v
+            .get("choices")
+            .and_then(Value::as_array)
+            .and_then(|c| c.first())
+        {
             let text = choice
                 .get("text")
                 .and_then(Value::as_str)
                 .or_else(|| choice.pointer("/delta/content").and_then(Value::as_str))
                 .unwrap_or_default();
             if !text.is_empty() {
-                items.push(Item::Text { text: text.to_string(), tokens: None });
+                items.push(Item::Text {
+                    text: text.to_string(),
+                    tokens: None,
+                });
             }
             if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
                 self.report.done_reason = Some(reason.to_string());
             }
         }
         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            self.usage_tokens = u.get("completion_tokens").and_then(Value::as_u64).or(self.usage_tokens);
+            self.usage_tokens = u
+                .get("completion_tokens")
+                .and_then(Value::as_u64)
+                .or(self.usage_tokens);
             if let Some(p) = u.get("prompt_tokens").and_then(Value::as_u64) {
                 self.report.prompt_tokens = Some(p);
             }
         }
         if let Some(t) = v.get("timings").filter(|t| t.is_object()) {
             let f = |k: &str| t.get(k).and_then(Value::as_f64);
-            self.timings_tokens = t.get("predicted_n").and_then(Value::as_u64).or(self.timings_tokens);
-            self.report.prompt_tokens = t.get("prompt_n").and_then(Value::as_u64).or(self.report.prompt_tokens);
+            self.timings_tokens = t
+                .get("predicted_n")
+                .and_then(Value::as_u64)
+                .or(self.timings_tokens);
+            self.report.prompt_tokens = t
+                .get("prompt_n")
+                .and_then(Value::as_u64)
+                .or(self.report.prompt_tokens);
             self.report.gen_ms = f("predicted_ms").or(self.report.gen_ms);
             self.report.prompt_ms = f("prompt_ms").or(self.report.prompt_ms);
-            self.report.gen_tokens_per_s = f("predicted_per_second").or(self.report.gen_tokens_per_s);
-            self.report.prompt_tokens_per_s = f("prompt_per_second").or(self.report.prompt_tokens_per_s);
+            self.report.gen_tokens_per_s =
+                f("predicted_per_second").or(self.report.gen_tokens_per_s);
+            self.report.prompt_tokens_per_s =
+                f("prompt_per_second").or(self.report.prompt_tokens_per_s);
             if let (Some(p), Some(g)) = (self.report.prompt_ms, self.report.gen_ms) {
                 self.report.total_ms = Some(p + g);
             }
@@ -144,7 +178,11 @@ impl Backend for OpenAi {
                 .map_err(|e| ErrorBody::new(ErrorCode::EngineError, format!("{url}: {e}")))?;
             Ok(v.get("data")
                 .and_then(Value::as_array)
-                .map(|ms| ms.iter().filter_map(|m| m.get("id")?.as_str().map(str::to_string)).collect())
+                .map(|ms| {
+                    ms.iter()
+                        .filter_map(|m| m.get("id")?.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default())
         })
     }
@@ -163,7 +201,9 @@ impl Backend for OpenAi {
                 return Err(status_error(&self.base_url, &req.model, resp).await);
             }
             let mut parser = SseParser::default();
-            Ok(parse_lines(resp, self.base_url.clone(), move |l| parser.line(l)))
+            Ok(parse_lines(resp, self.base_url.clone(), move |l| {
+                parser.line(l)
+            }))
         })
     }
 }
@@ -175,21 +215,46 @@ mod tests {
     #[test]
     fn llamacpp_stream() {
         let mut p = SseParser::default();
-        assert_eq!(p.line(r#"data: {"choices":[{"text":"Hel","index":0,"finish_reason":null}]}"#).unwrap(), vec![Item::Text { text: "Hel".into(), tokens: None }]);
+        assert_eq!(
+            p.line(r#"data: {"choices":[{"text":"Hel","index":0,"finish_reason":null}]}"#)
+                .unwrap(),
+            vec![Item::Text {
+                text: "Hel".into(),
+                tokens: None
+            }]
+        );
         assert!(p.line("").unwrap().is_empty());
         p.line(r#"data: {"choices":[{"text":"","finish_reason":"length"}],"usage":{"completion_tokens":9,"prompt_tokens":4},"timings":{"prompt_n":4,"prompt_ms":10.0,"predicted_n":8,"predicted_ms":100.0,"predicted_per_second":80.0,"prompt_per_second":400.0}}"#).unwrap();
-        let Item::Final(r) = p.line("data: [DONE]").unwrap().remove(0) else { panic!() };
+        let Item::Final(r) = p.line("data: [DONE]").unwrap().remove(0) else {
+            panic!()
+        };
         assert_eq!(r.gen_tokens, Some((8, TokenCountSource::LlamacppTimings)));
-        assert_eq!((r.prompt_tokens, r.done_reason.as_deref(), r.total_ms), (Some(4), Some("length"), Some(110.0)));
+        assert_eq!(
+            (r.prompt_tokens, r.done_reason.as_deref(), r.total_ms),
+            (Some(4), Some("length"), Some(110.0))
+        );
     }
 
     #[test]
     fn usage_only_and_chat() {
         let mut p = SseParser::default();
-        assert_eq!(p.line(r#"data: {"choices":[{"delta":{"content":"x"}}]}"#).unwrap().len(), 1);
-        p.line(r#"data: {"choices":[],"usage":{"completion_tokens":3,"prompt_tokens":2}}"#).unwrap();
-        let Item::Final(r) = p.line("data: [DONE]").unwrap().remove(0) else { panic!() };
+        assert_eq!(
+            p.line(r#"data: {"choices":[{"delta":{"content":"x"}}]}"#)
+                .unwrap()
+                .len(),
+            1
+        );
+        p.line(r#"data: {"choices":[],"usage":{"completion_tokens":3,"prompt_tokens":2}}"#)
+            .unwrap();
+        let Item::Final(r) = p.line("data: [DONE]").unwrap().remove(0) else {
+            panic!()
+        };
         assert_eq!(r.gen_tokens, Some((3, TokenCountSource::OpenaiUsage)));
-        assert_eq!(p.line(r#"data: {"error":{"message":"boom"}}"#).unwrap_err().code, ErrorCode::EngineError);
+        assert_eq!(
+            p.line(r#"data: {"error":{"message":"boom"}}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::EngineError
+        );
     }
 }

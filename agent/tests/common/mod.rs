@@ -16,7 +16,9 @@ pub use bench_nats::harness::{LlamaServer, NatsServer, ENGINE_MODEL};
 pub const WAIT: Duration = Duration::from_secs(60);
 
 pub async fn within<T>(what: &str, d: Duration, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(d, f).await.unwrap_or_else(|_| panic!("timed out after {d:?} waiting for {what}"))
+    tokio::time::timeout(d, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {d:?} waiting for {what}"))
 }
 
 pub fn config(yaml: &str, nats_url: &str) -> Config {
@@ -53,19 +55,34 @@ pub async fn start_agent(cfg: Config, nats_url: &str) -> TestAgent {
         .await
         .unwrap_or_else(|e| panic!("connect {nats_url}: {e}"));
     let token = CancellationToken::new();
-    let handle = within("agent start", WAIT, bench_agent::start(cfg, client, token.clone()))
-        .await
-        .expect("agent starts");
-    TestAgent { handle: Some(handle), token }
+    let handle = within(
+        "agent start",
+        WAIT,
+        bench_agent::start(cfg, client, token.clone()),
+    )
+    .await
+    .expect("agent starts");
+    TestAgent {
+        handle: Some(handle),
+        token,
+    }
 }
 
 pub async fn client(url: &str) -> async_nats::Client {
-    within("nats connect", WAIT, async_nats::connect(url)).await.expect("test client connects")
+    within("nats connect", WAIT, async_nats::connect(url))
+        .await
+        .expect("test client connects")
 }
 
 /// Sends `job` (raw bytes) as a request and parses the reply.
-pub async fn request(c: &async_nats::Client, subject: String, body: impl Into<bytes::Bytes>) -> JobReply {
-    let msg = within("job reply", WAIT, c.request(subject, body.into())).await.expect("request answered");
+pub async fn request(
+    c: &async_nats::Client,
+    subject: String,
+    body: impl Into<bytes::Bytes>,
+) -> JobReply {
+    let msg = within("job reply", WAIT, c.request(subject, body.into()))
+        .await
+        .expect("request answered");
     serde_json::from_slice(&msg.payload).unwrap_or_else(|e| panic!("reply {:?}: {e}", msg.payload))
 }
 
@@ -77,14 +94,22 @@ pub struct Events {
 
 impl Events {
     pub async fn watch(c: &async_nats::Client, job_id: &str) -> Self {
-        let sub = c.subscribe(subjects::events(job_id)).await.expect("subscribe");
+        let sub = c
+            .subscribe(subjects::events(job_id))
+            .await
+            .expect("subscribe");
         c.flush().await.expect("flush");
-        Self { sub, seen: Vec::new() }
+        Self {
+            sub,
+            seen: Vec::new(),
+        }
     }
 
     /// Waits for the next event.
     pub async fn next(&mut self) -> Event {
-        let msg = within("next event", WAIT, self.sub.next()).await.expect("subscription open");
+        let msg = within("next event", WAIT, self.sub.next())
+            .await
+            .expect("subscription open");
         let e: Event = serde_json::from_slice(&msg.payload).expect("event parses");
         self.seen.push(e.clone());
         e
@@ -102,7 +127,8 @@ impl Events {
 
     /// Waits for the terminal event of `machine_id`.
     pub async fn terminal(&mut self, machine_id: &str) -> Event {
-        self.until(|e| e.machine_id == machine_id && e.kind.is_terminal()).await
+        self.until(|e| e.machine_id == machine_id && e.kind.is_terminal())
+            .await
     }
 
     pub fn types(&self) -> Vec<&'static str> {
@@ -121,7 +147,8 @@ impl Events {
 }
 
 pub fn job_json(model: &str, extra: serde_json::Value) -> Vec<u8> {
-    let mut v = serde_json::json!({"model": model, "prompt": "The capital of France is", "max_tokens": 16});
+    let mut v =
+        serde_json::json!({"model": model, "prompt": "The capital of France is", "max_tokens": 16});
     if let serde_json::Value::Object(m) = extra {
         for (k, val) in m {
             v[k] = val;

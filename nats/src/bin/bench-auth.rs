@@ -28,8 +28,11 @@ fn write_secret(path: &Path, text: &str) -> Result<(), String> {
     opts.write(true).create_new(true);
     #[cfg(unix)]
     opts.mode(0o600);
-    let mut f = opts.open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    f.write_all(text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+    let mut f = opts
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn render(dir: &Path) -> Result<(), String> {
@@ -43,8 +46,14 @@ fn render(dir: &Path) -> Result<(), String> {
         .collect();
     entries.sort();
     for path in entries {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if let Some(id) = name.strip_prefix("agent-").and_then(|n| n.strip_suffix(".nk")) {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if let Some(id) = name
+            .strip_prefix("agent-")
+            .and_then(|n| n.strip_suffix(".nk"))
+        {
             agents.push((id.to_string(), load_or_create(&path)?.public));
         }
     }
@@ -62,8 +71,15 @@ fn run(args: &[String]) -> Result<(), String> {
             load_or_create(&seed_file)?;
             render(&dir)?;
             let abs = std::fs::canonicalize(&seed_file).map_err(|e| e.to_string())?;
-            println!("# add to agent {id}'s config (and copy {} to that machine):", abs.display());
-            println!("nats:\n  nkey_seed_file: \"{}\"\n  inbox_prefix: \"{}\"", abs.display(), agent_inbox_prefix(id));
+            println!(
+                "# add to agent {id}'s config (and copy {} to that machine):",
+                abs.display()
+            );
+            println!(
+                "nats:\n  nkey_seed_file: \"{}\"\n  inbox_prefix: \"{}\"",
+                abs.display(),
+                agent_inbox_prefix(id)
+            );
             Ok(())
         }
         [cmd, dir] if cmd == "render" => render(Path::new(dir)),
