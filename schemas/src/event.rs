@@ -61,7 +61,10 @@ impl EventKind {
 
     /// True for the last event a machine sends for a job.
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::JobDone(_) | Self::JobError(_) | Self::JobCancelled(_))
+        matches!(
+            self,
+            Self::JobDone(_) | Self::JobError(_) | Self::JobCancelled(_)
+        )
     }
 }
 

@@ -23,7 +23,11 @@ pub struct IdError {
 
 impl fmt::Display for IdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid {} {:?}: {}", self.field, self.value, self.reason)
+        write!(
+            f,
+            "invalid {} {:?}: {}",
+            self.field, self.value, self.reason
+        )
     }
 }
 
@@ -34,12 +38,17 @@ fn err(field: &'static str, value: &str, reason: impl Into<String>) -> IdError {
     if shown.len() < value.len() {
         shown.push('…');
     }
-    IdError { field, value: shown, reason: reason.into() }
+    IdError {
+        field,
+        value: shown,
+        reason: reason.into(),
+    }
 }
 
 /// `^[a-z0-9][a-z0-9_-]{0,63}$`, and not the reserved `all`.
 pub fn validate_machine_id(id: &str) -> Result<(), IdError> {
-    const RULE: &str = "use 1-64 characters from a-z, 0-9, '_' and '-', starting with a letter or digit";
+    const RULE: &str =
+        "use 1-64 characters from a-z, 0-9, '_' and '-', starting with a letter or digit";
     let bytes = id.as_bytes();
     if bytes.is_empty() || bytes.len() > MACHINE_ID_MAX {
         return Err(err("machine_id", id, RULE));
@@ -52,7 +61,11 @@ pub fn validate_machine_id(id: &str) -> Result<(), IdError> {
         return Err(err("machine_id", id, RULE));
     }
     if id == RESERVED_ALL {
-        return Err(err("machine_id", id, "'all' is reserved for the fleet broadcast"));
+        return Err(err(
+            "machine_id",
+            id,
+            "'all' is reserved for the fleet broadcast",
+        ));
     }
     Ok(())
 }
@@ -62,11 +75,17 @@ pub fn validate_job_id(id: &str) -> Result<(), IdError> {
     let bytes = id.as_bytes();
     let ok = !bytes.is_empty()
         && bytes.len() <= JOB_ID_MAX
-        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-');
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-');
     if ok {
         Ok(())
     } else {
-        Err(err("job_id", id, "use 1-128 characters from A-Z, a-z, 0-9, '_' and '-'"))
+        Err(err(
+            "job_id",
+            id,
+            "use 1-128 characters from A-Z, a-z, 0-9, '_' and '-'",
+        ))
     }
 }
 
@@ -79,14 +98,31 @@ mod tests {
         for good in ["a", "mac-mini", "rtx_4090", "0box", &"x".repeat(64)] {
             assert!(validate_machine_id(good).is_ok(), "{good}");
         }
-        for bad in ["", "all", "Mac", "a.b", "a*", "a>", "a b", "-a", "_a", "ü", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "all",
+            "Mac",
+            "a.b",
+            "a*",
+            "a>",
+            "a b",
+            "-a",
+            "_a",
+            "ü",
+            &"x".repeat(65),
+        ] {
             assert!(validate_machine_id(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn job_ids() {
-        for good in ["j1", "A-b_C", "0b6c1e0e-3f3a-4c7e-9a53-0d4b1b8f7a11", &"x".repeat(128)] {
+        for good in [
+            "j1",
+            "A-b_C",
+            "0b6c1e0e-3f3a-4c7e-9a53-0d4b1b8f7a11",
+            &"x".repeat(128),
+        ] {
             assert!(validate_job_id(good).is_ok(), "{good}");
         }
         for bad in ["", "a.b", "*", ">", "a b", "a\tb", "ä", &"x".repeat(129)] {

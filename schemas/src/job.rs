@@ -152,7 +152,12 @@ pub struct JobLimits {
 
 impl Default for JobLimits {
     fn default() -> Self {
-        Self { max_prompt_bytes: 64 * 1024, max_tokens: 8192, max_runs: 100, max_num_ctx: 1 << 20 }
+        Self {
+            max_prompt_bytes: 64 * 1024,
+            max_tokens: 8192,
+            max_runs: 100,
+            max_num_ctx: 1 << 20,
+        }
     }
 }
 
@@ -191,7 +196,10 @@ impl Job {
         if self.test_type != crate::TEST_LLM_GENERATE {
             return bad(
                 ErrorCode::UnknownTestType,
-                format!("test_type {:?} is not supported; use \"llm_generate\"", self.test_type),
+                format!(
+                    "test_type {:?} is not supported; use \"llm_generate\"",
+                    self.test_type
+                ),
             );
         }
         if self.model.trim().is_empty() {
@@ -213,16 +221,25 @@ impl Job {
         if self.max_tokens == 0 || self.max_tokens > limits.max_tokens {
             return bad(
                 ErrorCode::InvalidMaxTokens,
-                format!("max_tokens must be 1..={}, got {}", limits.max_tokens, self.max_tokens),
+                format!(
+                    "max_tokens must be 1..={}, got {}",
+                    limits.max_tokens, self.max_tokens
+                ),
             );
         }
         if !(self.temperature.is_finite() && (0.0..=5.0).contains(&self.temperature)) {
-            return bad(ErrorCode::InvalidJob, format!("temperature must be 0..=5, got {}", self.temperature));
+            return bad(
+                ErrorCode::InvalidJob,
+                format!("temperature must be 0..=5, got {}", self.temperature),
+            );
         }
         if self.num_ctx == 0 || self.num_ctx > limits.max_num_ctx {
             return bad(
                 ErrorCode::InvalidJob,
-                format!("num_ctx must be 1..={}, got {}", limits.max_num_ctx, self.num_ctx),
+                format!(
+                    "num_ctx must be 1..={}, got {}",
+                    limits.max_num_ctx, self.num_ctx
+                ),
             );
         }
         if self.repeat == 0 || self.repeat.saturating_add(self.warmup) > limits.max_runs {
@@ -241,7 +258,10 @@ impl Job {
             }
         }
         if self.start == StartMode::Together && self.start_at_ms.is_none() {
-            return bad(ErrorCode::InvalidJob, "start \"together\" needs start_at_ms".into());
+            return bad(
+                ErrorCode::InvalidJob,
+                "start \"together\" needs start_at_ms".into(),
+            );
         }
         Ok(())
     }
@@ -260,31 +280,48 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused() {
-        let e = serde_json::from_str::<Job>(r#"{"model":"m","prompt":"p","max_token":5}"#).unwrap_err();
+        let e =
+            serde_json::from_str::<Job>(r#"{"model":"m","prompt":"p","max_token":5}"#).unwrap_err();
         assert!(e.to_string().contains("max_token"), "{e}");
     }
 
     #[test]
     fn validation_codes() {
-        let l = JobLimits { max_prompt_bytes: 10, ..JobLimits::default() };
+        let l = JobLimits {
+            max_prompt_bytes: 10,
+            ..JobLimits::default()
+        };
         let code = |f: &dyn Fn(&mut Job)| {
             let mut j = Job::new("m", "p");
             f(&mut j);
             j.validate(&l).unwrap_err().code
         };
-        assert_eq!(code(&|j| j.job_id = Some("a.b".into())), ErrorCode::InvalidId);
-        assert_eq!(code(&|j| j.test_type = "whisper".into()), ErrorCode::UnknownTestType);
+        assert_eq!(
+            code(&|j| j.job_id = Some("a.b".into())),
+            ErrorCode::InvalidId
+        );
+        assert_eq!(
+            code(&|j| j.test_type = "whisper".into()),
+            ErrorCode::UnknownTestType
+        );
         assert_eq!(code(&|j| j.model = " ".into()), ErrorCode::MissingModel);
-        assert_eq!(code(&|j| j.prompt = "x".repeat(11)), ErrorCode::PromptTooLarge);
+        assert_eq!(
+            code(&|j| j.prompt = "x".repeat(11)),
+            ErrorCode::PromptTooLarge
+        );
         assert_eq!(code(&|j| j.max_tokens = 0), ErrorCode::InvalidMaxTokens);
-        assert_eq!(code(&|j| j.max_tokens = 1_000_000), ErrorCode::InvalidMaxTokens);
+        assert_eq!(
+            code(&|j| j.max_tokens = 1_000_000),
+            ErrorCode::InvalidMaxTokens
+        );
         assert_eq!(code(&|j| j.repeat = 0), ErrorCode::InvalidJob);
         assert_eq!(code(&|j| j.temperature = f64::NAN), ErrorCode::InvalidJob);
     }
 
     #[test]
     fn selectors() {
-        let labels: BTreeMap<String, String> = [("accelerator".to_string(), "nvidia".to_string())].into();
+        let labels: BTreeMap<String, String> =
+            [("accelerator".to_string(), "nvidia".to_string())].into();
         let s: Selector = serde_json::from_str(r#"{"accelerator":"nvidia"}"#).unwrap();
         assert!(s.matches("x", &labels));
         assert!(!s.matches("x", &BTreeMap::new()));

@@ -105,13 +105,24 @@ impl Stats {
         v.sort_by(f64::total_cmp);
         let n = v.len();
         let mean = v.iter().sum::<f64>() / n as f64;
-        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
         let stdev = if n > 1 {
             (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
         } else {
             0.0
         };
-        Some(Self { n: n as u32, median, mean, stdev, min: v[0], max: v[n - 1] })
+        Some(Self {
+            n: n as u32,
+            median,
+            mean,
+            stdev,
+            min: v[0],
+            max: v[n - 1],
+        })
     }
 }
 
@@ -126,7 +137,11 @@ pub fn percentiles(samples: &[f64]) -> Option<Percentiles> {
         let i = ((p / 100.0) * v.len() as f64).ceil() as usize;
         v[i.clamp(1, v.len()) - 1]
     };
-    Some(Percentiles { p50: rank(50.0), p90: rank(90.0), p99: rank(99.0) })
+    Some(Percentiles {
+        p50: rank(50.0),
+        p90: rank(90.0),
+        p99: rank(99.0),
+    })
 }
 
 /// The summary of a job's measured repeats on one machine.
@@ -152,7 +167,9 @@ impl Summary {
     /// Summarises the non-warmup repeats.
     pub fn of(runs: &[Metrics]) -> Self {
         let measured: Vec<&Metrics> = runs.iter().filter(|m| !m.warmup).collect();
-        let over = |f: &dyn Fn(&Metrics) -> Option<f64>| Stats::from_samples(measured.iter().filter_map(|m| f(m)));
+        let over = |f: &dyn Fn(&Metrics) -> Option<f64>| {
+            Stats::from_samples(measured.iter().filter_map(|m| f(m)))
+        };
         Self {
             repeats: measured.len() as u32,
             ttft_ms: over(&|m| Some(m.ttft_ms)),
@@ -172,7 +189,10 @@ mod tests {
     #[test]
     fn stats() {
         let s = Stats::from_samples([4.0, 1.0, 3.0, 2.0]).unwrap();
-        assert_eq!((s.n, s.median, s.mean, s.min, s.max), (4, 2.5, 2.5, 1.0, 4.0));
+        assert_eq!(
+            (s.n, s.median, s.mean, s.min, s.max),
+            (4, 2.5, 2.5, 1.0, 4.0)
+        );
         assert!((s.stdev - 1.2909944487358056).abs() < 1e-12);
         let one = Stats::from_samples([7.0]).unwrap();
         assert_eq!((one.median, one.stdev), (7.0, 0.0));

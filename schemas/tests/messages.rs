@@ -8,7 +8,9 @@ use serde_json::Value;
 use std::path::Path;
 
 fn load<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(name: &str) -> T {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("messages").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("messages")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let value: T = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
     // Round trip through JSON text and compare as values, and as typed values.
@@ -17,7 +19,11 @@ fn load<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(name: &st
     let raw: Value = serde_json::from_str(&text).unwrap();
     let emitted: Value = serde_json::to_value(&value).unwrap();
     for (k, v) in raw.as_object().unwrap() {
-        assert_eq!(emitted.get(k), Some(v), "{name}: field {k} changed in the round trip");
+        assert_eq!(
+            emitted.get(k),
+            Some(v),
+            "{name}: field {k} changed in the round trip"
+        );
     }
     value
 }
@@ -54,10 +60,15 @@ fn events() {
     for (file, ty) in names {
         let e: Event = load(file);
         assert_eq!(e.kind.name(), ty, "{file}");
-        assert_eq!(e.kind.is_terminal(), matches!(ty, "job_done" | "job_error" | "job_cancelled"));
+        assert_eq!(
+            e.kind.is_terminal(),
+            matches!(ty, "job_done" | "job_error" | "job_cancelled")
+        );
     }
     let done: Event = load("event_job_done.json");
-    let EventKind::JobDone(d) = done.kind else { panic!() };
+    let EventKind::JobDone(d) = done.kind else {
+        panic!()
+    };
     assert_eq!(d.summary.repeats, d.repeats.len() as u32);
 }
 
