@@ -365,6 +365,9 @@ async fn apply_batch(shared: &Shared, batch: &[jetstream::Message]) -> bool {
 /// Indexes `BENCH_EVENTS` until shutdown.
 pub async fn run(shared: Arc<Shared>, mut consumer: jetstream::consumer::PullConsumer) {
     let shutdown = shared.shutdown.clone();
+    // Grows while batches cannot be stored or acknowledged (NATS away, missing permissions),
+    // so a persistent failure does not turn into a redelivery storm.
+    let mut backoff = Duration::ZERO;
     'outer: loop {
         let mut messages = match consumer.messages().await {
             Ok(m) => m,
@@ -399,11 +402,18 @@ pub async fn run(shared: Arc<Shared>, mut consumer: jetstream::consumer::PullCon
                     _ => break,
                 }
             }
-            if !apply_batch(&shared, &batch).await {
+            if apply_batch(&shared, &batch).await {
+                backoff = Duration::ZERO;
+            } else {
                 if shutdown.is_cancelled() {
                     break 'outer;
                 }
                 drop(messages);
+                backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'outer,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
                 match crate::store::open_indexer(&shared.stream).await {
                     Ok(c) => consumer = c,
                     Err(e) => {
