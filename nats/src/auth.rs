@@ -84,6 +84,8 @@ pub fn central_permissions() -> String {
         format!("{}.jobs.*", subjects::PREFIX),
         format!("{}.cancel.*", subjects::PREFIX),
         "$JS.API.>".to_string(),
+        // The indexer acknowledges what it stored in the jobs bucket.
+        "$JS.ACK.>".to_string(),
         "$KV.>".to_string(),
         "$SRV.>".to_string(),
     ];

@@ -112,6 +112,10 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
         .tcp_nodelay(true)
+        // No pooled connections: llama-server closes kept-alive ones under us (a reused one failed
+        // ~1 run in 5 with "error sending request"), and a fresh connection per run keeps TTFT
+        // comparable between runs.
+        .pool_max_idle_per_host(0)
         .build()
         .expect("http client")
 }
