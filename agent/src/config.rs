@@ -343,7 +343,8 @@ impl Config {
             ));
         }
         let mock = raw.mock.clone().unwrap_or_default();
-        if !(mock.tokens_per_s.is_finite() && mock.tokens_per_s > 0.0) || !(mock.ttft_ms >= 0.0) {
+        let pace_ok = mock.tokens_per_s.is_finite() && mock.tokens_per_s > 0.0;
+        if !pace_ok || mock.ttft_ms.is_nan() || mock.ttft_ms < 0.0 {
             return Err(err(
                 "mock",
                 "tokens_per_s must be > 0 and ttft_ms >= 0".into(),

@@ -196,17 +196,15 @@ pub async fn start(
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
 
-    let listener = tokio::net::TcpListener::bind((
-        shared.cfg.bind_host.as_str(),
-        shared.cfg.bind_port,
-    ))
-    .await
-    .with_context(|| {
-        format!(
+    let listener =
+        tokio::net::TcpListener::bind((shared.cfg.bind_host.as_str(), shared.cfg.bind_port))
+            .await
+            .with_context(|| {
+                format!(
             "binding the local HTTP port {}:{} (bind_host/bind_port, AGENT_HOST/AGENT_PORT)",
             shared.cfg.bind_host, shared.cfg.bind_port
         )
-    })?;
+            })?;
     let http_addr = listener.local_addr()?;
 
     let worker = tokio::spawn(runner::worker(shared.clone(), shutdown.clone()));

@@ -129,7 +129,7 @@ impl Batch {
         ctx.emit(EventKind::LlmToken(Token {
             repeat_index: index,
             text: std::mem::take(&mut self.text),
-            tokens: std::mem::replace(&mut self.tokens, Some(0)),
+            tokens: self.tokens.replace(0),
             t_ms: self.t_ms,
         }));
         self.flush_at = None;

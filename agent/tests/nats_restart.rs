@@ -56,7 +56,7 @@ async fn nats_restart_mid_job_loses_nothing_and_duplicates_nothing() {
     .await;
     assert!(r.accepted, "{r:?}");
     // Restart while tokens are streaming.
-    ev.until(|e| matches!(&e.kind, EventKind::LlmToken(t) if t.text.len() > 0))
+    ev.until(|e| matches!(&e.kind, EventKind::LlmToken(t) if !t.text.is_empty()))
         .await;
     ev.until(|e| e.seq >= 10).await;
     nats.restart();

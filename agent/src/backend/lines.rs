@@ -34,25 +34,6 @@ impl LineSplitter {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splits_across_chunks_and_utf8() {
-        let mut s = LineSplitter::default();
-        let text = "{\"a\":\"é\"}\r\n{\"b\":1}\npartial";
-        let bytes = text.as_bytes();
-        let mut lines = Vec::new();
-        for b in bytes.chunks(3) {
-            lines.extend(s.push(b));
-        }
-        assert_eq!(lines, vec!["{\"a\":\"é\"}", "{\"b\":1}"]);
-        assert_eq!(s.finish().as_deref(), Some("partial"));
-        assert_eq!(s.finish(), None);
-    }
-}
-
 use super::{body_error, Item, ItemStream};
 use bench_schemas::{ErrorBody, ErrorCode};
 use futures::StreamExt;
@@ -144,4 +125,23 @@ where
         }
     })
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_across_chunks_and_utf8() {
+        let mut s = LineSplitter::default();
+        let text = "{\"a\":\"é\"}\r\n{\"b\":1}\npartial";
+        let bytes = text.as_bytes();
+        let mut lines = Vec::new();
+        for b in bytes.chunks(3) {
+            lines.extend(s.push(b));
+        }
+        assert_eq!(lines, vec!["{\"a\":\"é\"}", "{\"b\":1}"]);
+        assert_eq!(s.finish().as_deref(), Some("partial"));
+        assert_eq!(s.finish(), None);
+    }
 }
