@@ -76,6 +76,11 @@ pub struct RawConfig {
     pub events_max_age_days: Option<f64>,
     /// Cap the event stream at this many bytes.
     pub events_max_bytes: Option<i64>,
+    /// When set, mutating API calls need `Authorization: Bearer <token>` (`CENTRAL_API_TOKEN`).
+    pub api_token: Option<String>,
+    /// Origins other pages may call the API from (CORS). Empty: same origin only.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
 }
 
 /// A machine from `machines.yaml`, validated.
@@ -118,6 +123,10 @@ pub struct Config {
     pub sse_buffer: usize,
     /// SSE keep-alive period.
     pub sse_keepalive: Duration,
+    /// Bearer token required by POST / DELETE under `/api/` (None: open).
+    pub api_token: Option<String>,
+    /// Allowed cross-origin callers (empty: none).
+    pub cors_origins: Vec<String>,
     /// `BENCH_EVENTS` limits.
     pub retention: EventsRetention,
 }
@@ -138,6 +147,8 @@ impl Default for Config {
             web_dir: DEFAULT_WEB_DIR.into(),
             sse_buffer: DEFAULT_SSE_BUFFER,
             sse_keepalive: Duration::from_secs_f64(DEFAULT_SSE_KEEPALIVE_S),
+            api_token: None,
+            cors_origins: Vec::new(),
             retention: EventsRetention::default(),
         }
     }
@@ -330,6 +341,24 @@ impl Config {
             retention.max_bytes = bytes;
         }
 
+        let api_token = get("CENTRAL_API_TOKEN").or(raw.api_token);
+        if api_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(err(
+                "api_token",
+                "shorter than 16 characters".into(),
+                "use a long random token, e.g. `openssl rand -hex 24`",
+            ));
+        }
+        let cors_origins = raw.cors_origins;
+        for o in &cors_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                return Err(err(
+                    "cors_origins",
+                    format!("{o:?} is not an origin"),
+                    "list origins like https://dash.example.org (scheme, host, optional port; no path)",
+                ));
+            }
+        }
         Ok(Self {
             source: path.to_path_buf(),
             machines,
@@ -351,6 +380,8 @@ impl Config {
             sse_buffer,
             sse_keepalive: d.sse_keepalive,
             retention,
+            api_token,
+            cors_origins,
         })
     }
 }

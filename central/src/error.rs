@@ -56,6 +56,9 @@ pub enum ApiError {
     /// A machine central has never heard of.
     #[error("unknown machine {0:?}: it is neither in machines.yaml nor in the agent registry")]
     UnknownMachine(String),
+    /// A mutating call without the configured bearer token.
+    #[error("{0}")]
+    Unauthorized(String),
     /// No such job.
     #[error("{0}")]
     NotFound(String),
@@ -77,6 +80,7 @@ impl ApiError {
             Self::InvalidId(_) => "invalid_id",
             Self::InvalidJob(_) => "invalid_job",
             Self::UnknownMachine(_) => "unknown_machine",
+            Self::Unauthorized(_) => "unauthorized",
             Self::NotFound(_) => "not_found",
             Self::Nats(_) => "nats_unavailable",
             Self::Internal(_) => "internal",
@@ -92,6 +96,7 @@ impl ApiError {
             | Self::UnknownMachine(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::InvalidJob(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Nats(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -113,7 +118,14 @@ impl IntoResponse for ApiError {
             tracing::debug!(code = self.code(), error = %self, "request refused");
         }
         let body = serde_json::json!({"error": ErrorInfo::new(self.code(), self.to_string())});
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
     }
 }
 

@@ -8,11 +8,13 @@
 //! `BENCH_EVENTS`; [`index`] consumes them in batches into [`record::JobRecord`]s (memory + KV,
 //! idempotent by per-machine `seq`), fans each one out on the [`hub`], queues finished jobs for
 //! [`results`] (`results/runs/<job_id>/`) and fails machines that went silent. [`compare`]
-//! ranks machines; [`api`] serves the REST endpoints and [`sse`] the event streams, replaying
+//! ranks machines; [`api`] serves the REST endpoints (guarded by [`auth`]: bearer token, CORS)
+//! and [`sse`] the event streams, replaying
 //! from the stream via [`replay`]. [`metrics`] renders `/metrics`; [`error`] maps failures to
 //! HTTP. Nothing here calls an agent directly: everything goes through NATS.
 
 pub mod api;
+pub mod auth;
 pub mod compare;
 pub mod config;
 pub mod dispatch;
@@ -89,6 +91,11 @@ pub fn app(state: AppState) -> Router {
         .route("/api/events", get(sse::all_events))
         .route("/api/{*rest}", any(api::not_found))
         .fallback(api::static_files)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        .layer(auth::cors(&state.cfg.cors_origins))
         .with_state(state)
 }
 

@@ -321,3 +321,99 @@ async fn bad_input_gets_4xx_with_a_code() {
     let (s, body) = call(&app, post_raw(&job(json!({"job_id": job_id})), json_ct)).await;
     assert_eq!((s, &body["error"]["code"]), (400, &json!("bad_request")));
 }
+
+#[tokio::test]
+async fn bearer_token_guards_changes_and_cors_is_closed_by_default() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = central_config(&nats.url(), dir.path());
+    cfg.api_token = Some("s3cret-token-0123456789".into());
+    let central = start_central(cfg).await;
+    let app = bench_central::app(central.state());
+    let body = json!({"machines": ["nobody"], "model": "m", "prompt": "hi"}).to_string();
+    let with = |auth: Option<&str>| {
+        let mut b = Request::post("/api/jobs").header(header::CONTENT_TYPE, "application/json");
+        if let Some(a) = auth {
+            b = b.header(header::AUTHORIZATION, a);
+        }
+        b.body(Body::from(body.clone())).unwrap()
+    };
+    let (status, v) = call(&app, with(None)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{v}"
+    );
+    let (status, _) = call(&app, with(Some("Bearer wrong-token-0123456789"))).await;
+    assert_eq!(status, 401);
+    // With the token the request reaches the handler (which refuses the unknown machine).
+    let (status, v) = call(&app, with(Some("Bearer s3cret-token-0123456789"))).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("unknown_machine")),
+        "{v}"
+    );
+    let del = Request::delete("/api/jobs/some-job")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(call(&app, del).await.0, 401);
+    // Reads stay open.
+    assert_eq!(call(&app, get_req("/api/jobs")).await.0, 200);
+
+    // No CORS headers for a foreign origin, and a preflight grants nothing.
+    let req = Request::get("/api/machines")
+        .header(header::ORIGIN, "https://evil.example")
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert!(resp
+        .headers()
+        .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        .is_none());
+    let pre = Request::options("/api/jobs")
+        .header(header::ORIGIN, "https://evil.example")
+        .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.clone().oneshot(pre).await.unwrap();
+    assert!(resp
+        .headers()
+        .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        .is_none());
+}
+
+#[tokio::test]
+async fn cors_allows_only_configured_origins() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = central_config(&nats.url(), dir.path());
+    cfg.cors_origins = vec!["https://dash.example.org".into()];
+    let central = start_central(cfg).await;
+    let app = bench_central::app(central.state());
+    let origin = |o: &'static str| {
+        Request::get("/api/machines")
+            .header(header::ORIGIN, o)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let resp = app
+        .clone()
+        .oneshot(origin("https://dash.example.org"))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()
+            .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .map(|v| v.to_str().unwrap()),
+        Some("https://dash.example.org")
+    );
+    let resp = app
+        .clone()
+        .oneshot(origin("https://evil.example"))
+        .await
+        .unwrap();
+    assert!(resp
+        .headers()
+        .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        .is_none());
+}

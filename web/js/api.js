@@ -8,8 +8,14 @@ export class ApiError extends Error {
   }
 }
 
-async function call(method, path, body) {
+// A central started with api_token wants `Authorization: Bearer <token>` on changes. The page
+// asks for it once (on the first 401) and keeps it in localStorage.
+const TOKEN_KEY = 'bench-race.api-token';
+
+async function call(method, path, body, retried = false) {
   const init = { method, headers: { Accept: 'application/json' } };
+  const token = localStorage.getItem(TOKEN_KEY);
+  if (method !== 'GET' && token) init.headers.Authorization = 'Bearer ' + token;
   if (body !== undefined) {
     init.headers['Content-Type'] = 'application/json';
     init.body = JSON.stringify(body);
@@ -19,6 +25,13 @@ async function call(method, path, body) {
     res = await fetch(path, init);
   } catch (e) {
     throw new ApiError(0, 'network', 'central is unreachable (' + e.message + ')');
+  }
+  if (res.status === 401 && method !== 'GET' && !retried) {
+    const given = window.prompt('This central requires an API token for changes (its api_token):');
+    if (given) {
+      localStorage.setItem(TOKEN_KEY, given.trim());
+      return call(method, path, body, true);
+    }
   }
   if (res.status === 204) return null;
   let doc = null;
