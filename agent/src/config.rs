@@ -1,6 +1,7 @@
 //! Agent configuration: YAML into [`RawConfig`], environment overrides, then a validated
 //! [`Config`] whose errors name the file, the key and the fix.
 
+pub use bench_nats::settings::{process_env, ConfigError, Env};
 use bench_nats::NatsConfig;
 use bench_schemas::{validate_machine_id, JobLimits};
 use serde::Deserialize;
@@ -193,28 +194,6 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Engine silence that fails a run.
     pub engine_idle_timeout: Duration,
-}
-
-/// A configuration problem, naming where and how to fix it.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {key}: {problem}. Fix: {fix}")]
-pub struct ConfigError {
-    /// The file.
-    pub file: String,
-    /// The key (or `-` for the whole file).
-    pub key: String,
-    /// What is wrong.
-    pub problem: String,
-    /// What to do.
-    pub fix: String,
-}
-
-/// Environment the config reads, passed in so tests don't touch the process environment.
-pub type Env = BTreeMap<String, String>;
-
-/// The process environment as an [`Env`].
-pub fn process_env() -> Env {
-    std::env::vars().collect()
 }
 
 impl Config {

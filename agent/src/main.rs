@@ -37,7 +37,7 @@ async fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(signal(shutdown.clone()));
+    tokio::spawn(bench_nats::settings::cancel_on_signal(shutdown.clone()));
     match bench_agent::run(cfg, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -45,17 +45,4 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    token.cancel();
 }

@@ -1,11 +1,11 @@
 //! Central configuration: `machines.yaml` (optional) into [`RawConfig`], environment overrides,
 //! then a validated [`Config`] whose errors name the file, the key and the fix.
 
+pub use bench_nats::settings::{process_env, ConfigError, Env};
 use bench_nats::streams::EventsRetention;
 use bench_nats::NatsConfig;
 use bench_schemas::validate_machine_id;
 use serde::Deserialize;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -152,28 +152,6 @@ impl Default for Config {
             retention: EventsRetention::default(),
         }
     }
-}
-
-/// A configuration problem, naming where and how to fix it.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {key}: {problem}. Fix: {fix}")]
-pub struct ConfigError {
-    /// The file (or `environment`).
-    pub file: String,
-    /// The key.
-    pub key: String,
-    /// What is wrong.
-    pub problem: String,
-    /// What to do.
-    pub fix: String,
-}
-
-/// Environment the config reads, passed in so tests don't touch the process environment.
-pub type Env = BTreeMap<String, String>;
-
-/// The process environment as an [`Env`].
-pub fn process_env() -> Env {
-    std::env::vars().collect()
 }
 
 impl Config {

@@ -37,7 +37,7 @@ async fn main() -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(signal(shutdown.clone()));
+    tokio::spawn(bench_nats::settings::cancel_on_signal(shutdown.clone()));
     match bench_central::run(cfg, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -45,11 +45,4 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn signal(token: CancellationToken) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
-    token.cancel();
 }

@@ -295,3 +295,20 @@ fn http_get_status(port: u16, path: &str) -> Option<u16> {
     let head = std::str::from_utf8(&buf[..n]).ok()?;
     head.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// Upper bound for anything a test awaits.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Awaits `f` for at most `d`; a hang is a test failure naming `what`.
+pub async fn within<T>(what: &str, d: Duration, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(d, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {d:?} waiting for {what}"))
+}
+
+/// A plain client (as any independent NATS user would connect).
+pub async fn client(url: &str) -> async_nats::Client {
+    within("nats connect", WAIT, async_nats::connect(url))
+        .await
+        .expect("test client connects")
+}

@@ -10,16 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-pub use bench_nats::harness::{LlamaServer, NatsServer, ENGINE_MODEL};
-
-/// Upper bound for anything a test awaits.
-pub const WAIT: Duration = Duration::from_secs(60);
-
-pub async fn within<T>(what: &str, d: Duration, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(d, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {d:?} waiting for {what}"))
-}
+pub use bench_nats::harness::{client, within, LlamaServer, NatsServer, ENGINE_MODEL, WAIT};
 
 pub fn config(yaml: &str, nats_url: &str) -> Config {
     let env: Env = [("NATS_URL".to_string(), nats_url.to_string())].into();
@@ -66,12 +57,6 @@ pub async fn start_agent(cfg: Config, nats_url: &str) -> TestAgent {
         handle: Some(handle),
         token,
     }
-}
-
-pub async fn client(url: &str) -> async_nats::Client {
-    within("nats connect", WAIT, async_nats::connect(url))
-        .await
-        .expect("test client connects")
 }
 
 /// Sends `job` (raw bytes) as a request and parses the reply.

@@ -11,16 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-pub use bench_nats::harness::{LlamaServer, NatsServer, ENGINE_MODEL};
-
-/// Upper bound for anything a test awaits.
-pub const WAIT: Duration = Duration::from_secs(60);
-
-pub async fn within<T>(what: &str, d: Duration, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(d, f)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {d:?} waiting for {what}"))
-}
+pub use bench_nats::harness::{client, within, LlamaServer, NatsServer, ENGINE_MODEL, WAIT};
 
 /// Polls `f` every 20 ms until it returns Some, for at most `WAIT`.
 pub async fn until<T, F, Fut>(what: &str, mut f: F) -> T
@@ -37,12 +28,6 @@ where
         }
     })
     .await
-}
-
-pub async fn client(url: &str) -> async_nats::Client {
-    within("nats connect", WAIT, async_nats::connect(url))
-        .await
-        .expect("test client connects")
 }
 
 // ---- agents ----
