@@ -118,10 +118,7 @@ impl NatsConfig {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
-            // Cap the backoff so a returning server is found within seconds, not minutes.
-            .reconnect_delay_callback(|attempts| {
-                Duration::from_millis((100 * attempts.min(20) as u64).max(100))
-            })
+            .reconnect_delay_callback(reconnect_delay)
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => tracing::info!("nats connected"),
@@ -130,6 +127,12 @@ impl NatsConfig {
                 }
             }))
     }
+}
+
+/// No wait before the first attempt (the callback also runs for it), then 100 ms more per failed
+/// attempt, capped at 2 s so a returning server is found within seconds, not minutes.
+fn reconnect_delay(attempts: usize) -> Duration {
+    Duration::from_millis(100 * (attempts.saturating_sub(1).min(20) as u64))
 }
 
 /// Connects with `cfg`, retrying in the background forever (the returned client queues
