@@ -109,7 +109,7 @@ pub fn render(shared: &crate::Shared) -> String {
     metric(
         "bench_central_events_invalid_total",
         "counter",
-        "Stream messages that were not events.",
+        "Stream messages that were not valid events (unparsable, invalid ids, or a job_id the subject does not name).",
         &[("", load(&m.events_invalid))],
     );
     metric(

@@ -44,6 +44,11 @@ impl Results {
 
 /// `results/runs/<job_id>`.
 pub fn run_dir(results_dir: &Path, job_id: &str) -> PathBuf {
+    // Ids are validated on ingest; this keeps a path out of `results/` impossible regardless.
+    assert!(
+        bench_schemas::validate_job_id(job_id).is_ok(),
+        "job id {job_id:?} reached the results writer unvalidated"
+    );
     results_dir.join("runs").join(job_id)
 }
 

@@ -152,3 +152,57 @@ async fn a_silent_machine_is_marked_failed_and_the_job_completes() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn forged_events_with_bad_ids_are_skipped_and_central_keeps_working() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let central = start_central(central_config(&nats.url(), dir.path())).await;
+    let base = central.base();
+    let js = jetstream::new(client(&nats.url()).await);
+    let forged = |job_id: &str, machine_id: &str| json!({"job_id": job_id, "machine_id": machine_id, "seq": 1, "ts_ms": 0, "type": "job_cancelled", "payload": {"reason": "x"}});
+    // Not a valid KV key; a path outside results/; a job the subject does not name; a bad machine.
+    for (subject_job, event) in [
+        ("x", forged("a b", "m")),
+        ("x", forged("/tmp/pwn", "m")),
+        ("x", forged("other-job", "m")),
+        ("y", forged("y", "../m")),
+    ] {
+        js.publish(
+            subjects::events(subject_job),
+            serde_json::to_vec(&event).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    until("the forged events counted as invalid", || async {
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .any(|l| l == "bench_central_events_invalid_total 4")
+            .then_some(())
+    })
+    .await;
+    let (_, v) = get(&base, "/api/jobs").await;
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 0, "{v}");
+    assert!(!std::path::Path::new("/tmp/pwn").exists());
+
+    // Still indexing: a real job goes through.
+    let _agent = mock_agent("after", "mock-7b", 400.0, &nats.url()).await;
+    machines_online(&base, &["after"]).await;
+    let (status, created) = post(
+        &base,
+        "/api/jobs",
+        &json!({"machines": ["after"], "model": "mock-7b", "prompt": "hi", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let done = job_finished(&base, created["job_id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "done");
+}
