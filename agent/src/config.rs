@@ -322,11 +322,11 @@ impl Config {
             ));
         }
         let mock = raw.mock.clone().unwrap_or_default();
-        let pace_ok = mock.tokens_per_s.is_finite() && mock.tokens_per_s > 0.0;
-        if !pace_ok || mock.ttft_ms.is_nan() || mock.ttft_ms < 0.0 {
+        let pace_ok = (0.01..=1e6).contains(&mock.tokens_per_s);
+        if !pace_ok || !(0.0..=600_000.0).contains(&mock.ttft_ms) {
             return Err(err(
                 "mock",
-                "tokens_per_s must be > 0 and ttft_ms >= 0".into(),
+                "tokens_per_s must be 0.01..1e6 and ttft_ms 0..600000".into(),
                 "e.g. `mock: {tokens_per_s: 50, ttft_ms: 30}`",
             ));
         }
@@ -355,17 +355,17 @@ impl Config {
             return Err(err(
                 "heartbeat_s",
                 format!("{heartbeat_s} is out of range"),
-                "use 0.1..60 (default 5)",
+                "use 0.1..60 (default 3)",
             ));
         }
         let idle = raw
             .engine_idle_timeout_s
             .unwrap_or(DEFAULT_ENGINE_IDLE_TIMEOUT_S);
-        if !(idle.is_finite() && idle > 0.0) {
+        if !(0.1..=86_400.0).contains(&idle) {
             return Err(err(
                 "engine_idle_timeout_s",
                 format!("{idle} is out of range"),
-                "use a positive number of seconds",
+                "use 0.1..86400 seconds (default 120)",
             ));
         }
 
@@ -376,7 +376,11 @@ impl Config {
             max_runs: raw.limits.max_runs.unwrap_or(d.max_runs),
             max_num_ctx: raw.limits.max_num_ctx.unwrap_or(d.max_num_ctx),
         };
-        if limits.max_prompt_bytes == 0 || limits.max_tokens == 0 || limits.max_runs == 0 {
+        if limits.max_prompt_bytes == 0
+            || limits.max_tokens == 0
+            || limits.max_runs == 0
+            || raw.limits.max_queue == Some(0)
+        {
             return Err(err(
                 "limits",
                 "limits must be positive".into(),
@@ -472,6 +476,17 @@ mod tests {
         assert_eq!(e.key, "openai_base_url");
         let e = parse("machine_id: a\n", &[("BENCH_STREAM_FLUSH_SECONDS", "soon")]).unwrap_err();
         assert_eq!(e.key, "BENCH_STREAM_FLUSH_SECONDS");
+        for bad in [
+            "mock: {tokens_per_s: 1.0e-30}",
+            "mock: {ttft_ms: 1.0e12}",
+            "engine_idle_timeout_s: 1.0e20",
+            "limits: {max_queue: 0}",
+        ] {
+            assert!(
+                parse(&format!("machine_id: a\n{bad}\n"), &[]).is_err(),
+                "{bad}"
+            );
+        }
         let e = parse("machine_id: a\nengine: gpt\n", &[]).unwrap_err();
         assert!(e.problem.contains("gpt"), "{e}");
     }

@@ -69,18 +69,20 @@ pub async fn handle_job(
         label: shared.cfg.label.clone(),
         agent_version: crate::VERSION.to_string(),
     };
-    // Emit before queueing so job_accepted is always seq 1, ahead of job_started.
     let queued = Queued {
         job,
         ctx: ctx.clone(),
         cancel: CancellationToken::new(),
     };
-    match shared.queue.push(queued) {
+    // Emitted under the queue lock: job_accepted is always seq 1, ahead of job_started.
+    let announce = |position| {
+        ctx.emit(EventKind::JobAccepted(Accepted {
+            position,
+            ..accepted
+        }))
+    };
+    match shared.queue.push(queued, announce) {
         Ok(position) => {
-            ctx.emit(EventKind::JobAccepted(Accepted {
-                position,
-                ..accepted
-            }));
             tracing::info!(%job_id, position, "job accepted");
             Some(JobReply::accepted(&job_id, machine_id, position))
         }
@@ -116,12 +118,7 @@ fn derive_job_id(broadcast: bool, reply: Option<&str>) -> String {
 
 async fn check(shared: &Shared, job: &Job) -> Result<(), ErrorBody> {
     job.validate(&shared.cfg.limits)?;
-    if job.expires_at.is_some_and(|t| t < now_ms()) {
-        return Err(ErrorBody::new(
-            ErrorCode::Expired,
-            "expires_at is in the past",
-        ));
-    }
+    job.validate_times(now_ms())?;
     let backend = shared.backend_for(job)?;
     shared
         .models

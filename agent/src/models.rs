@@ -9,6 +9,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const FRESH: Duration = Duration::from_secs(30);
+/// A hung engine must not stall job intake or heartbeats.
+const LIST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Engine model lists, per backend kind.
 #[derive(Default)]
@@ -30,7 +32,15 @@ impl ModelCatalog {
                 }
             }
         }
-        let list = backend.list_models().await?;
+        let list = match tokio::time::timeout(LIST_TIMEOUT, backend.list_models()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Timeout,
+                    format!("the engine did not list its models within {LIST_TIMEOUT:?}"),
+                ))
+            }
+        };
         self.cache
             .lock()
             .expect("lock")

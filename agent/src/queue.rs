@@ -80,7 +80,9 @@ impl JobQueue {
     }
 
     /// Queues a job; returns its position (jobs ahead of it, counting the running one).
-    pub fn push(&self, q: Queued) -> Result<u32, ErrorBody> {
+    /// `on_queued(position)` runs under the queue lock, before the worker can take the job, so
+    /// what it emits (job_accepted) always precedes job_started.
+    pub fn push(&self, q: Queued, on_queued: impl FnOnce(u32)) -> Result<u32, ErrorBody> {
         let id = q.job.job_id.clone().unwrap_or_default();
         let mut inner = self.inner.lock().expect("queue lock");
         if inner.ids.contains(&id) {
@@ -99,6 +101,7 @@ impl JobQueue {
             ));
         }
         let position = inner.waiting.len() as u32 + u32::from(inner.running.is_some());
+        on_queued(position);
         inner.ids.insert(id);
         inner.waiting.push_back(q);
         self.publish(&inner);

@@ -57,6 +57,16 @@ async fn run_job(shared: &Shared, job: &Job, ctx: &JobCtx, cancel: &Cancellation
                 }
                 _ = tokio::time::sleep(wait) => {}
             }
+            if job.expires_at.is_some_and(|t| t < now_ms()) {
+                ctx.emit(EventKind::JobError(Failed {
+                    error: ErrorBody::new(
+                        ErrorCode::Expired,
+                        "the job expired before its start time",
+                    ),
+                    repeat_index: None,
+                }));
+                return;
+            }
         }
     }
     let mut runs: Vec<Metrics> = Vec::new();

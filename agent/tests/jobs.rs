@@ -492,6 +492,15 @@ async fn start_together_waits_for_the_shared_start_time() {
         accepted.iter().all(|t| *t < start_at),
         "accepted at once, started later"
     );
+    // A start far ahead would park the agent: refused.
+    let far = bench_agent::publisher::now_ms() + 3_600_000;
+    let r = request(
+        &c,
+        subjects::jobs("ta"),
+        job_json("mock-7b", json!({"start": "together", "start_at_ms": far})),
+    )
+    .await;
+    assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::InvalidJob));
     // A together job without a start time is refused.
     let r = request(
         &c,

@@ -308,3 +308,48 @@ async fn unknown_model_broken_stream_and_unreachable_engine() {
     }
     assert!(!ev.types().contains(&"llm_token"));
 }
+
+#[tokio::test]
+async fn a_hung_engine_stalls_neither_intake_nor_the_run() {
+    // Accepts connections and never answers: neither the model list nor a generation.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    let nats = NatsServer::start();
+    let yaml = format!(
+        "machine_id: hung\nengine: ollama\nollama_base_url: {url}\nengine_idle_timeout_s: 1\n"
+    );
+    let _agent = start_agent(config(&yaml, &nats.url()), &nats.url()).await;
+    let c = client(&nats.url()).await;
+    let mut ev = Events::watch(&c, "hung-1").await;
+    let asked = std::time::Instant::now();
+    let r = request(
+        &c,
+        subjects::jobs("hung"),
+        job_json("llama3.1:8b", json!({"job_id": "hung-1"})),
+    )
+    .await;
+    assert!(
+        r.accepted,
+        "nothing to check the model against: accepted ({r:?})"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "the reply waited {:?}",
+        asked.elapsed()
+    );
+    match within("job_error", Duration::from_secs(15), ev.terminal("hung"))
+        .await
+        .kind
+    {
+        EventKind::JobError(f) => {
+            assert_eq!(f.error.code, ErrorCode::Timeout, "{}", f.error.message)
+        }
+        other => panic!("{other:?}"),
+    }
+}

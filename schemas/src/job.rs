@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 pub const DEFAULT_MAX_TOKENS: u32 = 128;
 /// Default `num_ctx`.
 pub const DEFAULT_NUM_CTX: u32 = 2048;
+/// How far ahead `start_at_ms` may be.
+pub const MAX_START_DELAY_MS: u64 = 10 * 60 * 1000;
 /// Default `temperature`: greedy decoding, so repeated runs produce the same tokens.
 pub const DEFAULT_TEMPERATURE: f64 = 0.0;
 
@@ -264,6 +266,28 @@ impl Job {
             );
         }
         Ok(())
+    }
+
+    /// Checks what depends on the clock (`now_ms`, Unix ms): not expired, and a shared start
+    /// no further than [`MAX_START_DELAY_MS`] ahead (an agent runs one job at a time, so a
+    /// start far in the future would park it).
+    pub fn validate_times(&self, now_ms: u64) -> Result<(), ErrorBody> {
+        if self.expires_at.is_some_and(|t| t < now_ms) {
+            return Err(ErrorBody::new(
+                ErrorCode::Expired,
+                "expires_at is in the past",
+            ));
+        }
+        match self.start_at_ms {
+            Some(at) if at > now_ms.saturating_add(MAX_START_DELAY_MS) => Err(ErrorBody::new(
+                ErrorCode::InvalidJob,
+                format!(
+                    "start_at_ms is more than {} s ahead",
+                    MAX_START_DELAY_MS / 1000
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
