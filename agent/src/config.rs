@@ -115,6 +115,10 @@ pub struct RawConfig {
     pub openai_base_url: Option<String>,
     /// Bearer token for the OpenAI-compatible server.
     pub openai_api_key: Option<String>,
+    /// Extra fields merged into every OpenAI-compatible request body. Default
+    /// `{cache_prompt: false}`: llama.cpp would otherwise reuse the prompt's KV cache from the
+    /// previous repeat, and every repeat after the first would time a cached prompt.
+    pub openai_extra_body: Option<serde_json::Map<String, serde_json::Value>>,
     /// Mock pace.
     pub mock: Option<MockConfig>,
     /// Models offered; when empty the engine's own list is used.
@@ -168,6 +172,8 @@ pub struct Config {
     pub openai_base_url: Option<String>,
     /// Its key.
     pub openai_api_key: Option<String>,
+    /// Extra request-body fields for the OpenAI-compatible backend.
+    pub openai_extra_body: serde_json::Map<String, serde_json::Value>,
     /// Mock pace.
     pub mock: MockConfig,
     /// Models offered.
@@ -405,6 +411,12 @@ impl Config {
                 .openai_base_url
                 .map(|u| u.trim_end_matches('/').trim_end_matches("/v1").to_string()),
             openai_api_key: raw.openai_api_key,
+            openai_extra_body: raw.openai_extra_body.unwrap_or_else(|| {
+                serde_json::Map::from_iter([(
+                    "cache_prompt".to_string(),
+                    serde_json::Value::Bool(false),
+                )])
+            }),
             mock,
             llm_models: raw.llm_models,
             whisper_models: raw.whisper_models,
@@ -441,6 +453,7 @@ mod tests {
         assert_eq!(c.engine, EngineKind::Ollama);
         assert_eq!(c.ollama_base_url.as_deref(), Some(DEFAULT_OLLAMA_URL));
         assert_eq!(c.flush_chars, 64);
+        assert_eq!(c.openai_extra_body["cache_prompt"], false, "no prompt cache between repeats by default");
         let c = parse(
             "machine_id: box1\n",
             &[

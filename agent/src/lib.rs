@@ -88,10 +88,12 @@ pub fn backends_from_config(cfg: &Config) -> Vec<DynBackend> {
         .ollama_base_url
         .as_ref()
         .map(|u| Arc::new(Ollama::new(u.clone())) as DynBackend);
-    let openai = cfg
-        .openai_base_url
-        .as_ref()
-        .map(|u| Arc::new(OpenAi::new(u.clone(), cfg.openai_api_key.clone())) as DynBackend);
+    let openai = cfg.openai_base_url.as_ref().map(|u| {
+        Arc::new(
+            OpenAi::new(u.clone(), cfg.openai_api_key.clone())
+                .with_extra_body(cfg.openai_extra_body.clone()),
+        ) as DynBackend
+    });
     let mock = Some(Arc::new(Mock::new(cfg.mock.clone(), cfg.llm_models.clone())) as DynBackend);
     let order = match cfg.engine {
         EngineKind::Ollama => [ollama, openai, None],

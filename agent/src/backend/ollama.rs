@@ -80,12 +80,17 @@ pub fn parse_line(line: &str) -> Result<Vec<Item>, ErrorBody> {
         };
         return Err(ErrorBody::new(code, format!("Ollama: {msg}")));
     }
-    let text = v
-        .get("response")
-        .and_then(Value::as_str)
-        .or_else(|| v.pointer("/message/content").and_then(Value::as_str))
-        .unwrap_or_default()
-        .to_string();
+    // A thinking model's reasoning is generated text too: `eval_count` counts it, so it is timed
+    // like the answer (otherwise TTFT would include all the thinking and the decode rate
+    // would divide every token by the answer's time alone).
+    let str_at = |p: &str| v.pointer(p).and_then(Value::as_str).unwrap_or_default();
+    let text = [
+        str_at("/thinking"),
+        str_at("/response"),
+        str_at("/message/thinking"),
+        str_at("/message/content"),
+    ]
+    .concat();
     let mut items = Vec::new();
     if !text.is_empty() {
         items.push(Item::Text { text, tokens: None });
@@ -197,6 +202,18 @@ mod tests {
         assert_eq!(
             (r.gen_tokens_per_s, r.prompt_tokens_per_s),
             (Some(50.0), Some(20.0))
+        );
+    }
+
+    #[test]
+    fn thinking_is_generated_text() {
+        let items = parse_line(r#"{"model":"m","message":{"role":"assistant","content":"","thinking":"Let me see"},"done":false}"#).unwrap();
+        assert_eq!(
+            items,
+            vec![Item::Text {
+                text: "Let me see".into(),
+                tokens: None
+            }]
         );
     }
 

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 pub struct OpenAi {
     base_url: String,
     api_key: Option<String>,
+    extra_body: serde_json::Map<String, Value>,
     http: reqwest::Client,
 }
 
@@ -21,11 +22,26 @@ impl OpenAi {
         Self {
             base_url: base_url.into(),
             api_key,
+            extra_body: serde_json::Map::new(),
             http: super::http_client(),
         }
     }
 
-    fn body(req: &GenRequest) -> (&'static str, Value) {
+    /// Fields merged into every request body (`cache_prompt: false` for llama.cpp, say).
+    pub fn with_extra_body(mut self, extra: serde_json::Map<String, Value>) -> Self {
+        self.extra_body = extra;
+        self
+    }
+
+    fn body(&self, req: &GenRequest) -> (&'static str, Value) {
+        let (path, mut body) = Self::base_body(req);
+        for (k, v) in &self.extra_body {
+            body[k] = v.clone();
+        }
+        (path, body)
+    }
+
+    fn base_body(req: &GenRequest) -> (&'static str, Value) {
         let mut body = json!({
             "model": req.model,
             "max_tokens": req.max_tokens,
@@ -104,11 +120,21 @@ impl SseParser {
             .and_then(Value::as_array)
             .and_then(|c| c.first())
         {
-            let text = choice
-                .get("text")
-                .and_then(Value::as_str)
-                .or_else(|| choice.pointer("/delta/content").and_then(Value::as_str))
-                .unwrap_or_default();
+            // Reasoning (`reasoning_content` from llama.cpp/vLLM/DeepSeek, `reasoning`
+            // elsewhere) is generated and counted in `completion_tokens`: time it with the answer.
+            let str_at = |p: &str| {
+                choice
+                    .pointer(p)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+            };
+            let text = [
+                str_at("/delta/reasoning_content"),
+                str_at("/delta/reasoning"),
+                str_at("/text"),
+                str_at("/delta/content"),
+            ]
+            .concat();
             if !text.is_empty() {
                 items.push(Item::Text {
                     text: text.to_string(),
@@ -134,10 +160,12 @@ impl SseParser {
                 .get("predicted_n")
                 .and_then(Value::as_u64)
                 .or(self.timings_tokens);
-            self.report.prompt_tokens = t
-                .get("prompt_n")
-                .and_then(Value::as_u64)
-                .or(self.report.prompt_tokens);
+            // `prompt_n` counts only the tokens evaluated (not those served from the prompt
+            // cache): `usage.prompt_tokens` is the prompt's size when both are sent.
+            self.report.prompt_tokens = self
+                .report
+                .prompt_tokens
+                .or(t.get("prompt_n").and_then(Value::as_u64));
             self.report.gen_ms = f("predicted_ms").or(self.report.gen_ms);
             self.report.prompt_ms = f("prompt_ms").or(self.report.prompt_ms);
             self.report.gen_tokens_per_s =
@@ -189,7 +217,7 @@ impl Backend for OpenAi {
 
     fn generate(&self, req: GenRequest) -> BoxFuture<'_, Result<ItemStream, ErrorBody>> {
         Box::pin(async move {
-            let (path, body) = Self::body(&req);
+            let (path, body) = self.body(&req);
             let url = format!("{}{path}", self.base_url);
             let resp = self
                 .authorize(self.http.post(&url))
@@ -224,7 +252,7 @@ mod tests {
             }]
         );
         assert!(p.line("").unwrap().is_empty());
-        p.line(r#"data: {"choices":[{"text":"","finish_reason":"length"}],"usage":{"completion_tokens":9,"prompt_tokens":4},"timings":{"prompt_n":4,"prompt_ms":10.0,"predicted_n":8,"predicted_ms":100.0,"predicted_per_second":80.0,"prompt_per_second":400.0}}"#).unwrap();
+        p.line(r#"data: {"choices":[{"text":"","finish_reason":"length"}],"usage":{"completion_tokens":9,"prompt_tokens":4},"timings":{"prompt_n":1,"prompt_ms":10.0,"predicted_n":8,"predicted_ms":100.0,"predicted_per_second":80.0,"prompt_per_second":400.0}}"#).unwrap();
         let Item::Final(r) = p.line("data: [DONE]").unwrap().remove(0) else {
             panic!()
         };
@@ -233,6 +261,36 @@ mod tests {
             (r.prompt_tokens, r.done_reason.as_deref(), r.total_ms),
             (Some(4), Some("length"), Some(110.0))
         );
+    }
+
+    #[test]
+    fn reasoning_is_timed_as_generated_text_and_extra_body_is_sent() {
+        let mut p = SseParser::default();
+        let items = p
+            .line(r#"data: {"choices":[{"delta":{"reasoning_content":"hmm"}}]}"#)
+            .unwrap();
+        assert_eq!(
+            items,
+            vec![Item::Text {
+                text: "hmm".into(),
+                tokens: None
+            }]
+        );
+        let extra = serde_json::Map::from_iter([("cache_prompt".to_string(), Value::Bool(false))]);
+        let b = OpenAi::new("http://x", None).with_extra_body(extra);
+        let req = GenRequest {
+            model: "m".into(),
+            prompt: "p".into(),
+            mode: Mode::Generate,
+            max_tokens: 4,
+            temperature: 0.0,
+            num_ctx: 8,
+            seed: None,
+        };
+        let (path, body) = b.body(&req);
+        assert_eq!(path, "/v1/completions");
+        assert_eq!(body["cache_prompt"], false);
+        assert_eq!(body["stream_options"]["include_usage"], true);
     }
 
     #[test]
