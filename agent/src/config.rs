@@ -453,7 +453,10 @@ mod tests {
         assert_eq!(c.engine, EngineKind::Ollama);
         assert_eq!(c.ollama_base_url.as_deref(), Some(DEFAULT_OLLAMA_URL));
         assert_eq!(c.flush_chars, 64);
-        assert_eq!(c.openai_extra_body["cache_prompt"], false, "no prompt cache between repeats by default");
+        assert_eq!(
+            c.openai_extra_body["cache_prompt"], false,
+            "no prompt cache between repeats by default"
+        );
         let c = parse(
             "machine_id: box1\n",
             &[

@@ -199,6 +199,21 @@ async fn per_agent_permissions_central_observer_and_no_anonymous() {
         .await
         .unwrap();
     violation(&mut observer_errs, "bench.cancel.sec-job").await;
+    // ... nor pull from or ack central's durable consumer (that would steal events from it).
+    let next = format!(
+        "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+        subjects::EVENTS_STREAM,
+        subjects::INDEXER_CONSUMER
+    );
+    observer.publish(next.clone(), "1".into()).await.unwrap();
+    violation(&mut observer_errs, &next).await;
+    let ack = format!(
+        "$JS.ACK.{}.{}.1.5.5.0.0",
+        subjects::EVENTS_STREAM,
+        subjects::INDEXER_CONSUMER
+    );
+    observer.publish(ack.clone(), "".into()).await.unwrap();
+    violation(&mut observer_errs, &ack).await;
 }
 
 fn openssl(dir: &Path, args: &[&str]) {

@@ -8,9 +8,9 @@ use bench_schemas::subjects;
 use std::time::Duration;
 
 /// KV bucket of indexed jobs (key = job_id, value = [`crate::record::JobRecord`] JSON).
-pub const JOBS_BUCKET: &str = "bench_jobs";
+pub const JOBS_BUCKET: &str = bench_schemas::subjects::JOBS_BUCKET;
 /// The durable consumer that indexes `BENCH_EVENTS`.
-pub const INDEXER_CONSUMER: &str = "bench-central-indexer";
+pub const INDEXER_CONSUMER: &str = bench_schemas::subjects::INDEXER_CONSUMER;
 /// Oldest server central runs against.
 pub const MIN_SERVER_VERSION: &str = "2.11.0";
 /// Max age of `bench_agents` entries when central creates the bucket first: three of the

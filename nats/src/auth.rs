@@ -123,14 +123,24 @@ pub fn observer_permissions() -> String {
         "$SRV.STATS".to_string(),
         "$SRV.*.>".to_string(),
     ];
+    // Reading the stream must not touch central's durable consumer: pulling from or acking it
+    // would take events away from the indexer.
+    let ic = subjects::INDEXER_CONSUMER;
+    let deny = vec![
+        format!("$JS.API.CONSUMER.*.{es}.{ic}"),
+        format!("$JS.API.CONSUMER.*.{es}.{ic}.>"),
+        format!("$JS.API.CONSUMER.*.*.{es}.{ic}"),
+        format!("$JS.ACK.{es}.{ic}.>"),
+    ];
     let subscribe = vec![
         "_INBOX.>".to_string(),
         format!("{}.events.>", subjects::PREFIX),
         format!("$KV.{}.>", subjects::AGENTS_BUCKET),
     ];
     format!(
-        "permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }} }}",
+        "permissions: {{ publish: {{ allow: {}, deny: {} }}, subscribe: {{ allow: {} }} }}",
         list(&publish),
+        list(&deny),
         list(&subscribe)
     )
 }

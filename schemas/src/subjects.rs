@@ -15,6 +15,10 @@ pub const CANCEL_ALL: &str = "bench.cancel.*";
 pub const EVENTS_STREAM: &str = "BENCH_EVENTS";
 /// KV bucket an agent heart-beats into (key = machine_id).
 pub const AGENTS_BUCKET: &str = "bench_agents";
+/// Central's durable consumer on `BENCH_EVENTS` (nobody else may pull from or ack it).
+pub const INDEXER_CONSUMER: &str = "bench-central-indexer";
+/// KV bucket central keeps its job index in.
+pub const JOBS_BUCKET: &str = "bench_jobs";
 /// NATS micro service name every agent registers under.
 pub const SERVICE_NAME: &str = "bench-agent";
 
