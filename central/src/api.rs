@@ -263,13 +263,38 @@ pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such API endpoint; see central/API.md".into())
 }
 
+/// `%XX` sequences decoded (invalid ones kept as they are).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|c| hex(*c)),
+            b.get(i + 2).and_then(|c| hex(*c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Everything else: the web UI's files from `web_dir` (its tooling folders excepted).
 pub async fn static_files(State(state): State<AppState>, req: axum::extract::Request) -> Response {
-    let hidden = req
-        .uri()
-        .path()
-        .split('/')
-        .any(|seg| seg == "node_modules" || seg == "tests" || seg.starts_with('.'));
+    // Judge the path as ServeDir will see it: percent-decoded (`/te%73ts/` is `/tests/`).
+    let hidden = req.uri().path().split('/').any(|seg| {
+        let seg = percent_decode(seg);
+        seg == "node_modules" || seg == "tests" || seg.starts_with('.')
+    });
     if hidden {
         return ApiError::NotFound(format!("no file {}", req.uri().path())).into_response();
     }

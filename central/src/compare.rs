@@ -178,6 +178,10 @@ pub fn detail(
 pub const CSV_HEADER: &str = "job_id,machine_id,label,engine,model,repeat_index,warmup,ttft_ms,total_ms,gen_tokens,gen_tokens_per_s,tpot_ms,prompt_tokens,token_count_source";
 
 fn csv_field(s: &str) -> String {
+    // A cell starting with = + - @ is a formula to a spreadsheet: neutralise it.
+    if s.starts_with(['=', '+', '-', '@']) {
+        return csv_field(&format!("'{s}"));
+    }
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
@@ -272,5 +276,7 @@ mod tests {
     fn csv_quotes() {
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_field("@cmd"), "'@cmd");
     }
 }

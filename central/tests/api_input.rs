@@ -287,6 +287,11 @@ async fn bad_input_gets_4xx_with_a_code() {
     let (s, page) = call(&app, get_req("/")).await;
     assert_eq!((s, page), (200, json!("<h1>bench-race</h1>")));
     assert_eq!(call(&app, get_req("/tests/secret.mjs")).await.0, 404);
+    assert_eq!(
+        call(&app, get_req("/te%73ts/secret.mjs")).await.0,
+        404,
+        "percent-encoded"
+    );
     assert_eq!(call(&app, get_req("/missing.js")).await.0, 404);
 
     // A configured machine with no agent: no responders, reported offline at once.
