@@ -214,9 +214,11 @@ pub async fn dispatch(
         }
     }
     let job_id = match &job.job_id {
-        Some(id) if shared.index.contains(id) => {
+        // A deleted id stays taken: its late events are dropped, so a new job under it would
+        // never see its own.
+        Some(id) if shared.index.contains(id) || shared.index.was_deleted(id) => {
             return Err(ApiError::BadRequest(format!(
-                "job_id {id:?} exists already; omit job_id to get a new one"
+                "job_id {id:?} exists already or was deleted; omit job_id to get a new one"
             )))
         }
         Some(id) => id.clone(),

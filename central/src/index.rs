@@ -103,6 +103,11 @@ impl Index {
         self.jobs.read().expect("index lock").get(job_id).cloned()
     }
 
+    /// Whether the job was deleted since central started.
+    pub fn was_deleted(&self, job_id: &str) -> bool {
+        self.deleted.read().expect("deleted lock").contains(job_id)
+    }
+
     /// Whether the job is indexed.
     pub fn contains(&self, job_id: &str) -> bool {
         self.jobs.read().expect("index lock").contains_key(job_id)

@@ -54,4 +54,16 @@ async fn cancel_then_delete() {
     );
     let (_, list) = get(&base, "/api/jobs").await;
     assert_eq!(list["jobs"], json!([]));
+    // The deleted id is not handed out again (its late events are dropped).
+    let (status, v) = post(
+        &base,
+        "/api/jobs",
+        &json!({"job_id": job_id, "machines": ["m1"], "model": "mock-7b", "prompt": "again"}),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{v}"
+    );
 }
