@@ -55,18 +55,28 @@ pub async fn open(
     }))
 }
 
+/// How long a replay waits for a stored message before it concludes there is none.
+const STALL: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Replay {
     /// The next `(stream_seq, payload)`, or None at the end.
     pub async fn next(&mut self) -> Result<Option<(u64, Bytes)>, async_nats::Error> {
         if self.done {
             return Ok(None);
         }
-        match self.messages.next().await {
-            None => Ok(None),
-            Some(Err(e)) => Err(e.into()),
-            Some(Ok(m)) => {
-                let seq = m.info()?.stream_sequence;
-                if seq >= self.until {
+        // The events may be purged under us (a DELETE racing the job's end): then nothing more
+        // arrives, and waiting for `until` would hang the caller.
+        let next = tokio::time::timeout(STALL, self.messages.next()).await;
+        match next {
+            Err(_) | Ok(None) => {
+                self.done = true;
+                Ok(None)
+            }
+            Ok(Some(Err(e))) => Err(e.into()),
+            Ok(Some(Ok(m))) => {
+                let info = m.info()?;
+                let seq = info.stream_sequence;
+                if seq >= self.until || info.pending == 0 {
                     self.done = true;
                 }
                 Ok(Some((seq, m.payload.clone())))
