@@ -167,6 +167,11 @@ async fn follow_job(
                     return;
                 }
                 last = stream_seq;
+                // The job may have finished before this event was sent (same batch).
+                if let Some(end) = end_event(&state, &job_id, last) {
+                    let _ = tx.send(end).await;
+                    return;
+                }
             }
             Ok(HubMsg::Job { job_id: j, .. }) if *j == *job_id => {
                 if let Some(end) = end_event(&state, &job_id, last) {
