@@ -128,7 +128,9 @@ pub fn ranking(machines: &[MachineDetail], baseline: Option<&str>) -> Vec<Rank> 
         r.rank = i as u32 + 1;
     }
     if rows.len() >= 2 {
-        rows[0].clear_winner = rows[0].gen_tokens_per_s.min > rows[1].gen_tokens_per_s.max;
+        // One repeat has no spread to compare the gap with: no verdict.
+        let (a, b) = (&rows[0].gen_tokens_per_s, &rows[1].gen_tokens_per_s);
+        rows[0].clear_winner = a.n >= 2 && b.n >= 2 && a.min > b.max;
     }
     rows
 }
@@ -255,6 +257,11 @@ mod tests {
             machine("fast", &[20.0, 21.0, 22.0]),
             machine("none", &[]),
         ];
+        let single = ranking(&[machine("a", &[30.0]), machine("b", &[10.0])], None);
+        assert!(
+            !single[0].clear_winner,
+            "one repeat each: no spread, no verdict"
+        );
         let r = ranking(&ms, Some("slow"));
         assert_eq!(r.len(), 2);
         assert_eq!(

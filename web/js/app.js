@@ -808,7 +808,9 @@ function verdictItem(name, w, unit, higher, f, running) {
   }
   const single = a.n < 2 || b.n < 2;
   return h('li', { class: 'verdict-tie' }, h('strong', {}, name + ': '), 'no clear winner — ', h('span', { class: 'who' }, wl),
-    ` leads ${rl} by ${num(gap, 1)}% but the gap is within the spread over repeats` + (single ? ' (run more repeats to tell).' : '.'));
+    single
+      ? ` leads ${rl} by ${num(gap, 1)}%, but one repeat has no spread to judge the gap by: run 2 or more repeats.`
+      : ` leads ${rl} by ${num(gap, 1)}% but the gap is within the spread over repeats.`);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -215,6 +215,9 @@ export function clearWinner(rows, higherIsBetter) {
   if (ok.length < 2) return { winner: null, runnerUp: null, clear: false, reason: 'fewer than two machines have results' };
   ok.sort((a, b) => (higherIsBetter ? b.stat.median - a.stat.median : a.stat.median - b.stat.median));
   const [best, next] = ok;
+  // One repeat has no spread to compare the gap with: no verdict.
+  if (best.stat.n < 2 || next.stat.n < 2)
+    return { winner: best.machine_id, runnerUp: next.machine_id, clear: false, best, next, reason: 'one repeat per machine: run 2 or more to call a winner' };
   const clear = higherIsBetter ? best.stat.min > next.stat.max : best.stat.max < next.stat.min;
   return { winner: best.machine_id, runnerUp: next.machine_id, clear, best, next };
 }

@@ -79,4 +79,8 @@ test('a winner is called only when the gap is larger than the spread', () => {
   // lower is better (TTFT)
   assert.deepEqual([clearWinner([a, b], false).winner, clearWinner([a, b], false).clear], ['b', true]);
   assert.equal(clearWinner([a], true).clear, false);
+  // a single repeat each: no spread, no verdict
+  const one = { machine_id: 'one', stat: stats([200]) };
+  const two = { machine_id: 'two', stat: stats([100]) };
+  assert.equal(clearWinner([one, two], true).clear, false);
 });
