@@ -357,11 +357,11 @@ impl Config {
             ));
         }
         let heartbeat_s = raw.heartbeat_s.unwrap_or(DEFAULT_HEARTBEAT_S);
-        if !(heartbeat_s.is_finite() && (0.1..=60.0).contains(&heartbeat_s)) {
+        if !(0.1..=5.0).contains(&heartbeat_s) {
             return Err(err(
                 "heartbeat_s",
                 format!("{heartbeat_s} is out of range"),
-                "use 0.1..60 (default 3)",
+                "use 0.1..5 (default 3): registry entries expire 15 s after the last beat",
             ));
         }
         let idle = raw

@@ -1,17 +1,12 @@
 //! Keeps this agent's entry in the `bench_agents` KV bucket fresh: every `heartbeat_s`, and at
-//! once when it turns busy or idle. The bucket's max age makes a dead agent's entry expire; a
-//! clean shutdown deletes it.
+//! once when it turns busy or idle. The bucket's max age (15 s) makes a dead agent's entry
+//! expire; a clean shutdown deletes it.
 
 use crate::Shared;
 use async_nats::jetstream;
 use bench_schemas::{AgentInfo, AgentStatus, Hardware};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-
-/// The bucket's max age: three missed heartbeats.
-pub fn bucket_ttl(heartbeat: std::time::Duration) -> std::time::Duration {
-    heartbeat * 3
-}
 
 /// Facts about this machine.
 pub fn hardware(accelerator: Option<String>) -> Hardware {
@@ -73,12 +68,13 @@ pub async fn info(shared: &Shared) -> AgentInfo {
 /// The heartbeat loop.
 pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     let js = jetstream::new(shared.client.clone());
-    let ttl = bucket_ttl(shared.cfg.heartbeat);
     let mut occupancy = shared.queue.watch();
     let mut store = None;
     loop {
         if store.is_none() {
-            match bench_nats::streams::ensure_agents_bucket(&js, ttl).await {
+            match bench_nats::streams::ensure_agents_bucket(&js, bench_nats::streams::AGENTS_TTL)
+                .await
+            {
                 Ok(s) => store = Some(s),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot open the {} bucket; will retry", bench_schemas::subjects::AGENTS_BUCKET)

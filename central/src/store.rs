@@ -15,7 +15,7 @@ pub const INDEXER_CONSUMER: &str = bench_schemas::subjects::INDEXER_CONSUMER;
 pub const MIN_SERVER_VERSION: &str = "2.11.0";
 /// Max age of `bench_agents` entries when central creates the bucket first: three of the
 /// agents' default 5 s heartbeats, as the agent would create it.
-pub const AGENTS_TTL: Duration = Duration::from_secs(15);
+pub const AGENTS_TTL: Duration = bench_nats::streams::AGENTS_TTL;
 
 /// Waits until the client is connected.
 pub async fn wait_connected(

@@ -67,6 +67,10 @@ pub async fn open_or_create_events_stream(
     ensure_events_stream(js, r).await
 }
 
+/// How long a registry entry outlives its last heartbeat (the bucket's max age). Agents beat at
+/// most every 5 s, so a live agent's entry never expires between beats.
+pub const AGENTS_TTL: Duration = Duration::from_secs(15);
+
 /// The `bench_agents` bucket: one key per machine, expiring `ttl` after the last heartbeat.
 pub fn agents_bucket_config(ttl: Duration) -> kv::Config {
     kv::Config {
