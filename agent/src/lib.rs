@@ -129,6 +129,11 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<AgentHandle> {
     let machine_id = cfg.machine_id.clone();
+    // With retry_on_initial_connect the client may still be dialling: give it a moment, and say
+    // so when NATS is away (the agent still comes up, and subscribes once it connects).
+    if !bench_nats::wait_connected(&client, Duration::from_secs(10)).await {
+        tracing::warn!(url = %cfg.nats.effective_url(), "NATS not reachable yet; jobs will arrive once it is");
+    }
     let backends = backends_from_config(&cfg);
     let (publisher, publisher_task) = publisher::Publisher::spawn(client.clone());
 
@@ -191,12 +196,9 @@ pub async fn start(
         .subscribe(subjects::CANCEL_ALL)
         .await
         .context("subscribing to cancels")?;
-    // With retry_on_initial_connect the client may still be dialling: give it a moment so that,
-    // once this returns, the server has our subscriptions (it gets them on connect regardless).
-    if !bench_nats::wait_connected(&client, Duration::from_secs(10)).await {
-        tracing::warn!(url = %shared.cfg.nats.effective_url(), "NATS not reachable yet; jobs will arrive once it is");
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+    // Make sure the server has processed the subscriptions before this returns (a flush only
+    // writes them to the socket: a job published right after could still find no responders).
+    bench_nats::round_trip(&client, Duration::from_secs(5)).await;
 
     let listener =
         tokio::net::TcpListener::bind((shared.cfg.bind_host.as_str(), shared.cfg.bind_port))

@@ -40,12 +40,6 @@ async fn tags() -> Json<Value> {
     ]}))
 }
 
-fn line(v: Value) -> bytes::Bytes {
-    let mut s = serde_json::to_string(&v).unwrap();
-    s.push('\n');
-    s.into()
-}
-
 async fn stream(path: &'static str, fake: Fake, body: Value) -> Response {
     let model = body["model"].as_str().unwrap_or_default().to_string();
     fake.requests.lock().unwrap().push((path.to_string(), body));
@@ -54,17 +48,33 @@ async fn stream(path: &'static str, fake: Fake, body: Value) -> Response {
         return (StatusCode::NOT_FOUND, Json(json!({"error": msg}))).into_response();
     }
     let chat = path == "/api/chat";
-    let piece = move |text: &str, done: bool| {
-        let mut v =
-            json!({"model": model, "created_at": "2025-10-17T23:14:07.414671Z", "done": done});
+    let broken = model == "broken";
+    // Lines written field by field in the order Ollama's own encoder writes them.
+    let created = "2025-10-17T23:14:07.414671Z";
+    let m = serde_json::to_string(&model).unwrap();
+    let piece = move |text: &str| {
+        let t = serde_json::to_string(text).unwrap();
         if chat {
-            v["message"] = json!({"role": "assistant", "content": text});
+            format!(
+                r#"{{"model":{m},"created_at":"{created}","message":{{"role":"assistant","content":{t}}},"done":false}}"#
+            )
         } else {
-            v["response"] = json!(text);
+            format!(r#"{{"model":{m},"created_at":"{created}","response":{t},"done":false}}"#)
         }
-        v
     };
-    let broken = body_model_is_broken(&piece("", false));
+    let m = serde_json::to_string(&model).unwrap();
+    let stats = format!(
+        r#""total_duration":{TOTAL_NS},"load_duration":{LOAD_NS},"prompt_eval_count":{PROMPT_EVAL_COUNT},"prompt_eval_duration":{PROMPT_EVAL_NS},"eval_count":{EVAL_COUNT},"eval_duration":{EVAL_NS}"#
+    );
+    let last = if chat {
+        format!(
+            r#"{{"model":{m},"created_at":"{created}","message":{{"role":"assistant","content":""}},"done_reason":"stop","done":true,{stats}}}"#
+        )
+    } else {
+        format!(
+            r#"{{"model":{m},"created_at":"{created}","response":"","done":true,"done_reason":"stop","context":[1,2,3],{stats}}}"#
+        )
+    };
     let s = async_stream(
         move |tx: tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>| async move {
             tokio::time::sleep(FIRST_DELAY).await;
@@ -72,33 +82,18 @@ async fn stream(path: &'static str, fake: Fake, body: Value) -> Response {
                 if i > 0 {
                     tokio::time::sleep(GAP).await;
                 }
-                let _ = tx.send(Ok(line(piece(c, false)))).await;
+                let _ = tx.send(Ok(format!("{}\n", piece(c)).into())).await;
                 if broken && i == 1 {
                     return; // connection closes without the final line
                 }
             }
-            let mut last = piece("", true);
-            last["done_reason"] = json!("stop");
-            if !chat {
-                last["context"] = json!([1, 2, 3]);
-            }
-            last["total_duration"] = json!(TOTAL_NS);
-            last["load_duration"] = json!(LOAD_NS);
-            last["prompt_eval_count"] = json!(PROMPT_EVAL_COUNT);
-            last["prompt_eval_duration"] = json!(PROMPT_EVAL_NS);
-            last["eval_count"] = json!(EVAL_COUNT);
-            last["eval_duration"] = json!(EVAL_NS);
-            let _ = tx.send(Ok(line(last))).await;
+            let _ = tx.send(Ok(format!("{last}\n").into())).await;
         },
     );
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(s))
         .unwrap()
-}
-
-fn body_model_is_broken(v: &Value) -> bool {
-    v["model"] == "broken"
 }
 
 fn async_stream<F, Fut>(f: F) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>>

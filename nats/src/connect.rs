@@ -158,3 +158,11 @@ pub async fn wait_connected(client: &async_nats::Client, limit: Duration) -> boo
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Waits (up to `limit`) for an answer the server gives itself, so that every command this client
+/// sent before (subscriptions above all) has been processed by the server. `flush` only puts
+/// them on the wire.
+pub async fn round_trip(client: &async_nats::Client, limit: Duration) {
+    // JetStream's account info, or the server's own "no responders": either is a round trip.
+    let _ = tokio::time::timeout(limit, client.request("$JS.API.INFO", bytes::Bytes::new())).await;
+}

@@ -14,4 +14,6 @@ pub mod harness;
 pub mod settings;
 pub mod streams;
 
-pub use connect::{connect, wait_connected, ConnectError, NatsConfig, DEFAULT_NATS_URL};
+pub use connect::{
+    connect, round_trip, wait_connected, ConnectError, NatsConfig, DEFAULT_NATS_URL,
+};
