@@ -28,14 +28,14 @@ pub async fn handle_job(
         Ok(j) => j,
         Err(e) => {
             // Recover a usable job_id, if any, so the refusal can also go out as an event.
-            let job_id = serde_json::from_slice::<serde_json::Value>(payload)
-                .ok()
+            let value = serde_json::from_slice::<serde_json::Value>(payload).ok();
+            let job_id = value
+                .as_ref()
                 .and_then(|v| v.get("job_id")?.as_str().map(str::to_string))
                 .filter(|id| validate_job_id(id).is_ok());
-            let what = if serde_json::from_slice::<serde_json::Value>(payload).is_ok() {
-                "the job is not valid"
-            } else {
-                "the message is not valid JSON"
+            let what = match value {
+                Some(_) => "the job is not valid",
+                None => "the message is not valid JSON",
             };
             let err = ErrorBody::new(ErrorCode::BadJson, format!("{what}: {e}"));
             return Some(refuse(shared, job_id.as_deref(), err));

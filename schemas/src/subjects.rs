@@ -1,8 +1,6 @@
 //! Every NATS subject, stream and bucket name of the contract. No other module writes a
 //! `.`-separated subject literal.
 
-use crate::ids::RESERVED_ALL;
-
 /// Root of every subject.
 pub const PREFIX: &str = "bench";
 /// Fleet broadcast: every agent runs a job published here.
@@ -50,12 +48,13 @@ pub fn last_token(subject: &str) -> &str {
 
 /// True for the broadcast subject.
 pub fn is_broadcast(subject: &str) -> bool {
-    subject == JOBS_ALL || last_token(subject) == RESERVED_ALL && subject.starts_with(PREFIX)
+    subject == JOBS_ALL
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::RESERVED_ALL;
 
     #[test]
     fn builders() {
