@@ -5,34 +5,26 @@
 //!   cargo bench -p bench-agent --bench fanout -- 1 10 100 500     (scripts/bench fanout)
 
 use bench_agent::config::{Config, Env};
+use bench_agent::LocalAgent;
 use bench_nats::harness::NatsServer;
 use bench_schemas::{subjects, Event, JobReply};
 use futures::StreamExt;
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
 async fn round(nats: &NatsServer, n: usize) -> (Duration, Duration, Duration) {
-    let token = CancellationToken::new();
     let started = Instant::now();
-    let mut handles = Vec::new();
+    let mut agents = Vec::new();
     for i in 0..n {
         let yaml = format!(
             "machine_id: fan-{n}-{i}\nengine: mock\nmock: {{tokens_per_s: 2000, ttft_ms: 1}}\nllm_models: [mock-7b]\nbind_port: 0\nheartbeat_s: 5\n"
         );
         let env: Env = [("NATS_URL".to_string(), nats.url())].into();
         let cfg = Config::parse(&yaml, Path::new("bench.yaml"), &env).expect("config");
-        let client = bench_nats::connect(&cfg.nats, "fanout")
-            .await
-            .expect("connect");
-        handles.push(
-            bench_agent::start(cfg, client, token.clone())
-                .await
-                .expect("agent"),
-        );
+        agents.push(LocalAgent::start(cfg).await.expect("agent"));
     }
     let startup = started.elapsed();
     let c = async_nats::connect(nats.url()).await.unwrap();
@@ -82,9 +74,8 @@ async fn round(nats: &NatsServer, n: usize) -> (Duration, Duration, Duration) {
     })
     .await
     .expect("job_done from every agent");
-    token.cancel();
-    for h in handles {
-        h.join().await;
+    for a in &mut agents {
+        a.stop().await;
     }
     (startup, last_accept, last_done)
 }

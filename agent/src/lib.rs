@@ -281,3 +281,43 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     start(cfg, client, shutdown).await?.join().await;
     Ok(())
 }
+
+/// An agent run in-process (tests, benchmarks, embedding): it connects with its own config's
+/// NATS settings and stops when dropped.
+pub struct LocalAgent {
+    handle: Option<AgentHandle>,
+    token: CancellationToken,
+}
+
+impl LocalAgent {
+    /// Connects and starts; subscriptions are live when this returns.
+    pub async fn start(cfg: Config) -> anyhow::Result<Self> {
+        let name = format!("bench-agent:{}", cfg.machine_id);
+        let client = bench_nats::connect(&cfg.nats, &name).await?;
+        let token = CancellationToken::new();
+        let handle = start(cfg, client, token.clone()).await?;
+        Ok(Self {
+            handle: Some(handle),
+            token,
+        })
+    }
+
+    /// Where `/health` answers.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.handle.as_ref().expect("running").http_addr
+    }
+
+    /// Shuts down and waits for it (idempotent).
+    pub async fn stop(&mut self) {
+        self.token.cancel();
+        if let Some(h) = self.handle.take() {
+            h.join().await;
+        }
+    }
+}
+
+impl Drop for LocalAgent {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}

@@ -343,7 +343,7 @@ async fn publish_without_reply_or_id_runs_and_discovery_and_http() {
     // Local HTTP.
     let http = reqwest::Client::new();
     let health: serde_json::Value = http
-        .get(format!("http://{}/health", agent.http()))
+        .get(format!("http://{}/health", agent.http_addr()))
         .send()
         .await
         .unwrap()
@@ -355,7 +355,7 @@ async fn publish_without_reply_or_id_runs_and_discovery_and_http() {
         (Some(true), Some("m4"))
     );
     let caps: serde_json::Value = http
-        .get(format!("http://{}/capabilities", agent.http()))
+        .get(format!("http://{}/capabilities", agent.http_addr()))
         .send()
         .await
         .unwrap()
@@ -366,7 +366,7 @@ async fn publish_without_reply_or_id_runs_and_discovery_and_http() {
     assert_eq!(caps["llm_models"], json!(["mock-7b"]));
 
     // A clean stop removes the registry entry at once.
-    agent.stop().await;
+    within("agent stop", WAIT, agent.stop()).await;
     assert!(kv.get("m4").await.unwrap().is_none());
 }
 

@@ -18,45 +18,12 @@ pub fn config(yaml: &str, nats_url: &str) -> Config {
     Config::parse(&yaml, Path::new("test-agent.yaml"), &env).expect("test config")
 }
 
-pub struct TestAgent {
-    pub handle: Option<AgentHandle>,
-    pub token: CancellationToken,
-}
-
-impl TestAgent {
-    pub async fn stop(&mut self) {
-        self.token.cancel();
-        if let Some(h) = self.handle.take() {
-            within("agent shutdown", WAIT, h.join()).await;
-        }
-    }
-    pub fn http(&self) -> std::net::SocketAddr {
-        self.handle.as_ref().expect("running").http_addr
-    }
-}
-
-impl Drop for TestAgent {
-    fn drop(&mut self) {
-        self.token.cancel();
-    }
-}
+pub use bench_agent::LocalAgent as TestAgent;
 
 pub async fn start_agent(cfg: Config, nats_url: &str) -> TestAgent {
-    let client = bench_nats::connect(&cfg.nats.clone(), "test-agent")
+    within("agent start", WAIT, TestAgent::start(cfg))
         .await
-        .unwrap_or_else(|e| panic!("connect {nats_url}: {e}"));
-    let token = CancellationToken::new();
-    let handle = within(
-        "agent start",
-        WAIT,
-        bench_agent::start(cfg, client, token.clone()),
-    )
-    .await
-    .expect("agent starts");
-    TestAgent {
-        handle: Some(handle),
-        token,
-    }
+        .unwrap_or_else(|e| panic!("agent on {nats_url} starts: {e:#}"))
 }
 
 /// Sends `job` (raw bytes) as a request and parses the reply.

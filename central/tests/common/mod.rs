@@ -32,25 +32,7 @@ where
 
 // ---- agents ----
 
-pub struct TestAgent {
-    pub handle: Option<bench_agent::AgentHandle>,
-    pub token: CancellationToken,
-}
-
-impl TestAgent {
-    pub async fn stop(&mut self) {
-        self.token.cancel();
-        if let Some(h) = self.handle.take() {
-            within("agent shutdown", WAIT, h.join()).await;
-        }
-    }
-}
-
-impl Drop for TestAgent {
-    fn drop(&mut self) {
-        self.token.cancel();
-    }
-}
+pub use bench_agent::LocalAgent as TestAgent;
 
 /// An agent from YAML (bind_port 0, fast heartbeats) on `nats_url`.
 pub async fn start_agent(yaml: &str, nats_url: &str) -> TestAgent {
@@ -58,21 +40,9 @@ pub async fn start_agent(yaml: &str, nats_url: &str) -> TestAgent {
     let yaml = format!("bind_port: 0\nheartbeat_s: 0.5\n{yaml}");
     let cfg = bench_agent::config::Config::parse(&yaml, Path::new("test-agent.yaml"), &env)
         .expect("agent config");
-    let client = bench_nats::connect(&cfg.nats.clone(), "test-agent")
+    within("agent start", WAIT, TestAgent::start(cfg))
         .await
-        .expect("agent connects");
-    let token = CancellationToken::new();
-    let handle = within(
-        "agent start",
-        WAIT,
-        bench_agent::start(cfg, client, token.clone()),
-    )
-    .await
-    .expect("agent starts");
-    TestAgent {
-        handle: Some(handle),
-        token,
-    }
+        .expect("agent starts")
 }
 
 /// A mock agent offering `model`.
