@@ -1,4 +1,5 @@
 use bench_agent::config::{process_env, Config, DEFAULT_CONFIG_PATH};
+use bench_nats::settings::{parse_command_line, CommandLine};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -13,21 +14,20 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,async_nats=warn".into()),
         )
         .init();
-    let mut args = std::env::args().skip(1);
-    let mut path = std::env::var_os("BENCH_AGENT_CONFIG").map(PathBuf::from);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" | "-c" => path = args.next().map(PathBuf::from),
-            "--version" | "-V" => {
-                println!("bench-agent {}", bench_agent::VERSION);
-                return ExitCode::SUCCESS;
-            }
-            _ => {
-                eprintln!("{USAGE}");
-                return ExitCode::from(2);
-            }
+    let path = match parse_command_line(
+        std::env::args().skip(1),
+        std::env::var_os("BENCH_AGENT_CONFIG").map(PathBuf::from),
+    ) {
+        CommandLine::Run(path) => path,
+        CommandLine::Version => {
+            println!("bench-agent {}", bench_agent::VERSION);
+            return ExitCode::SUCCESS;
         }
-    }
+        CommandLine::Usage => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
     let path = path.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
     let cfg = match Config::load(&path, &process_env()) {
         Ok(c) => c,

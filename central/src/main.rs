@@ -1,4 +1,5 @@
 use bench_central::config::{process_env, Config};
+use bench_nats::settings::{parse_command_line, CommandLine};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -14,21 +15,20 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,async_nats=warn".into()),
         )
         .init();
-    let mut args = std::env::args().skip(1);
-    let mut path = std::env::var_os("BENCH_CENTRAL_CONFIG").map(PathBuf::from);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" | "-c" => path = args.next().map(PathBuf::from),
-            "--version" | "-V" => {
-                println!("bench-central {}", bench_central::VERSION);
-                return ExitCode::SUCCESS;
-            }
-            _ => {
-                eprintln!("{USAGE}");
-                return ExitCode::from(2);
-            }
+    let path = match parse_command_line(
+        std::env::args().skip(1),
+        std::env::var_os("BENCH_CENTRAL_CONFIG").map(PathBuf::from),
+    ) {
+        CommandLine::Run(path) => path,
+        CommandLine::Version => {
+            println!("bench-central {}", bench_central::VERSION);
+            return ExitCode::SUCCESS;
         }
-    }
+        CommandLine::Usage => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = match Config::load(path.as_deref(), &process_env()) {
         Ok(c) => c,
         Err(e) => {
