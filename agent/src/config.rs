@@ -27,6 +27,12 @@ pub const DEFAULT_HEARTBEAT_S: f64 = 3.0;
 pub const DEFAULT_ENGINE_IDLE_TIMEOUT_S: f64 = 120.0;
 /// Jobs waiting behind the running one.
 pub const DEFAULT_MAX_QUEUE: usize = 64;
+/// Events waiting for the publisher: at 40 events/s a run outlasts a NATS outage of minutes; at
+/// ~500 bytes an event the queue stays a few MB.
+pub const DEFAULT_MAX_EVENT_QUEUE: usize = 10_000;
+/// JetStream acks awaited at once. One at a time caps an agent at 1/RTT events per second (~6/s
+/// at a 150 ms round trip); 256 in flight carries a fast engine's token stream over such a link.
+pub const DEFAULT_PUBLISH_WINDOW: usize = 256;
 
 /// Which engine a backend talks to.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +99,8 @@ pub struct RawLimits {
     pub max_num_ctx: Option<u32>,
     /// Jobs allowed to wait.
     pub max_queue: Option<usize>,
+    /// Events allowed to wait for the publisher.
+    pub max_event_queue: Option<usize>,
 }
 
 /// The YAML as written. Unknown keys are errors, so a typo never silently does nothing.
@@ -149,6 +157,8 @@ pub struct RawConfig {
     pub heartbeat_s: Option<f64>,
     /// Engine silence that fails a run.
     pub engine_idle_timeout_s: Option<f64>,
+    /// JetStream acks in flight at once.
+    pub publish_window: Option<usize>,
 }
 
 /// The validated configuration.
@@ -192,6 +202,10 @@ pub struct Config {
     pub limits: JobLimits,
     /// Jobs allowed to wait.
     pub max_queue: usize,
+    /// Events allowed to wait for the publisher.
+    pub max_event_queue: usize,
+    /// JetStream acks in flight at once.
+    pub publish_window: usize,
     /// Token batching by size.
     pub flush_chars: usize,
     /// Token batching by time.
@@ -394,6 +408,32 @@ impl Config {
             ));
         }
 
+        let max_queue = raw.limits.max_queue.unwrap_or(DEFAULT_MAX_QUEUE);
+        let max_event_queue = raw
+            .limits
+            .max_event_queue
+            .unwrap_or(DEFAULT_MAX_EVENT_QUEUE);
+        // Every waiting job and the running one hold a slot for their final event, so that
+        // it can always be queued; the rest is room for the running job's stream.
+        if !(max_queue.saturating_add(2)..=1_000_000).contains(&max_event_queue) {
+            return Err(err(
+                "limits.max_event_queue",
+                format!(
+                    "{max_event_queue} is out of range: it must exceed limits.max_queue + 1 ({}) and be at most 1000000",
+                    max_queue.saturating_add(1)
+                ),
+                "use e.g. 10000 (the default), or lower limits.max_queue",
+            ));
+        }
+        let publish_window = raw.publish_window.unwrap_or(DEFAULT_PUBLISH_WINDOW);
+        if !(1..=4096).contains(&publish_window) {
+            return Err(err(
+                "publish_window",
+                format!("{publish_window} is out of range"),
+                "use 1..4096 (default 256)",
+            ));
+        }
+
         let mut nats = raw.nats.clone();
         if let Some(url) = get("NATS_URL") {
             nats.url = Some(url);
@@ -425,7 +465,9 @@ impl Config {
             accelerator: raw.accelerator,
             nats,
             limits,
-            max_queue: raw.limits.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
+            max_queue,
+            max_event_queue,
+            publish_window,
             flush_chars: flush_chars.max(1),
             flush_interval: Duration::from_secs_f64(flush_s),
             heartbeat: Duration::from_secs_f64(heartbeat_s),
@@ -453,6 +495,16 @@ mod tests {
         assert_eq!(c.engine, EngineKind::Ollama);
         assert_eq!(c.ollama_base_url.as_deref(), Some(DEFAULT_OLLAMA_URL));
         assert_eq!(c.flush_chars, 64);
+        assert_eq!(
+            (c.max_event_queue, c.publish_window),
+            (DEFAULT_MAX_EVENT_QUEUE, DEFAULT_PUBLISH_WINDOW)
+        );
+        let c = parse(
+            "machine_id: box1\nlimits: {max_queue: 1, max_event_queue: 3}\npublish_window: 1\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!((c.max_event_queue, c.publish_window), (3, 1));
         assert_eq!(
             c.openai_extra_body["cache_prompt"], false,
             "no prompt cache between repeats by default"
@@ -497,6 +549,10 @@ mod tests {
             "mock: {ttft_ms: 1.0e12}",
             "engine_idle_timeout_s: 1.0e20",
             "limits: {max_queue: 0}",
+            "limits: {max_event_queue: 0}",
+            "limits: {max_queue: 10, max_event_queue: 11}",
+            "publish_window: 0",
+            "publish_window: 100000",
         ] {
             assert!(
                 parse(&format!("machine_id: a\n{bad}\n"), &[]).is_err(),

@@ -58,6 +58,7 @@ pub async fn info(shared: &Shared) -> AgentInfo {
         hardware: shared.hardware.clone(),
         labels: shared.cfg.labels.clone(),
         version: crate::VERSION.to_string(),
+        boot_id: shared.boot_id.clone(),
         ts_ms: crate::publisher::now_ms(),
         heartbeat_s: shared.cfg.heartbeat.as_secs_f64(),
         current_job: occ.running,

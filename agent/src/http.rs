@@ -22,10 +22,12 @@ async fn health(State(s): State<Arc<Shared>>) -> Json<Value> {
         "ok": true,
         "machine_id": s.cfg.machine_id,
         "label": s.cfg.label,
+        "boot_id": s.boot_id,
         "nats": format!("{}", s.client.connection_state()).to_lowercase(),
         "busy": occ.running.is_some(),
         "current_job": occ.running,
         "queued": occ.waiting,
+        "publisher": s.publisher.stats(),
     }))
 }
 

@@ -55,11 +55,6 @@ pub async fn handle_job(
         let usable = validate_job_id(&job_id).is_ok().then_some(job_id.as_str());
         return Some(refuse(shared, usable, e));
     }
-    let ctx = Arc::new(JobCtx::new(
-        job_id.clone(),
-        machine_id.clone(),
-        shared.publisher.clone(),
-    ));
     let backend = shared.backend_for(&job).expect("checked");
     let accepted = Accepted {
         job: job.clone(),
@@ -69,21 +64,40 @@ pub async fn handle_job(
         label: shared.cfg.label.clone(),
         agent_version: crate::VERSION.to_string(),
     };
-    let queued = Queued {
-        job,
-        ctx: ctx.clone(),
-        cancel: CancellationToken::new(),
-    };
-    // Emitted under the queue lock: job_accepted is always seq 1, ahead of job_started.
-    let announce = |position| {
+    // Under the queue lock: job_accepted is always seq 1, ahead of job_started, and a run id
+    // is only used by a job that is accepted.
+    let admit = |position, n| {
+        let run_id = subjects::run_id(&shared.boot_id, n);
+        let event_queue_full = |_| {
+            ErrorBody::new(
+                ErrorCode::QueueFull,
+                format!(
+                    "the agent's event queue is full ({} events, agent config limits.max_event_queue): NATS is not taking its events; try again once it does",
+                    shared.cfg.max_event_queue
+                ),
+            )
+        };
+        let ctx = JobCtx::new(
+            job_id.clone(),
+            machine_id.clone(),
+            run_id,
+            shared.publisher.clone(),
+        )
+        .map_err(event_queue_full)?;
         ctx.emit(EventKind::JobAccepted(Accepted {
             position,
             ..accepted
         }))
+        .map_err(event_queue_full)?;
+        Ok(Queued {
+            job,
+            ctx: Arc::new(ctx),
+            cancel: CancellationToken::new(),
+        })
     };
-    match shared.queue.push(queued, announce) {
-        Ok(position) => {
-            tracing::info!(%job_id, position, "job accepted");
+    match shared.queue.push(&job_id, admit) {
+        Ok((position, ctx)) => {
+            tracing::info!(%job_id, run_id = %ctx.run_id, position, "job accepted");
             Some(JobReply::accepted(&job_id, machine_id, position))
         }
         Err(e) => Some(refuse(shared, Some(&job_id), e)),
@@ -134,6 +148,7 @@ fn refuse(shared: &Shared, job_id: Option<&str>, error: ErrorBody) -> JobReply {
         let event = Event {
             job_id: id.to_string(),
             machine_id: machine_id.clone(),
+            run_id: String::new(),
             seq: 0,
             ts_ms: now_ms(),
             kind: EventKind::JobError(Failed {
@@ -172,7 +187,7 @@ pub fn handle_cancel(shared: &Shared, subject: &str) {
         QueueCancelled::Running => tracing::info!(%job_id, "cancelling running job"),
         QueueCancelled::Waiting(ctx) => {
             tracing::info!(%job_id, "cancelled waiting job");
-            ctx.emit(EventKind::JobCancelled(Cancelled {
+            ctx.finish(EventKind::JobCancelled(Cancelled {
                 repeat_index: None,
                 reason: "cancel requested".into(),
             }));

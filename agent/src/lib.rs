@@ -5,8 +5,9 @@
 //! OpenAI-compatible, mock) behind one trait; [`intake`] answers jobs arriving on
 //! `bench.jobs.<machine_id>` / `bench.jobs.all` (via the `bench-agent` micro service) and
 //! cancels on `bench.cancel.*`, queueing accepted jobs in [`queue`]; [`runner`] runs them one at
-//! a time, timing every chunk with [`measure`]; events go through [`emit`] (gapless seq) to
-//! [`publisher`] (JetStream, exactly once by `Nats-Msg-Id`); [`heartbeat`] keeps the
+//! a time, timing every chunk with [`measure`]; events go through [`emit`] (one run per
+//! acceptance, gapless seq) into a bounded queue to [`publisher`] (JetStream, in order and
+//! stored once by `Nats-Msg-Id`, a window of acks in flight); [`heartbeat`] keeps the
 //! `bench_agents` KV entry fresh; [`http`] serves `/health` and `/capabilities` locally.
 
 pub mod backend;
@@ -52,6 +53,10 @@ pub struct Shared {
     pub models: models::ModelCatalog,
     /// Machine facts.
     pub hardware: Hardware,
+    /// Random per process (12 hex digits): run ids are `<boot_id>-<n>`, and the heartbeat
+    /// carries it so that central can tell a restarted agent (whose runs are lost) from a
+    /// busy one.
+    pub boot_id: String,
 }
 
 impl Shared {
@@ -135,7 +140,13 @@ pub async fn start(
         tracing::warn!(url = %cfg.nats.effective_url(), "NATS not reachable yet; jobs will arrive once it is");
     }
     let backends = backends_from_config(&cfg);
-    let (publisher, publisher_task) = publisher::Publisher::spawn(client.clone());
+    let boot_id = new_boot_id();
+    let (publisher, publisher_task) = publisher::Publisher::spawn(publisher::PublisherConfig {
+        nats: cfg.nats.clone(),
+        name: format!("bench-agent:{machine_id}:events"),
+        window: cfg.publish_window,
+        queue: cfg.max_event_queue,
+    });
 
     // The stream is normally central's; creating it here too means events are kept even when
     // central has never run. Best effort: a server without JetStream still gets live events.
@@ -161,6 +172,7 @@ pub async fn start(
         queue: queue::JobQueue::new(cfg.max_queue),
         models: models::ModelCatalog::default(),
         publisher,
+        boot_id,
         backends,
         client: client.clone(),
         cfg,
@@ -243,7 +255,7 @@ pub async fn start(
         let _ = service.stop().await;
     });
 
-    tracing::info!(%machine_id, engine = default.kind(), engine_url = default.base_url(), %http_addr, "agent ready");
+    tracing::info!(%machine_id, boot_id = %shared.boot_id, engine = default.kind(), engine_url = default.base_url(), %http_addr, "agent ready");
 
     let shared_for_join = shared.clone();
     let join = tokio::spawn(async move {
@@ -251,7 +263,7 @@ pub async fn start(
         tracing::info!("shutting down");
         let _ = intake.await;
         for ctx in shared_for_join.queue.drain() {
-            ctx.emit(bench_schemas::EventKind::JobCancelled(
+            ctx.finish(bench_schemas::EventKind::JobCancelled(
                 bench_schemas::event::Cancelled {
                     repeat_index: None,
                     reason: "agent shutting down".into(),
@@ -272,6 +284,13 @@ pub async fn start(
         shared,
         join,
     })
+}
+
+/// A new boot id: 12 random hex digits.
+fn new_boot_id() -> String {
+    let mut id = uuid::Uuid::new_v4().simple().to_string();
+    id.truncate(12);
+    id
 }
 
 /// Connects to NATS with the config's settings and runs until `shutdown`.

@@ -30,7 +30,11 @@ pub struct Occupancy {
 struct Inner {
     waiting: VecDeque<Queued>,
     running: Option<(String, CancellationToken)>,
+    /// Jobs waiting or running: a second submission of one of them is a `duplicate_job`; once
+    /// a job has finished its id may run again (a new run).
     ids: HashSet<String>,
+    /// Jobs accepted since this process started (the `n` of run ids).
+    accepted: u64,
 }
 
 /// The agent's job queue.
@@ -79,13 +83,17 @@ impl JobQueue {
         });
     }
 
-    /// Queues a job; returns its position (jobs ahead of it, counting the running one).
-    /// `on_queued(position)` runs under the queue lock, before the worker can take the job, so
-    /// what it emits (job_accepted) always precedes job_started.
-    pub fn push(&self, q: Queued, on_queued: impl FnOnce(u32)) -> Result<u32, ErrorBody> {
-        let id = q.job.job_id.clone().unwrap_or_default();
+    /// Queues the job `id`; returns its position (jobs ahead of it, counting the running one)
+    /// and its emitter. `admit(position, n)` builds the entry for the `n`-th accepted job under
+    /// the queue lock, before the worker can take it, so what it emits (job_accepted) always
+    /// precedes job_started; when it fails nothing is queued and `n` is not used.
+    pub fn push(
+        &self,
+        id: &str,
+        admit: impl FnOnce(u32, u64) -> Result<Queued, ErrorBody>,
+    ) -> Result<(u32, Arc<JobCtx>), ErrorBody> {
         let mut inner = self.inner.lock().expect("queue lock");
-        if inner.ids.contains(&id) {
+        if inner.ids.contains(id) {
             return Err(ErrorBody::new(
                 ErrorCode::DuplicateJob,
                 format!("job {id} is already queued or running here"),
@@ -101,13 +109,15 @@ impl JobQueue {
             ));
         }
         let position = inner.waiting.len() as u32 + u32::from(inner.running.is_some());
-        on_queued(position);
-        inner.ids.insert(id);
+        let q = admit(position, inner.accepted + 1)?;
+        inner.accepted += 1;
+        let ctx = q.ctx.clone();
+        inner.ids.insert(id.to_string());
         inner.waiting.push_back(q);
         self.publish(&inner);
         drop(inner);
         self.notify.notify_one();
-        Ok(position)
+        Ok((position, ctx))
     }
 
     /// Waits for the next job and marks it running.

@@ -5,7 +5,7 @@
 use crate::backend::{GenRequest, Item};
 use crate::emit::JobCtx;
 use crate::measure::Measure;
-use crate::publisher::now_ms;
+use crate::publisher::{now_ms, QueueFull};
 use crate::Shared;
 use bench_schemas::event::{Cancelled, Done, Failed, Started, Token};
 use bench_schemas::{ErrorBody, ErrorCode, EventKind, Job, Metrics, StartMode, Summary};
@@ -21,6 +21,33 @@ enum Stop {
     Failed(ErrorBody),
 }
 
+/// A run that stopped early, and in which repeat.
+struct Early {
+    stop: Stop,
+    repeat_index: Option<u32>,
+}
+
+impl Early {
+    fn at(stop: Stop, repeat_index: impl Into<Option<u32>>) -> Self {
+        Self {
+            stop,
+            repeat_index: repeat_index.into(),
+        }
+    }
+}
+
+/// The error that stops a run whose events no longer fit in the event queue: better a clear
+/// end than a stream with a silent hole.
+fn event_queue_full(shared: &Shared) -> Stop {
+    Stop::Failed(ErrorBody::new(
+        ErrorCode::EventQueueFull,
+        format!(
+            "the agent's event queue is full ({} events, agent config limits.max_event_queue): NATS is not taking events as fast as this run produces them (unreachable or too slow), so the run was stopped rather than leave a gap in its events",
+            shared.cfg.max_event_queue
+        ),
+    ))
+}
+
 /// The worker loop: until shutdown, take the next job and run it.
 pub async fn worker(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
@@ -29,43 +56,71 @@ pub async fn worker(shared: Arc<Shared>, shutdown: CancellationToken) {
             q = shared.queue.pop() => q,
         };
         let job_id = q.ctx.job_id.clone();
-        tracing::info!(%job_id, model = %q.job.model, "job started");
-        run_job(&shared, &q.job, &q.ctx, &q.cancel).await;
+        tracing::info!(%job_id, run_id = %q.ctx.run_id, model = %q.job.model, "job started");
+        let backend = shared
+            .backend_for(&q.job)
+            .expect("backend checked at intake");
+        run_job(&shared, &*backend, &q.job, &q.ctx, &q.cancel).await;
         shared.queue.finish(&job_id);
     }
 }
 
-async fn run_job(shared: &Shared, job: &Job, ctx: &JobCtx, cancel: &CancellationToken) {
-    let backend = shared.backend_for(job).expect("backend checked at intake");
+async fn run_job(
+    shared: &Shared,
+    backend: &dyn crate::backend::Backend,
+    job: &Job,
+    ctx: &JobCtx,
+    cancel: &CancellationToken,
+) {
+    let end = match run_repeats(shared, backend, job, ctx, cancel).await {
+        Ok(done) => {
+            tracing::info!(job_id = %ctx.job_id, run_id = %ctx.run_id, "job done");
+            EventKind::JobDone(done)
+        }
+        Err(Early {
+            stop: Stop::Cancelled(reason),
+            repeat_index,
+        }) => EventKind::JobCancelled(Cancelled {
+            repeat_index,
+            reason,
+        }),
+        Err(Early {
+            stop: Stop::Failed(error),
+            repeat_index,
+        }) => {
+            tracing::warn!(job_id = %ctx.job_id, run_id = %ctx.run_id, code = %error.code, message = %error.message, "job failed");
+            EventKind::JobError(Failed {
+                error,
+                repeat_index,
+            })
+        }
+    };
+    ctx.finish(end);
+}
+
+async fn run_repeats(
+    shared: &Shared,
+    backend: &dyn crate::backend::Backend,
+    job: &Job,
+    ctx: &JobCtx,
+    cancel: &CancellationToken,
+) -> Result<Done, Early> {
+    let expired =
+        |what: &str| Early::at(Stop::Failed(ErrorBody::new(ErrorCode::Expired, what)), None);
     if job.expires_at.is_some_and(|t| t < now_ms()) {
-        ctx.emit(EventKind::JobError(Failed {
-            error: ErrorBody::new(
-                ErrorCode::Expired,
-                "the job expired while it waited in the queue",
-            ),
-            repeat_index: None,
-        }));
-        return;
+        return Err(expired("the job expired while it waited in the queue"));
     }
     if job.start == StartMode::Together {
         if let Some(at) = job.start_at_ms {
             let wait = Duration::from_millis(at.saturating_sub(now_ms()));
             tokio::select! {
                 _ = cancel.cancelled() => {
-                    ctx.emit(EventKind::JobCancelled(Cancelled { repeat_index: None, reason: "cancelled before start".into() }));
-                    return;
+                    return Err(Early::at(Stop::Cancelled("cancelled before start".into()), None));
                 }
                 _ = tokio::time::sleep(wait) => {}
             }
             if job.expires_at.is_some_and(|t| t < now_ms()) {
-                ctx.emit(EventKind::JobError(Failed {
-                    error: ErrorBody::new(
-                        ErrorCode::Expired,
-                        "the job expired before its start time",
-                    ),
-                    repeat_index: None,
-                }));
-                return;
+                return Err(expired("the job expired before its start time"));
             }
         }
     }
@@ -73,33 +128,20 @@ async fn run_job(shared: &Shared, job: &Job, ctx: &JobCtx, cancel: &Cancellation
     let mut last_output = String::new();
     for index in 0..job.warmup + job.repeat {
         let warmup = index < job.warmup;
+        let full = |_| Early::at(event_queue_full(shared), index);
         ctx.emit(EventKind::JobStarted(Started {
             repeat_index: index,
             warmup,
-        }));
-        match run_once(shared, &*backend, job, ctx, cancel, index, warmup).await {
-            Ok((metrics, output)) => {
-                ctx.emit(EventKind::RepeatDone(metrics.clone()));
-                runs.push(metrics);
-                if !warmup {
-                    last_output = output;
-                }
-            }
-            Err(Stop::Cancelled(reason)) => {
-                ctx.emit(EventKind::JobCancelled(Cancelled {
-                    repeat_index: Some(index),
-                    reason,
-                }));
-                return;
-            }
-            Err(Stop::Failed(error)) => {
-                tracing::warn!(job_id = %ctx.job_id, code = %error.code, message = %error.message, "job failed");
-                ctx.emit(EventKind::JobError(Failed {
-                    error,
-                    repeat_index: Some(index),
-                }));
-                return;
-            }
+        }))
+        .map_err(full)?;
+        let (metrics, output) = run_once(shared, backend, job, ctx, cancel, index, warmup)
+            .await
+            .map_err(|stop| Early::at(stop, index))?;
+        ctx.emit(EventKind::RepeatDone(metrics.clone()))
+            .map_err(full)?;
+        runs.push(metrics);
+        if !warmup {
+            last_output = output;
         }
     }
     let summary = Summary::of(&runs);
@@ -108,7 +150,7 @@ async fn run_job(shared: &Shared, job: &Job, ctx: &JobCtx, cancel: &Cancellation
         .last()
         .map(|m| m.token_count_source)
         .expect("at least one run");
-    ctx.emit(EventKind::JobDone(Done {
+    Ok(Done {
         model: job.model.clone(),
         engine: backend.kind().to_string(),
         ttft_ms: median(summary.ttft_ms).unwrap_or(0.0),
@@ -119,8 +161,7 @@ async fn run_job(shared: &Shared, job: &Job, ctx: &JobCtx, cancel: &Cancellation
         repeats: runs,
         summary,
         output_text: last_output,
-    }));
-    tracing::info!(job_id = %ctx.job_id, "job done");
+    })
 }
 
 /// Buffered text waiting to be published as one `llm_token`.
@@ -132,17 +173,28 @@ struct Batch {
 }
 
 impl Batch {
-    fn flush(&mut self, ctx: &JobCtx, index: u32) {
+    /// Publishes the buffered text; a full event queue is [`QueueFull`] (the run then stops).
+    fn flush(&mut self, ctx: &JobCtx, index: u32) -> Result<(), QueueFull> {
         if self.text.is_empty() {
-            return;
+            return Ok(());
         }
         ctx.emit(EventKind::LlmToken(Token {
             repeat_index: index,
             text: std::mem::take(&mut self.text),
             tokens: self.tokens.replace(0),
             t_ms: self.t_ms,
-        }));
+        }))?;
         self.flush_at = None;
+        Ok(())
+    }
+
+    /// Publishes what is left before the run stops with `stop`; text that no longer fits
+    /// turns the stop into `event_queue_full` (the stream would otherwise miss it silently).
+    fn end(&mut self, ctx: &JobCtx, index: u32, shared: &Shared, stop: Stop) -> Stop {
+        match self.flush(ctx, index) {
+            Ok(()) => stop,
+            Err(QueueFull) => event_queue_full(shared),
+        }
     }
 }
 
@@ -180,26 +232,24 @@ async fn run_once(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => {
-                batch.flush(ctx, index);
-                return Err(cancelled());
+                return Err(batch.end(ctx, index, shared, cancelled()));
             }
             _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => {
-                batch.flush(ctx, index);
+                batch.flush(ctx, index).map_err(|_| event_queue_full(shared))?;
             }
             next = tokio::time::timeout(idle, stream.next()) => {
                 let now = Instant::now();
                 match next {
                     Err(_) => {
-                        batch.flush(ctx, index);
-                        return Err(Stop::Failed(ErrorBody::new(ErrorCode::Timeout, format!("the engine sent nothing for {idle:?}"))));
+                        let stop = Stop::Failed(ErrorBody::new(ErrorCode::Timeout, format!("the engine sent nothing for {idle:?}")));
+                        return Err(batch.end(ctx, index, shared, stop));
                     }
                     Ok(None) => {
-                        batch.flush(ctx, index);
-                        return Err(Stop::Failed(ErrorBody::new(ErrorCode::StreamBroken, "the engine stream ended without a final message")));
+                        let stop = Stop::Failed(ErrorBody::new(ErrorCode::StreamBroken, "the engine stream ended without a final message"));
+                        return Err(batch.end(ctx, index, shared, stop));
                     }
                     Ok(Some(Err(e))) => {
-                        batch.flush(ctx, index);
-                        return Err(Stop::Failed(e));
+                        return Err(batch.end(ctx, index, shared, Stop::Failed(e)));
                     }
                     Ok(Some(Ok(Item::Final(report)))) => break (report, ms(now)),
                     Ok(Some(Ok(Item::Text { text, tokens }))) => {
@@ -219,14 +269,18 @@ async fn run_once(
                             batch.flush_at = Some(now + shared.cfg.flush_interval);
                         }
                         if batch.text.len() >= shared.cfg.flush_chars {
-                            batch.flush(ctx, index);
+                            // A full queue stops the run here: the engine's stream is never
+                            // held up waiting for NATS.
+                            batch.flush(ctx, index).map_err(|_| event_queue_full(shared))?;
                         }
                     }
                 }
             }
         }
     };
-    batch.flush(ctx, index);
+    batch
+        .flush(ctx, index)
+        .map_err(|_| event_queue_full(shared))?;
     let (report, total_ms) = report;
     Ok((measure.finish(index, warmup, total_ms, &report), output))
 }

@@ -354,6 +354,13 @@ async fn publish_without_reply_or_id_runs_and_discovery_and_http() {
         (health["ok"].as_bool(), health["machine_id"].as_str()),
         (Some(true), Some("m4"))
     );
+    // The heartbeat names this process's boot, as /health does.
+    assert_eq!(info.boot_id.len(), 12, "{}", info.boot_id);
+    assert_eq!(health["boot_id"].as_str(), Some(info.boot_id.as_str()));
+    assert!(
+        health["publisher"]["published"].as_u64().unwrap() >= 1,
+        "{health}"
+    );
     let caps: serde_json::Value = http
         .get(format!("http://{}/capabilities", agent.http_addr()))
         .send()

@@ -108,3 +108,88 @@ pub fn job_json(model: &str, extra: serde_json::Value) -> Vec<u8> {
     }
     serde_json::to_vec(&v).unwrap()
 }
+
+pub mod proxy;
+
+/// Every stored event of `job_id`, in stream order, read once `terminals` terminal events are
+/// stored, plus anything stored behind them (so that a copy stored twice would show).
+pub async fn stored_events(
+    js: &async_nats::jetstream::Context,
+    job_id: &str,
+    terminals: usize,
+) -> Vec<Event> {
+    use async_nats::jetstream::consumer::pull;
+    let stream = within("stream", WAIT, js.get_stream(subjects::EVENTS_STREAM))
+        .await
+        .expect("stream exists");
+    let consumer = within(
+        "ordered consumer",
+        WAIT,
+        stream.create_consumer(pull::OrderedConfig {
+            filter_subject: subjects::events(job_id),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("ordered consumer");
+    let mut messages = within("messages", WAIT, consumer.messages())
+        .await
+        .expect("messages");
+    let mut out = Vec::new();
+    let mut seen = 0;
+    loop {
+        let msg = within("stored event", WAIT, messages.next())
+            .await
+            .expect("open")
+            .expect("message");
+        let e: Event = serde_json::from_slice(&msg.payload).expect("event");
+        seen += usize::from(e.kind.is_terminal());
+        out.push(e);
+        if seen >= terminals && msg.info().expect("jetstream message").pending == 0 {
+            return out;
+        }
+    }
+}
+
+/// Asserts that one run's events are its seq 1..n, each once, in stream order.
+pub fn assert_gapless(events: &[&Event]) {
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "a gap, a copy stored twice or a reorder in the stored events"
+    );
+}
+
+/// The agent's `/health`.
+pub async fn health(agent: &TestAgent) -> serde_json::Value {
+    let url = format!("http://{}/health", agent.http_addr());
+    within("health", WAIT, async {
+        reqwest::get(&url)
+            .await
+            .expect("health answers")
+            .json()
+            .await
+            .expect("health is JSON")
+    })
+    .await
+}
+
+/// Waits until `/health` satisfies `pred` (polled: an agent cut off from NATS can only be
+/// observed there).
+pub async fn health_until(
+    agent: &TestAgent,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    within(what, WAIT, async {
+        loop {
+            let h = health(agent).await;
+            if pred(&h) {
+                return h;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
