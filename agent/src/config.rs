@@ -33,6 +33,8 @@ pub const DEFAULT_MAX_EVENT_QUEUE: usize = 10_000;
 /// JetStream acks awaited at once. One at a time caps an agent at 1/RTT events per second (~6/s
 /// at a 150 ms round trip); 256 in flight carries a fast engine's token stream over such a link.
 pub const DEFAULT_PUBLISH_WINDOW: usize = 256;
+/// How long the engine's model list is trusted while the engine is idle.
+pub const DEFAULT_ENGINE_MODELS_REFRESH_S: f64 = 30.0;
 
 /// Which engine a backend talks to.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +159,8 @@ pub struct RawConfig {
     pub heartbeat_s: Option<f64>,
     /// Engine silence that fails a run.
     pub engine_idle_timeout_s: Option<f64>,
+    /// How long an idle engine's model list is cached.
+    pub engine_models_refresh_s: Option<f64>,
     /// JetStream acks in flight at once.
     pub publish_window: Option<usize>,
 }
@@ -206,6 +210,8 @@ pub struct Config {
     pub max_event_queue: usize,
     /// JetStream acks in flight at once.
     pub publish_window: usize,
+    /// How long an idle engine's model list is cached.
+    pub engine_models_refresh: Duration,
     /// Token batching by size.
     pub flush_chars: usize,
     /// Token batching by time.
@@ -433,6 +439,16 @@ impl Config {
                 "use 1..4096 (default 256)",
             ));
         }
+        let refresh = raw
+            .engine_models_refresh_s
+            .unwrap_or(DEFAULT_ENGINE_MODELS_REFRESH_S);
+        if !(0.1..=86_400.0).contains(&refresh) {
+            return Err(err(
+                "engine_models_refresh_s",
+                format!("{refresh} is out of range"),
+                "use 0.1..86400 seconds (default 30)",
+            ));
+        }
 
         let mut nats = raw.nats.clone();
         if let Some(url) = get("NATS_URL") {
@@ -468,6 +484,7 @@ impl Config {
             max_queue,
             max_event_queue,
             publish_window,
+            engine_models_refresh: Duration::from_secs_f64(refresh),
             flush_chars: flush_chars.max(1),
             flush_interval: Duration::from_secs_f64(flush_s),
             heartbeat: Duration::from_secs_f64(heartbeat_s),
@@ -553,6 +570,7 @@ mod tests {
             "limits: {max_queue: 10, max_event_queue: 11}",
             "publish_window: 0",
             "publish_window: 100000",
+            "engine_models_refresh_s: 0",
         ] {
             assert!(
                 parse(&format!("machine_id: a\n{bad}\n"), &[]).is_err(),

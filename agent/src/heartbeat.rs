@@ -1,6 +1,7 @@
 //! Keeps this agent's entry in the `bench_agents` KV bucket fresh: every `heartbeat_s`, and at
 //! once when it turns busy or idle. The bucket's max age (15 s) makes a dead agent's entry
-//! expire; a clean shutdown deletes it.
+//! expire; a clean shutdown deletes it. The entry's models come from the cache while a job runs
+//! (see [`crate::models`]): a heartbeat never asks a busy engine.
 
 use crate::Shared;
 use async_nats::jetstream;

@@ -8,7 +8,8 @@
 //! a time, timing every chunk with [`measure`]; events go through [`emit`] (one run per
 //! acceptance, gapless seq) into a bounded queue to [`publisher`] (JetStream, in order and
 //! stored once by `Nats-Msg-Id`, a window of acks in flight); [`heartbeat`] keeps the
-//! `bench_agents` KV entry fresh; [`http`] serves `/health` and `/capabilities` locally.
+//! `bench_agents` KV entry fresh; [`models`] caches engine model lists and keeps list requests
+//! off an engine that is running a job; [`http`] serves `/health` and `/capabilities` locally.
 
 pub mod backend;
 pub mod config;
@@ -170,7 +171,7 @@ pub async fn start(
     let shared = Arc::new(Shared {
         hardware: heartbeat::hardware(cfg.accelerator.clone()),
         queue: queue::JobQueue::new(cfg.max_queue),
-        models: models::ModelCatalog::default(),
+        models: models::ModelCatalog::new(cfg.engine_models_refresh),
         publisher,
         boot_id,
         backends,

@@ -60,7 +60,12 @@ pub async fn worker(shared: Arc<Shared>, shutdown: CancellationToken) {
         let backend = shared
             .backend_for(&q.job)
             .expect("backend checked at intake");
-        run_job(&shared, &*backend, &q.job, &q.ctx, &q.cancel).await;
+        {
+            // Nothing else talks to the engine while it runs a benchmark (model lists come
+            // from the cache meanwhile); waits for a list request already under way.
+            let _engine = shared.models.lease(backend.kind()).await;
+            run_job(&shared, &*backend, &q.job, &q.ctx, &q.cancel).await;
+        }
         shared.queue.finish(&job_id);
     }
 }
