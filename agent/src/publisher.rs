@@ -284,11 +284,14 @@ impl Drop for Refuser {
 /// answers.
 async fn connect(cfg: &PublisherConfig, refuser: &Refuser, window: usize, stats: &Stats) -> Link {
     let url = cfg.nats.effective_url();
-    let urls: Vec<String> = url
+    let mut urls: Vec<String> = url
         .split(',')
         .map(|u| u.trim().to_string())
         .filter(|u| !u.is_empty())
         .collect();
+    if urls.is_empty() {
+        urls.push(url);
+    }
     let mut backoff = MIN_BACKOFF;
     let mut attempt = 0usize;
     loop {
@@ -510,6 +513,9 @@ async fn run(
                     tracing::error!(msg_id = %head.out.msg_id, error = %e, "JetStream keeps refusing this event; given up");
                     pending.pop_front();
                     stats.dropped.fetch_add(1, Relaxed);
+                } else if backoff == MIN_BACKOFF {
+                    // The first failure since the last ack: say so once, not at every retry.
+                    tracing::warn!(msg_id = %head.out.msg_id, error = %e, unacked, "event not acknowledged; re-sending from it on a new connection");
                 } else {
                     tracing::debug!(msg_id = %head.out.msg_id, error = %e, unacked, "event not acknowledged; re-sending from it on a new connection");
                 }

@@ -1,6 +1,8 @@
 //! Runs queued jobs one at a time: warmups then measured repeats, each streamed from the engine,
 //! timed on a monotonic clock, batched into `llm_token` events and closed with `repeat_done`;
-//! then `job_done`, or `job_error` / `job_cancelled` at the first failure or cancel.
+//! then `job_done`, or `job_error` / `job_cancelled` at the first failure or cancel. An event
+//! that finds the event queue full stops the run with `event_queue_full` at once (the engine's
+//! stream is never held up by NATS); the final event always has its reserved slot.
 
 use crate::backend::{GenRequest, Item};
 use crate::emit::JobCtx;
