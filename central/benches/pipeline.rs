@@ -48,6 +48,8 @@ const MIN_EVENTS_PER_POINT: u64 = 20_000;
 const SETUP_WAIT: Duration = Duration::from_secs(20);
 /// How long a client that has every event waits for `event: end`.
 const END_GRACE: Duration = Duration::from_secs(2);
+/// Slowest deliveries kept (with their send time) to show when latency outliers happen.
+const SLOWEST: usize = 10;
 
 const EX_ACCEPTED: &str = include_str!("../../schemas/messages/event_job_accepted.json");
 const EX_REPEAT_DONE: &str = include_str!("../../schemas/messages/event_repeat_done.json");
@@ -621,6 +623,16 @@ impl SseParser {
     }
 }
 
+fn keep_slowest(v: &mut Vec<(u64, u64)>, sample: (u64, u64)) {
+    if v.len() < SLOWEST {
+        v.push(sample);
+    } else if let Some(min) = v.iter_mut().min_by_key(|s| s.1) {
+        if sample.1 > min.1 {
+            *min = sample;
+        }
+    }
+}
+
 #[derive(Default)]
 struct ClientOut {
     ids: HashSet<u64>,
@@ -631,6 +643,8 @@ struct ClientOut {
     dropped: u64,
     ended: bool,
     latencies_ns: Vec<u64>,
+    /// The slowest deliveries as (send time, latency) in ns, at most [`SLOWEST`].
+    slowest: Vec<(u64, u64)>,
     last_delivery: Option<Instant>,
     errors: Vec<String>,
 }
@@ -712,7 +726,9 @@ async fn sse_client(
                         out.last_delivery = Some(now_i);
                         if p.kind == Kind::Token {
                             if let Some(sent) = p.sent_ns {
-                                out.latencies_ns.push(now.saturating_sub(sent));
+                                let lat = now.saturating_sub(sent);
+                                out.latencies_ns.push(lat);
+                                keep_slowest(&mut out.slowest, (sent, lat));
                             }
                         }
                     }
@@ -761,6 +777,8 @@ struct RaceOut {
     nats_cpu_s: f64,
     bench_cpu_s: f64,
     latencies_ns: Vec<u64>,
+    /// Slowest deliveries: (ms from the flood's start to the send, latency in ms).
+    slowest: Vec<(f64, f64)>,
     lost: u64,
     unexpected: u64,
     duplicates: u64,
@@ -768,6 +786,8 @@ struct RaceOut {
     lagged: u64,
     dropped: u64,
     not_ended: u64,
+    /// Time spent waiting for central to go idle before the races.
+    quiesce_s: f64,
     /// Races whose events had not all arrived at the deadline.
     timed_out: u64,
     /// Races that could not run at all (their error is in `errors`).
@@ -790,6 +810,9 @@ impl RaceOut {
         self.bench_cpu_s += o.bench_cpu_s;
         self.latencies_ns.extend(o.latencies_ns);
         self.latencies_ns.sort_unstable();
+        self.slowest.extend(o.slowest);
+        self.slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+        self.slowest.truncate(SLOWEST);
         self.lost += o.lost;
         self.unexpected += o.unexpected;
         self.duplicates += o.duplicates;
@@ -798,6 +821,7 @@ impl RaceOut {
         self.dropped += o.dropped;
         self.not_ended += o.not_ended;
         self.timed_out += o.timed_out;
+        self.quiesce_s += o.quiesce_s;
         self.failed += o.failed;
         self.kv_bytes += o.kv_bytes;
         self.kv_msgs += o.kv_msgs;
@@ -836,6 +860,7 @@ impl RaceOut {
             "bench_cpu_s": self.bench_cpu_s,
             "latency_ms": {
                 "samples": self.latencies_ns.len(),
+                "slowest_sent_at_ms_and_latency_ms": self.slowest,
                 "p50": self.pct_ms(50.0),
                 "p99": self.pct_ms(99.0),
                 "max": self.pct_ms(100.0),
@@ -848,6 +873,7 @@ impl RaceOut {
             "dropped_reconnects": self.dropped,
             "clients_without_end": self.not_ended,
             "races_timed_out": self.timed_out,
+            "quiesce_s": self.quiesce_s,
             "races_failed": self.failed,
             "kv_bytes": self.kv_bytes,
             "kv_writes": self.kv_msgs,
@@ -890,6 +916,22 @@ struct Bench {
 }
 
 impl Bench {
+    /// Waits (at most [`SETUP_WAIT`]) until central is idle: under 5% of a core over 200 ms.
+    /// What the last race left behind (result files, KV writes) must not be measured as the
+    /// next one's.
+    async fn quiesce(&self) -> Duration {
+        let t0 = Instant::now();
+        let pid = self.central.pid();
+        while t0.elapsed() < SETUP_WAIT {
+            let before = cpu_s(pid).unwrap_or(0.0);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if cpu_s(pid).unwrap_or(0.0) - before <= 0.01 {
+                break;
+            }
+        }
+        t0.elapsed()
+    }
+
     async fn wait_job_known(&self, job_id: &str) -> anyhow::Result<()> {
         let url = format!("{}/api/jobs/{job_id}", self.central.base());
         let deadline = Instant::now() + SETUP_WAIT;
@@ -925,6 +967,7 @@ impl Bench {
     /// One race: every agent accepts the job, central knows it, M clients are reading, then
     /// every agent floods n tokens (at `rate` per second each, or flat out).
     async fn race(&mut self, tag: &str, n: u64, rate: Option<f64>) -> anyhow::Result<RaceOut> {
+        let quiesce = self.quiesce().await;
         let job_id = format!("{tag}-{}", unique());
         let subject = subjects::events(&job_id);
         *self.current_job.lock().expect("current job") = Some(job_id.clone());
@@ -978,6 +1021,7 @@ impl Bench {
             self.kv_msgs.load(Ordering::Relaxed),
         );
         let t0 = Instant::now();
+        let t0_ns = now_ns();
         let floods: Vec<_> = std::mem::take(&mut self.agents)
             .into_iter()
             .zip(runs)
@@ -1031,6 +1075,7 @@ impl Bench {
             nats_cpu_s: cpu1.1 - cpu0.1,
             bench_cpu_s: cpu1.2 - cpu0.2,
             publish_duplicates,
+            quiesce_s: quiesce.as_secs_f64(),
             kv_bytes: self.kv_bytes.load(Ordering::Relaxed) - kv0.0,
             kv_msgs: self.kv_msgs.load(Ordering::Relaxed) - kv0.1,
             ..Default::default()
@@ -1045,9 +1090,16 @@ impl Bench {
             r.dropped += o.dropped;
             r.not_ended += u64::from(!o.ended);
             r.latencies_ns.extend(o.latencies_ns);
+            r.slowest.extend(
+                o.slowest
+                    .iter()
+                    .map(|(sent, lat)| ((*sent as f64 - t0_ns as f64) / 1e6, *lat as f64 / 1e6)),
+            );
             r.errors.extend(o.errors.into_iter().take(3));
         }
         r.latencies_ns.sort_unstable();
+        r.slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+        r.slowest.truncate(SLOWEST);
         if r.not_ended > 0 && r.lost > 0 {
             // Not delivered within the timeout. Deleting the job purges its events, so that a
             // central still working through them does not spoil the next race.
@@ -1589,32 +1641,25 @@ async fn pipeline(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
 
 // ---------------------------------------------------------------- jobs mode
 
-/// Jobs central lists: the sum of `bench_central_jobs{state=...}` in /metrics when it has one,
-/// else GET /api/jobs paged through.
-async fn jobs_indexed(http: &reqwest::Client, base: &str, prefix: &str) -> Option<u64> {
-    let metrics = async {
-        let text = http
-            .get(format!("{base}/metrics"))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        let mut found = false;
-        let sum: f64 = text
-            .lines()
-            .filter(|l| l.starts_with("bench_central_jobs{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .inspect(|_| found = true)
-            .sum();
-        found.then_some(sum as u64)
-    };
-    if let Some(n) = metrics.await {
-        return Some(n);
-    }
-    count_listed(http, base, prefix).await.ok()
+/// Jobs central counts: the sum of `bench_central_jobs{state=...}` in /metrics, if it has one.
+async fn jobs_metric(http: &reqwest::Client, base: &str) -> Option<u64> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let mut found = false;
+    let sum: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("bench_central_jobs{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .inspect(|_| found = true)
+        .sum();
+    found.then_some(sum as u64)
 }
 
 /// Distinct jobs with `prefix` that `GET /api/jobs` pages through.
@@ -1646,25 +1691,28 @@ async fn count_listed(http: &reqwest::Client, base: &str, prefix: &str) -> anyho
     Ok(seen.len() as u64)
 }
 
+/// Waits until central counts (cheap, polled often) or lists (paged, polled every 2 s) `n` jobs.
 async fn wait_indexed(
     http: &reqwest::Client,
     base: &str,
     prefix: &str,
     n: u64,
     limit: Duration,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<()> {
     let t0 = Instant::now();
+    let mut listed_at: Option<Instant> = None;
     loop {
-        if jobs_indexed(http, base, prefix).await.unwrap_or(0) >= n {
-            // The counter said so; the listing must agree.
-            if count_listed(http, base, prefix).await.unwrap_or(0) >= n
-                || jobs_indexed(http, base, prefix).await.unwrap_or(0) >= n
-            {
-                return Ok(t0.elapsed());
+        if jobs_metric(http, base).await.unwrap_or(0) >= n {
+            return Ok(());
+        }
+        if listed_at.is_none_or(|t| t.elapsed() > Duration::from_secs(2)) {
+            listed_at = Some(Instant::now());
+            if count_listed(http, base, prefix).await.unwrap_or(0) >= n {
+                return Ok(());
             }
         }
         if t0.elapsed() > limit {
-            bail!("central listed fewer than {n} jobs after {limit:?}");
+            bail!("central counted and listed fewer than {n} jobs after {limit:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -1726,7 +1774,7 @@ async fn jobs(o: &Opts, label: &str) -> anyhow::Result<Value> {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let _ = wait_indexed(&http, &base, &prefix, n, limit).await?;
+    wait_indexed(&http, &base, &prefix, n, limit).await?;
     let all_listed = t_restart.elapsed();
     let rss_restarted = rss_kb(central2.pid());
     drop(central2);
