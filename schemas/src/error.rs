@@ -39,6 +39,9 @@ pub enum ErrorCode {
     StreamBroken,
     /// The engine sent nothing for longer than the configured timeout.
     Timeout,
+    /// The agent produced events faster than NATS took them and its bounded event queue filled
+    /// up (the run is stopped rather than leaving a silent gap).
+    EventQueueFull,
     /// A bug or an unexpected state inside the agent.
     Internal,
     /// A code this version does not know (sent by a newer peer).
@@ -66,6 +69,7 @@ impl ErrorCode {
             Self::EngineError => "engine_error",
             Self::StreamBroken => "stream_broken",
             Self::Timeout => "timeout",
+            Self::EventQueueFull => "event_queue_full",
             Self::Internal => "internal",
             Self::Unknown => "unknown",
         }

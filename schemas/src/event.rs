@@ -1,8 +1,9 @@
 //! The event envelope and every event type an agent publishes on `bench.events.<job_id>`.
 //!
-//! On the wire: `{"job_id","machine_id","seq","ts_ms","type","payload"}` with the header
-//! `Nats-Msg-Id: <job_id>.<machine_id>.<seq>`. `seq` starts at 1 per (job, machine) and has no
-//! gaps, so a reader can tell a missing event from a late one.
+//! On the wire: `{"job_id","machine_id","run_id","seq","ts_ms","type","payload"}` with the header
+//! `Nats-Msg-Id: <job_id>.<machine_id>.<run_id>.<seq>`. Every acceptance of a job on a machine
+//! is a run with its own `run_id` (a re-used `job_id` is a new run, never a retry). `seq` starts
+//! at 1 per run and has no gaps, so a reader can tell a missing event from a late one.
 
 use crate::error::ErrorBody;
 use crate::job::Job;
@@ -16,7 +17,11 @@ pub struct Event {
     pub job_id: String,
     /// The machine that produced it.
     pub machine_id: String,
-    /// 1-based, per (job, machine), gapless.
+    /// The run on that machine: `<boot_id>-<n>` ([`crate::subjects::run_id`]). Empty only on
+    /// refusals (`seq` 0), which belong to no run.
+    #[serde(default)]
+    pub run_id: String,
+    /// 1-based, per run, gapless; 0 for a refusal.
     pub seq: u64,
     /// Unix ms on the agent's wall clock (for display; metrics use the monotonic clock).
     pub ts_ms: u64,
@@ -107,6 +112,7 @@ pub struct Token {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
     /// Ms since the request was sent, at the last chunk of the batch.
+    #[serde(deserialize_with = "crate::metrics::nullable_f64")]
     pub t_ms: f64,
 }
 
@@ -119,12 +125,14 @@ pub struct Done {
     /// Backend kind.
     pub engine: String,
     /// Median TTFT.
+    #[serde(deserialize_with = "crate::metrics::nullable_f64")]
     pub ttft_ms: f64,
     /// Median generated tokens.
     pub gen_tokens: u64,
     /// Median decode rate.
     pub gen_tokens_per_s: Option<f64>,
     /// Median total time.
+    #[serde(deserialize_with = "crate::metrics::nullable_f64")]
     pub total_ms: f64,
     /// Where token counts came from.
     pub token_count_source: TokenCountSource,

@@ -1,7 +1,14 @@
 //! Every number a benchmark reports, with its definition. Times are milliseconds on the agent's
 //! monotonic clock, measured from the moment the request was sent to the engine.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Reads a number that may be `null`: JSON has no NaN or infinity, so serde_json writes a
+/// non-finite `f64` as `null`, and a record carrying one must still be read back (as NaN: every
+/// summary skips non-finite samples) rather than refused as invalid.
+pub fn nullable_f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
 
 /// Where `gen_tokens` came from.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,10 +33,13 @@ pub enum TokenCountSource {
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
 pub struct Percentiles {
     /// Median.
+    #[serde(deserialize_with = "nullable_f64")]
     pub p50: f64,
     /// 90th percentile.
+    #[serde(deserialize_with = "nullable_f64")]
     pub p90: f64,
     /// 99th percentile.
+    #[serde(deserialize_with = "nullable_f64")]
     pub p99: f64,
 }
 
@@ -41,8 +51,10 @@ pub struct Metrics {
     /// A warmup run (excluded from the summary).
     pub warmup: bool,
     /// Request sent -> first non-empty content chunk.
+    #[serde(deserialize_with = "nullable_f64")]
     pub ttft_ms: f64,
     /// Request sent -> last chunk.
+    #[serde(deserialize_with = "nullable_f64")]
     pub total_ms: f64,
     /// Generated tokens, as the engine counted them.
     pub gen_tokens: u64,
@@ -84,14 +96,19 @@ pub struct Stats {
     /// Number of samples.
     pub n: u32,
     /// Median.
+    #[serde(deserialize_with = "nullable_f64")]
     pub median: f64,
     /// Arithmetic mean.
+    #[serde(deserialize_with = "nullable_f64")]
     pub mean: f64,
     /// Sample standard deviation (0 for one sample).
+    #[serde(deserialize_with = "nullable_f64")]
     pub stdev: f64,
     /// Smallest.
+    #[serde(deserialize_with = "nullable_f64")]
     pub min: f64,
     /// Largest.
+    #[serde(deserialize_with = "nullable_f64")]
     pub max: f64,
 }
 
@@ -197,6 +214,19 @@ mod tests {
         let one = Stats::from_samples([7.0]).unwrap();
         assert_eq!((one.median, one.stdev), (7.0, 0.0));
         assert!(Stats::from_samples([f64::NAN]).is_none());
+    }
+
+    #[test]
+    fn non_finite_numbers_round_trip_as_null() {
+        let s = Stats::from_samples([1.0]).unwrap();
+        let inf = Stats {
+            mean: f64::INFINITY,
+            ..s
+        };
+        let json = serde_json::to_string(&inf).unwrap();
+        assert!(json.contains("\"mean\":null"), "{json}");
+        let back: Stats = serde_json::from_str(&json).unwrap();
+        assert!(back.mean.is_nan() && back.median == 1.0);
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct AgentInfo {
     pub labels: BTreeMap<String, String>,
     /// Agent version.
     pub version: String,
+    /// Random id of this agent process, new at every start: a run whose `run_id` names another
+    /// boot ([`crate::subjects::boot_of`]) will never finish (the agent restarted and lost it).
+    #[serde(default)]
+    pub boot_id: String,
     /// Unix ms of this heartbeat.
     pub ts_ms: u64,
     /// Seconds between heartbeats.

@@ -35,10 +35,23 @@ pub fn cancel(job_id: &str) -> String {
     format!("{PREFIX}.cancel.{job_id}")
 }
 
-/// The `Nats-Msg-Id` of one event: `<job_id>.<machine_id>.<seq>`, so JetStream drops a
-/// retried publish inside the duplicate window.
-pub fn msg_id(job_id: &str, machine_id: &str, seq: u64) -> String {
-    format!("{job_id}.{machine_id}.{seq}")
+/// The `Nats-Msg-Id` of one event: `<job_id>.<machine_id>.<run_id>.<seq>`. JetStream drops a
+/// retried publish (same run, same seq) inside the duplicate window, while a new run of the same
+/// job (a re-used `job_id`) has its own `run_id` and is never mistaken for a retry.
+pub fn msg_id(job_id: &str, machine_id: &str, run_id: &str, seq: u64) -> String {
+    format!("{job_id}.{machine_id}.{run_id}.{seq}")
+}
+
+/// A run's id: `<boot_id>-<n>`, the agent process's boot id and the n-th job it accepted since
+/// it started (1-based). Unique per acceptance, and it names the agent process that ran it.
+pub fn run_id(boot_id: &str, n: u64) -> String {
+    format!("{boot_id}-{n}")
+}
+
+/// The boot id a run id was minted by (None when it is not of the form `<boot_id>-<n>`).
+pub fn boot_of(run_id: &str) -> Option<&str> {
+    let (boot, n) = run_id.rsplit_once('-')?;
+    (!boot.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then_some(boot)
 }
 
 /// The last token of a subject (`bench.events.J` -> `J`).
@@ -62,7 +75,13 @@ mod tests {
         assert_eq!(jobs(RESERVED_ALL), JOBS_ALL);
         assert_eq!(events("j"), "bench.events.j");
         assert_eq!(cancel("j"), "bench.cancel.j");
-        assert_eq!(msg_id("j", "m", 7), "j.m.7");
+        assert_eq!(msg_id("j", "m", "b1-3", 7), "j.m.b1-3.7");
+        assert_eq!(run_id("a1b2", 3), "a1b2-3");
+        assert_eq!(boot_of("a1b2-3"), Some("a1b2"));
+        assert_eq!(boot_of("a-1b2-30"), Some("a-1b2"));
+        for bad in ["", "-3", "a1b2-", "a1b2-x", "a1b2"] {
+            assert_eq!(boot_of(bad), None, "{bad}");
+        }
         assert_eq!(last_token("bench.events.abc"), "abc");
         assert!(is_broadcast(JOBS_ALL));
         assert!(!is_broadcast(&jobs("m1")));
