@@ -112,7 +112,7 @@ pub struct DetailParams {
     pub baseline: Option<String>,
 }
 
-fn detail_of(
+async fn detail_of(
     state: &AppState,
     job_id: &str,
     baseline: Option<&str>,
@@ -122,8 +122,8 @@ fn detail_of(
         bench_schemas::validate_machine_id(b)?;
     }
     let r = state
-        .index
-        .get(job_id)
+        .record(job_id)
+        .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {job_id}")))?;
     compare::detail(&r, &state.registry, baseline)
 }
@@ -135,11 +135,14 @@ pub async fn get_job(
     params: Result<Query<DetailParams>, QueryRejection>,
 ) -> Result<Json<compare::JobDetail>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    Ok(Json(detail_of(
-        &state,
-        &job_id,
-        p.baseline.as_deref().filter(|b| !b.is_empty()),
-    )?))
+    Ok(Json(
+        detail_of(
+            &state,
+            &job_id,
+            p.baseline.as_deref().filter(|b| !b.is_empty()),
+        )
+        .await?,
+    ))
 }
 
 /// `POST /api/jobs/{id}/cancel`.
@@ -151,6 +154,7 @@ pub async fn cancel_job(
     if !state.index.contains(&job_id) {
         return Err(ApiError::NotFound(format!("no job {job_id}")));
     }
+    state.require_nats()?;
     state
         .client
         .publish(subjects::cancel(&job_id), Bytes::new())
@@ -171,16 +175,18 @@ pub async fn delete_job(
     Path(job_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     validate_job_id(&job_id)?;
-    let Some(r) = state.index.get(&job_id) else {
+    let Some((status, _)) = state.index.progress(&job_id) else {
         return Err(ApiError::NotFound(format!("no job {job_id}")));
     };
-    if !r.is_finished() {
+    state.require_nats()?;
+    if status == crate::record::JobStatus::Running {
         let _ = state
             .client
             .publish(subjects::cancel(&job_id), Bytes::new())
             .await;
     }
-    state.index.remove(&job_id).await.map_err(ApiError::nats)?;
+    state.index.remove(&job_id);
+    state.jobs_kv.purge(&job_id).await.map_err(ApiError::nats)?;
     state
         .stream
         .purge()
@@ -231,7 +237,7 @@ pub async fn export(
             )))
         }
     };
-    let detail = detail_of(&state, &job_id, None)?;
+    let detail = detail_of(&state, &job_id, None).await?;
     Ok(match ext {
         "json" => {
             let body = serde_json::to_vec_pretty(&detail)
@@ -245,6 +251,7 @@ pub async fn export(
             compare::csv(&detail),
         ),
         _ => {
+            state.require_nats()?;
             let mut body = Vec::new();
             for (_, payload) in replay::read_all(&state.stream, &job_id)
                 .await

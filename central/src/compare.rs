@@ -28,6 +28,18 @@ pub struct MachineDetail {
     pub error: Option<ErrorInfo>,
     /// Last event seq applied.
     pub last_seq: u64,
+    /// The run shown (`<boot_id>-<n>`).
+    pub run_id: String,
+    /// Sequence numbers of this run never received (should stay 0).
+    pub gaps: u64,
+    /// Earlier runs of the job on this machine, oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub earlier_runs: Vec<crate::record::EarlierRun>,
+    /// Re-submissions this machine refused after running the job.
+    pub refusals: u32,
+    /// The last such refusal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<ErrorInfo>,
 }
 
 /// Percent differences against the baseline's medians.
@@ -157,11 +169,16 @@ pub fn detail(
                 .unwrap_or_else(|| m.machine_id.clone()),
             engine: m.engine.clone(),
             status: m.status,
-            output_text: m.output_text.clone(),
+            output_text: m.text().to_string(),
             repeats: m.repeats.clone(),
             summary: m.summary.clone(),
             error: m.error.clone(),
             last_seq: m.last_seq,
+            run_id: m.run_id.clone(),
+            gaps: m.gaps,
+            earlier_runs: m.earlier_runs.clone(),
+            refusals: m.refusals,
+            refused: m.refused.clone(),
         })
         .collect();
     Ok(JobDetail {
@@ -247,6 +264,11 @@ mod tests {
             }),
             error: None,
             last_seq: 0,
+            run_id: String::new(),
+            gaps: 0,
+            earlier_runs: vec![],
+            refusals: 0,
+            refused: None,
         }
     }
 

@@ -27,8 +27,10 @@ pub const DEFAULT_NATS_WAIT_S: f64 = 30.0;
 pub const DEFAULT_RESULTS_DIR: &str = "results";
 /// The browser UI's static files.
 pub const DEFAULT_WEB_DIR: &str = "web";
-/// Events buffered per SSE client before it is told it lagged.
-pub const DEFAULT_SSE_BUFFER: usize = 1024;
+/// Events buffered per watched job before a client that far behind is told it lagged.
+pub const DEFAULT_SSE_BUFFER: usize = 16_384;
+/// Finished job records kept in memory (the rest are loaded from KV when asked for).
+pub const DEFAULT_INDEX_CACHE_JOBS: usize = 500;
 /// Keep-alive comment period on SSE connections.
 pub const DEFAULT_SSE_KEEPALIVE_S: f64 = 15.0;
 
@@ -72,6 +74,8 @@ pub struct RawConfig {
     pub web_dir: Option<PathBuf>,
     /// Events buffered per SSE client.
     pub sse_buffer: Option<usize>,
+    /// Finished job records kept in memory.
+    pub index_cache_jobs: Option<usize>,
     /// Keep events this many days.
     pub events_max_age_days: Option<f64>,
     /// Cap the event stream at this many bytes.
@@ -123,12 +127,22 @@ pub struct Config {
     pub sse_buffer: usize,
     /// SSE keep-alive period.
     pub sse_keepalive: Duration,
+    /// Finished job records kept in memory.
+    pub index_cache_jobs: usize,
     /// Bearer token required by POST / DELETE under `/api/` (None: open).
     pub api_token: Option<String>,
     /// Allowed cross-origin callers (empty: none).
     pub cors_origins: Vec<String>,
     /// `BENCH_EVENTS` limits.
     pub retention: EventsRetention,
+}
+
+impl Config {
+    /// The longest any HTTP request may take to answer (a dispatch waits for its machines,
+    /// then stores the record).
+    pub fn http_timeout(&self) -> Duration {
+        self.request_timeout.max(self.broadcast_window) + Duration::from_secs(10)
+    }
 }
 
 impl Default for Config {
@@ -147,6 +161,7 @@ impl Default for Config {
             web_dir: DEFAULT_WEB_DIR.into(),
             sse_buffer: DEFAULT_SSE_BUFFER,
             sse_keepalive: Duration::from_secs_f64(DEFAULT_SSE_KEEPALIVE_S),
+            index_cache_jobs: DEFAULT_INDEX_CACHE_JOBS,
             api_token: None,
             cors_origins: Vec::new(),
             retention: EventsRetention::default(),
@@ -296,7 +311,15 @@ impl Config {
             return Err(err(
                 "sse_buffer",
                 format!("{sse_buffer} is out of range"),
-                "use 16..=1000000 (default 1024)",
+                "use 16..=1000000 (default 16384)",
+            ));
+        }
+        let index_cache_jobs = raw.index_cache_jobs.unwrap_or(d.index_cache_jobs);
+        if !(10..=1_000_000).contains(&index_cache_jobs) {
+            return Err(err(
+                "index_cache_jobs",
+                format!("{index_cache_jobs} is out of range"),
+                "use 10..=1000000 (default 500)",
             ));
         }
         let mut retention = d.retention;
@@ -357,6 +380,7 @@ impl Config {
                 .unwrap_or(d.web_dir),
             sse_buffer,
             sse_keepalive: d.sse_keepalive,
+            index_cache_jobs,
             retention,
             api_token,
             cors_origins,

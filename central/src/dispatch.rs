@@ -100,11 +100,17 @@ pub fn parse_request(body: &[u8]) -> Result<(Target, Job), ApiError> {
     }
     let job: Job = serde_json::from_value(serde_json::Value::Object(obj))
         .map_err(|e| ApiError::InvalidJob(format!("not a valid job: {e}")))?;
-    job.validate(&JobLimits::default())
-        .map_err(|e| match e.code {
-            bench_schemas::ErrorCode::InvalidId => ApiError::InvalidJob(e.message),
-            _ => ApiError::InvalidJob(format!("{}: {}", e.code, e.message)),
-        })?;
+    // Only the shape is judged here: each agent's own limits decide what it runs.
+    let any = JobLimits {
+        max_prompt_bytes: usize::MAX,
+        max_tokens: u32::MAX,
+        max_runs: u32::MAX,
+        max_num_ctx: u32::MAX,
+    };
+    job.validate(&any).map_err(|e| match e.code {
+        bench_schemas::ErrorCode::InvalidId => ApiError::InvalidJob(e.message),
+        _ => ApiError::InvalidJob(format!("{}: {}", e.code, e.message)),
+    })?;
     Ok((target, job))
 }
 
@@ -213,17 +219,26 @@ pub async fn dispatch(
             return Err(ApiError::UnknownMachine(unknown.clone()));
         }
     }
+    shared.require_nats()?;
     let job_id = match &job.job_id {
         // A deleted id stays taken: its late events are dropped, so a new job under it would
         // never see its own.
-        Some(id) if shared.index.contains(id) || shared.index.was_deleted(id) => {
+        Some(id) if shared.index.was_deleted(id) => {
             return Err(ApiError::BadRequest(format!(
-                "job_id {id:?} exists already or was deleted; omit job_id to get a new one"
+                "job_id {id:?} was deleted; omit job_id to get a new one"
             )))
         }
         Some(id) => id.clone(),
         None => uuid::Uuid::new_v4().to_string(),
     };
+    // A re-used id is a new run of the job on each machine (recorded beside the earlier runs);
+    // while it still runs, the agents would refuse it as a duplicate, so refuse it here.
+    let existing = shared.record(&job_id).await?;
+    if existing.as_ref().is_some_and(|r| !r.is_finished()) {
+        return Err(ApiError::BadRequest(format!(
+            "job {job_id:?} is still running; wait for it to finish (or cancel it) before running it again"
+        )));
+    }
     job.job_id = Some(job_id.clone());
     let payload: bytes::Bytes = serde_json::to_vec(&job)
         .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -232,13 +247,30 @@ pub async fn dispatch(
         Target::List(ids) => ids.clone(),
         Target::All => Vec::new(),
     };
-    // Record first: agents' job_accepted may be indexed before their answers come back.
-    let record = JobRecord::dispatched(&job_id, job.clone(), &listed, now_ms());
+    // Record first: agents' job_accepted may be indexed before their answers come back. The
+    // deadline ends a dispatch that never completes (central killed, NATS gone).
+    let now = now_ms();
+    let deadline = now + shared.cfg.http_timeout().as_millis() as u64;
+    let fresh = JobRecord::dispatched(&job_id, job.clone(), &listed, now);
     shared
-        .index
-        .update(shared, &job_id, |_| Some(record))
-        .await
-        .map_err(ApiError::nats)?;
+        .update_record(&job_id, |old| {
+            let mut r = match old {
+                // A new run: keep the machines' earlier runs; each machine's state is replaced
+                // when its new run's first event arrives.
+                Some(mut r) => {
+                    r.job = Some(job.clone());
+                    r.dispatching = true;
+                    for id in &listed {
+                        r.machine_mut(id);
+                    }
+                    r
+                }
+                None => fresh,
+            };
+            r.dispatch_deadline_ms = Some(deadline);
+            Some(r)
+        })
+        .await?;
     shared
         .metrics
         .jobs_dispatched
@@ -256,10 +288,10 @@ pub async fn dispatch(
             Ok(a) => a,
             Err(e) => {
                 let _ = shared
-                    .index
-                    .update(shared, &job_id, |r| {
+                    .update_record(&job_id, |r| {
                         r.map(|r| JobRecord {
                             dispatching: false,
+                            dispatch_deadline_ms: None,
                             ..r
                         })
                     })
@@ -271,12 +303,14 @@ pub async fn dispatch(
     let by_id: HashMap<&str, &MachineAnswer> =
         answers.iter().map(|a| (a.machine_id.as_str(), a)).collect();
     shared
-        .index
-        .update(shared, &job_id, |r| {
+        .update_record(&job_id, |r| {
             let mut r = r?;
             for (id, a) in &by_id {
                 let m = r.machine_mut(id);
-                if a.status != Answer::Accepted && m.status == RunStatus::Queued && m.last_seq == 0
+                if a.status != Answer::Accepted
+                    && m.status == RunStatus::Queued
+                    && m.last_seq == 0
+                    && m.run_id.is_empty()
                 {
                     m.fail(
                         a.error
@@ -286,10 +320,10 @@ pub async fn dispatch(
                 }
             }
             r.dispatching = false;
+            r.dispatch_deadline_ms = None;
             Some(r)
         })
-        .await
-        .map_err(ApiError::nats)?;
+        .await?;
     tracing::info!(%job_id, machines = answers.len(), accepted = answers.iter().filter(|a| a.status == Answer::Accepted).count(), "job dispatched");
     Ok(Dispatched {
         job_id,
@@ -337,10 +371,12 @@ mod tests {
             code(r#"{"machines":["a"],"model":"m","prompt":"p","max_tokens":99999999999}"#),
             "invalid_job"
         );
-        assert_eq!(
-            code(r#"{"machines":["a"],"model":"m","prompt":"p","repeat":100000}"#),
-            "invalid_job"
-        );
+        // Limits are the agents' to judge (each answers with its own code), not central's.
+        let (_, big) = parse_request(
+            br#"{"machines":["a"],"model":"m","prompt":"p","max_tokens":20000,"repeat":500}"#,
+        )
+        .unwrap();
+        assert_eq!((big.max_tokens, big.repeat), (20000, 500));
         assert_eq!(
             code(r#"{"machines":["a"],"model":"m","prompt":"p","max_token":5}"#),
             "invalid_job"

@@ -65,6 +65,9 @@ pub enum ApiError {
     /// NATS did not answer.
     #[error("NATS: {0}")]
     Nats(String),
+    /// The request took longer than central's bound.
+    #[error("{0}")]
+    Timeout(String),
     /// A bug or an unexpected state.
     #[error("{0}")]
     Internal(String),
@@ -83,6 +86,7 @@ impl ApiError {
             Self::Unauthorized(_) => "unauthorized",
             Self::NotFound(_) => "not_found",
             Self::Nats(_) => "nats_unavailable",
+            Self::Timeout(_) => "timeout",
             Self::Internal(_) => "internal",
         }
     }
@@ -98,7 +102,7 @@ impl ApiError {
             Self::InvalidJob(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Nats(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Nats(_) | Self::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -1,30 +1,18 @@
-//! The results index: every job's [`JobRecord`] in memory, persisted to the `bench_jobs` KV
-//! bucket, fed by the durable `BENCH_EVENTS` consumer ([`run`]) and watched by the stall timeout
-//! ([`stall_loop`]).
+//! The in-memory job index: a small list entry for every stored job (what `GET /api/jobs`
+//! pages through, newest first), and the full [`JobRecord`] of the recently used ones, at most
+//! `cache_jobs` of them (least recently used finished records are dropped and loaded back from
+//! KV on demand by [`crate::jobs_kv`]). Unfinished and not-yet-persisted records always stay.
 //!
-//! Ingestion works in batches of the messages already waiting: apply each to memory (and tell
-//! live listeners), write every touched record to KV once, then acknowledge the batch's last
-//! message (the consumer acks "all up to here"). A crash anywhere in between redelivers the
-//! batch, and [`JobRecord::apply`] skips what was already applied.
+//! Nothing here talks to NATS and no lock is held across an await: changes bump a record's
+//! `version`; whoever persists takes a [`Snapshot`] under the lock, writes it without the lock
+//! and reports back with [`Index::mark_written`].
 
-use crate::error::ErrorInfo;
-use crate::hub::HubMsg;
-use crate::record::{Applied, JobRecord, JobStatus, RunStatus};
-use crate::registry::MachineStatus;
-use crate::{now_ms, Shared};
-use async_nats::jetstream::{self, kv};
+use crate::record::{Applied, JobRecord, JobStatus, Source};
 use bench_schemas::Event;
-use futures::{FutureExt, StreamExt};
 use serde::Serialize;
+use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
-
-/// Most messages applied before one KV write and ack.
-pub const BATCH_MAX: usize = 512;
-/// How long an update outside ingestion (dispatch, stall) retries its KV write.
-pub const UPDATE_PERSIST_WAIT: Duration = Duration::from_secs(5);
+use std::sync::RwLock;
 
 /// One item of `GET /api/jobs`.
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -40,7 +28,7 @@ pub struct JobListItem {
     /// Status.
     pub status: JobStatus,
     /// central or external.
-    pub source: crate::record::Source,
+    pub source: Source,
     /// Its machines.
     pub machines: Vec<String>,
 }
@@ -64,43 +52,171 @@ impl JobListItem {
     }
 }
 
-/// Jobs in memory, written through to KV.
-pub struct Index {
-    jobs: RwLock<HashMap<String, JobRecord>>,
-    deleted: RwLock<HashSet<String>>,
-    /// Serialises writers so KV sees record versions in the order memory did.
-    writer: tokio::sync::Mutex<()>,
-    kv: kv::Store,
+/// What a change did to a job, for the caller to announce.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// Its list item, when it is new or its status or machines changed.
+    pub item: Option<JobListItem>,
+    /// It is finished now (at this stream sequence).
+    pub finished_at: Option<u64>,
 }
 
+/// A record's bytes to write, and what they are a version of.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The value.
+    pub bytes: Option<Vec<u8>>,
+    /// The record's version they were taken at.
+    pub version: u64,
+    /// The KV revision they replace (0: the key does not exist).
+    pub revision: u64,
+}
+
+struct Entry {
+    item: JobListItem,
+    last_stream_seq: u64,
+    record: Option<JobRecord>,
+    /// Bumped by every change.
+    version: u64,
+    /// The last version known to be in KV.
+    written: u64,
+    /// KV revision of the last write or load.
+    revision: u64,
+    /// LRU clock of the last use.
+    used: u64,
+}
+
+impl Entry {
+    fn evictable(&self) -> bool {
+        self.record.is_some()
+            && self.written == self.version
+            && self.item.status != JobStatus::Running
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    jobs: HashMap<String, Entry>,
+    /// Newest first.
+    order: BTreeSet<(Reverse<u64>, Reverse<String>)>,
+    cached: usize,
+    clock: u64,
+}
+
+/// What [`Index::apply_event`] found.
+#[derive(Debug)]
+pub enum Ingested {
+    /// Applied (or skipped as a duplicate or stale event).
+    Applied(Applied, Change),
+    /// The job is stored but its record is not in memory: load it, [`Index::insert_loaded`],
+    /// and apply again.
+    NotLoaded,
+}
+
+/// The index.
+pub struct Index {
+    inner: RwLock<Inner>,
+    deleted: RwLock<HashSet<String>>,
+    cache_jobs: usize,
+}
+
+/// Slack over `cache_jobs` before an eviction pass (so passes are rare and amortised).
+const EVICT_SLACK: usize = 64;
+
 impl Index {
-    /// Loads every record from the bucket.
-    pub async fn load(kv: kv::Store) -> Result<Self, async_nats::Error> {
-        let mut jobs = HashMap::new();
-        let mut keys = kv.keys().await?;
-        while let Some(key) = keys.next().await {
-            let key = key?;
-            if let Some(bytes) = kv.get(&key).await? {
-                match serde_json::from_slice::<JobRecord>(&bytes) {
-                    Ok(r) => {
-                        jobs.insert(key, r);
-                    }
-                    Err(e) => tracing::warn!(%key, error = %e, "unreadable job record skipped"),
-                }
-            }
-        }
-        tracing::info!(jobs = jobs.len(), "index loaded");
-        Ok(Self {
-            jobs: RwLock::new(jobs),
+    /// An empty index keeping at most `cache_jobs` finished records in memory.
+    pub fn new(cache_jobs: usize) -> Self {
+        Self {
+            inner: RwLock::default(),
             deleted: RwLock::default(),
-            writer: tokio::sync::Mutex::new(()),
-            kv,
-        })
+            cache_jobs: cache_jobs.max(1),
+        }
     }
 
-    /// A copy of one record.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().expect("index lock")
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().expect("index lock")
+    }
+
+    /// Adds a record read from KV at `revision` (start-up, or loaded on demand). Start-up loads
+    /// keep only the unfinished and the newest records in memory.
+    pub fn insert_loaded(&self, record: JobRecord, revision: u64) {
+        let mut inner = self.write();
+        inner.clock += 1;
+        let used = inner.clock;
+        let id = record.job_id.clone();
+        if let Some(e) = inner.jobs.get(&id) {
+            if e.record.is_some() {
+                return;
+            }
+        }
+        let item = JobListItem::of(&record);
+        inner
+            .order
+            .insert((Reverse(item.created_ms), Reverse(id.clone())));
+        let had = inner.jobs.insert(
+            id,
+            Entry {
+                last_stream_seq: record.last_stream_seq,
+                item,
+                record: Some(record),
+                version: 0,
+                written: 0,
+                revision,
+                used,
+            },
+        );
+        if had.as_ref().is_none_or(|e| e.record.is_none()) {
+            inner.cached += 1;
+        }
+        self.evict(&mut inner);
+    }
+
+    fn evict(&self, inner: &mut Inner) {
+        if inner.cached <= self.cache_jobs + EVICT_SLACK {
+            return;
+        }
+        let mut candidates: Vec<(u64, String)> = inner
+            .jobs
+            .iter()
+            .filter(|(_, e)| e.evictable())
+            .map(|(id, e)| (e.used, id.clone()))
+            .collect();
+        candidates.sort_unstable();
+        let excess = inner.cached - self.cache_jobs;
+        for (_, id) in candidates.into_iter().take(excess) {
+            if let Some(e) = inner.jobs.get_mut(&id) {
+                e.record = None;
+                inner.cached -= 1;
+            }
+        }
+    }
+
+    /// A copy of one record, when it is in memory.
     pub fn get(&self, job_id: &str) -> Option<JobRecord> {
-        self.jobs.read().expect("index lock").get(job_id).cloned()
+        self.read().jobs.get(job_id).and_then(|e| e.record.clone())
+    }
+
+    /// Whether the job is stored (in memory or only in KV).
+    pub fn contains(&self, job_id: &str) -> bool {
+        self.read().jobs.contains_key(job_id)
+    }
+
+    /// Whether the job is stored but its record is not in memory.
+    pub fn needs_load(&self, job_id: &str) -> bool {
+        self.read()
+            .jobs
+            .get(job_id)
+            .is_some_and(|e| e.record.is_none())
+    }
+
+    /// Records held in memory / jobs known.
+    pub fn sizes(&self) -> (usize, usize) {
+        let inner = self.read();
+        (inner.cached, inner.jobs.len())
     }
 
     /// Whether the job was deleted since central started.
@@ -108,413 +224,378 @@ impl Index {
         self.deleted.read().expect("deleted lock").contains(job_id)
     }
 
-    /// Whether the job is indexed.
-    pub fn contains(&self, job_id: &str) -> bool {
-        self.jobs.read().expect("index lock").contains_key(job_id)
+    /// The job's status and last stream sequence, without copying the record.
+    pub fn progress(&self, job_id: &str) -> Option<(JobStatus, u64)> {
+        self.read()
+            .jobs
+            .get(job_id)
+            .map(|e| (e.item.status, e.last_stream_seq))
     }
 
     /// Newest first, created strictly before `before`, at most `limit`; and whether more exist.
     pub fn list(&self, limit: usize, before: Option<u64>) -> (Vec<JobListItem>, bool) {
-        let jobs = self.jobs.read().expect("index lock");
-        let mut items: Vec<&JobRecord> = jobs
-            .values()
-            .filter(|r| before.is_none_or(|b| r.created_ms < b))
-            .collect();
-        items.sort_by(|a, b| {
-            b.created_ms
-                .cmp(&a.created_ms)
-                .then_with(|| b.job_id.cmp(&a.job_id))
-        });
-        let more = items.len() > limit;
-        (
-            items.into_iter().take(limit).map(JobListItem::of).collect(),
-            more,
-        )
+        let inner = self.read();
+        // Ascending order is newest first; everything created before `b` sorts after every
+        // entry created at `b`, the greatest of which has the smallest id's Reverse: "".
+        let mut it: Box<dyn Iterator<Item = &(Reverse<u64>, Reverse<String>)>> = match before {
+            None => Box::new(inner.order.iter()),
+            Some(b) => Box::new(inner.order.range((
+                std::ops::Bound::Excluded((Reverse(b), Reverse(String::new()))),
+                std::ops::Bound::Unbounded,
+            ))),
+        };
+        let mut out = Vec::with_capacity(limit.min(inner.order.len()));
+        for (_, Reverse(id)) in it.by_ref() {
+            if out.len() == limit {
+                return (out, true);
+            }
+            if let Some(e) = inner.jobs.get(id) {
+                out.push(e.item.clone());
+            }
+        }
+        (out, false)
     }
 
     /// Jobs per status.
     pub fn status_counts(&self) -> HashMap<JobStatus, usize> {
         let mut counts = HashMap::new();
-        for r in self.jobs.read().expect("index lock").values() {
-            *counts.entry(r.status).or_insert(0) += 1;
+        for e in self.read().jobs.values() {
+            *counts.entry(e.item.status).or_insert(0) += 1;
         }
         counts
     }
 
     /// Ids of unfinished jobs.
     pub fn running_ids(&self) -> Vec<String> {
-        self.jobs
-            .read()
-            .expect("index lock")
-            .values()
-            .filter(|r| !r.is_finished())
-            .map(|r| r.job_id.clone())
+        self.read()
+            .jobs
+            .iter()
+            .filter(|(_, e)| e.item.status == JobStatus::Running)
+            .map(|(id, _)| id.clone())
             .collect()
     }
 
     /// Ids of finished jobs.
     pub fn finished_ids(&self) -> Vec<String> {
-        self.jobs
-            .read()
-            .expect("index lock")
-            .values()
-            .filter(|r| r.is_finished())
-            .map(|r| r.job_id.clone())
+        self.read()
+            .jobs
+            .iter()
+            .filter(|(_, e)| e.item.status != JobStatus::Running)
+            .map(|(id, _)| id.clone())
             .collect()
     }
 
-    /// Writes the record to KV, retrying until it succeeds, `shutdown` fires, or `give_up`
-    /// passes (ingestion has no deadline: it must not ack what is not stored).
-    async fn put(
-        &self,
-        shared: &Shared,
-        job_id: &str,
-        give_up: Option<tokio::time::Instant>,
-    ) -> Result<(), async_nats::Error> {
-        // Leave room for the KV headers under the server's max_payload.
-        let max = (shared.client.server_info().max_payload.max(64 * 1024)) - 4096;
-        let body = {
-            let jobs = self.jobs.read().expect("index lock");
-            match jobs.get(job_id) {
-                Some(r) => r.to_kv_bytes(max),
-                None => return Ok(()),
-            }
-        };
-        let Some(body) = body else {
-            // Retrying cannot help; the stream still holds every event of the job.
-            tracing::error!(%job_id, max, "job record too large for the jobs bucket even without output text; not persisted");
-            shared.metrics.kv_errors.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        };
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.kv.put(job_id, body.clone().into()).await {
-                Ok(_) => return Ok(()),
-                Err(e) => {
-                    shared.metrics.kv_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%job_id, error = %e, "writing the job record failed; retrying");
-                    if shared.shutdown.is_cancelled()
-                        || give_up.is_some_and(|t| tokio::time::Instant::now() >= t)
-                    {
-                        return Err(e.into());
-                    }
+    /// Ids of records changed since they were last written.
+    pub fn dirty_ids(&self) -> Vec<String> {
+        self.read()
+            .jobs
+            .iter()
+            .filter(|(_, e)| e.version != e.written)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Finished jobs created before `cutoff_ms` (their KV entries have aged out or will).
+    pub fn forget_older_than(&self, cutoff_ms: u64) -> usize {
+        let mut inner = self.write();
+        let old: Vec<String> = inner
+            .jobs
+            .iter()
+            .filter(|(_, e)| {
+                e.item.created_ms < cutoff_ms
+                    && e.item.status != JobStatus::Running
+                    && e.version == e.written
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &old {
+            if let Some(e) = inner.jobs.remove(id) {
+                inner
+                    .order
+                    .remove(&(Reverse(e.item.created_ms), Reverse(id.clone())));
+                if e.record.is_some() {
+                    inner.cached -= 1;
                 }
             }
-            tokio::select! {
-                _ = shared.shutdown.cancelled() => {}
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+        old.len()
     }
 
-    /// Creates or changes one record (outside ingestion): `f` gets the record (None when it
-    /// does not exist) and returns the new one. Persists it and tells listeners on a status
-    /// change.
-    pub async fn update(
+    /// Applies one stream event (see [`JobRecord::apply`]); creates the job when it is new.
+    pub fn apply_event(
         &self,
-        shared: &Shared,
-        job_id: &str,
-        f: impl FnOnce(Option<JobRecord>) -> Option<JobRecord>,
-    ) -> Result<Option<JobRecord>, async_nats::Error> {
-        let _w = self.writer.lock().await;
-        let (after, old) = {
-            let mut jobs = self.jobs.write().expect("index lock");
-            let before = jobs.get(job_id).cloned();
-            let old = before.as_ref().map(|r| r.status);
-            let Some(mut r) = f(before) else {
-                return Ok(None);
-            };
-            r.refresh_status(now_ms());
-            jobs.insert(job_id.to_string(), r.clone());
-            (r, old)
-        };
-        // A request must not hang while NATS is away; the next batch touching the job stores it.
-        let give_up = tokio::time::Instant::now() + UPDATE_PERSIST_WAIT;
-        self.put(shared, job_id, Some(give_up)).await?;
-        if old != Some(after.status) {
-            announce(shared, &after);
+        ev: &Event,
+        stream_seq: u64,
+        published_ms: u64,
+        now_ms: u64,
+    ) -> Ingested {
+        let mut inner = self.write();
+        inner.clock += 1;
+        let used = inner.clock;
+        let inner = &mut *inner;
+        let created = !inner.jobs.contains_key(&ev.job_id);
+        if created {
+            let r = JobRecord::external(&ev.job_id, published_ms);
+            let item = JobListItem::of(&r);
+            inner
+                .order
+                .insert((Reverse(item.created_ms), Reverse(ev.job_id.clone())));
+            inner.jobs.insert(
+                ev.job_id.clone(),
+                Entry {
+                    item,
+                    last_stream_seq: 0,
+                    record: Some(r),
+                    version: 0,
+                    written: 0,
+                    revision: 0,
+                    used,
+                },
+            );
+            inner.cached += 1;
         }
-        Ok(Some(after))
+        let e = inner.jobs.get_mut(&ev.job_id).expect("present");
+        let Some(r) = e.record.as_mut() else {
+            return Ingested::NotLoaded;
+        };
+        e.used = used;
+        let machines = r.machines.len();
+        let had_job = r.job.is_some();
+        let applied = r.apply(ev, stream_seq, published_ms);
+        if applied == Applied::Duplicate {
+            return Ingested::Applied(
+                applied,
+                Change {
+                    item: None,
+                    finished_at: None,
+                },
+            );
+        }
+        let old = r.refresh_status(now_ms);
+        e.version += 1;
+        e.last_stream_seq = r.last_stream_seq;
+        let changed = created
+            || old != r.status
+            || machines != r.machines.len()
+            || had_job != r.job.is_some();
+        let change = Change {
+            item: changed.then(|| JobListItem::of(r)),
+            finished_at: (old == JobStatus::Running && r.is_finished())
+                .then_some(r.last_stream_seq),
+        };
+        if let Some(item) = &change.item {
+            e.item = item.clone();
+        }
+        if created {
+            self.evict(inner);
+        }
+        Ingested::Applied(applied, change)
     }
 
-    /// Removes a job from memory and KV; later events for it are ignored.
-    pub async fn remove(&self, job_id: &str) -> Result<bool, async_nats::Error> {
-        let _w = self.writer.lock().await;
+    /// Changes one record in memory (outside ingestion): `f` gets the record (None when it does
+    /// not exist or is not in memory) and returns the new one, or None to leave it. Persist it
+    /// afterwards.
+    pub fn update(
+        &self,
+        job_id: &str,
+        now_ms: u64,
+        f: impl FnOnce(Option<JobRecord>) -> Option<JobRecord>,
+    ) -> Option<(JobRecord, Change)> {
+        let mut inner = self.write();
+        inner.clock += 1;
+        let used = inner.clock;
+        let inner = &mut *inner;
+        let before = inner.jobs.get(job_id).and_then(|e| e.record.clone());
+        let old = before.as_ref().map(|r| (r.status, r.machines.len()));
+        let mut r = f(before)?;
+        r.refresh_status(now_ms);
+        let item = JobListItem::of(&r);
+        let change = Change {
+            item: (old != Some((r.status, r.machines.len()))).then(|| item.clone()),
+            finished_at: (old.is_none_or(|o| o.0 == JobStatus::Running) && r.is_finished())
+                .then_some(r.last_stream_seq),
+        };
+        match inner.jobs.get_mut(job_id) {
+            Some(e) => {
+                if e.record.is_none() {
+                    inner.cached += 1;
+                }
+                e.item = item;
+                e.last_stream_seq = r.last_stream_seq;
+                e.record = Some(r.clone());
+                e.version += 1;
+                e.used = used;
+            }
+            None => {
+                inner
+                    .order
+                    .insert((Reverse(item.created_ms), Reverse(job_id.to_string())));
+                inner.jobs.insert(
+                    job_id.to_string(),
+                    Entry {
+                        item,
+                        last_stream_seq: r.last_stream_seq,
+                        record: Some(r.clone()),
+                        version: 1,
+                        written: 0,
+                        revision: 0,
+                        used,
+                    },
+                );
+                inner.cached += 1;
+                self.evict(inner);
+            }
+        }
+        Some((r, change))
+    }
+
+    /// The bytes to write for a changed record (None when it is unchanged or gone); values are
+    /// cut to `max` bytes.
+    pub fn snapshot(&self, job_id: &str, max: usize) -> Option<Snapshot> {
+        let inner = self.read();
+        let e = inner.jobs.get(job_id)?;
+        if e.version == e.written {
+            return None;
+        }
+        let r = e.record.as_ref()?;
+        Some(Snapshot {
+            bytes: r.to_kv_bytes(max),
+            version: e.version,
+            revision: e.revision,
+        })
+    }
+
+    /// `version` of the record is in KV at `revision`.
+    pub fn mark_written(&self, job_id: &str, version: u64, revision: u64) {
+        let mut inner = self.write();
+        if let Some(e) = inner.jobs.get_mut(job_id) {
+            e.written = e.written.max(version);
+            e.revision = e.revision.max(revision);
+        }
+    }
+
+    /// The key is at `revision` in KV (someone else wrote it): the next write replaces that.
+    pub fn set_revision(&self, job_id: &str, revision: u64) {
+        if let Some(e) = self.write().jobs.get_mut(job_id) {
+            e.revision = revision;
+        }
+    }
+
+    /// Drops a job whose KV entry has aged out, without remembering it as deleted (an event for
+    /// it starts a new record).
+    pub fn remove_forgotten(&self, job_id: &str) {
+        let mut inner = self.write();
+        if let Some(e) = inner.jobs.remove(job_id) {
+            inner
+                .order
+                .remove(&(Reverse(e.item.created_ms), Reverse(job_id.to_string())));
+            if e.record.is_some() {
+                inner.cached -= 1;
+            }
+        }
+    }
+
+    /// Removes a job; later events for it are ignored. Returns whether it existed.
+    pub fn remove(&self, job_id: &str) -> bool {
         self.deleted
             .write()
             .expect("deleted lock")
             .insert(job_id.to_string());
-        let existed = self
-            .jobs
-            .write()
-            .expect("index lock")
-            .remove(job_id)
-            .is_some();
-        self.kv.purge(job_id).await?;
-        Ok(existed)
+        let mut inner = self.write();
+        match inner.jobs.remove(job_id) {
+            Some(e) => {
+                inner
+                    .order
+                    .remove(&(Reverse(e.item.created_ms), Reverse(job_id.to_string())));
+                if e.record.is_some() {
+                    inner.cached -= 1;
+                }
+                true
+            }
+            None => false,
+        }
     }
 }
 
-/// Tells listeners about a job's status and, when it finished, queues its results.
-fn announce(shared: &Shared, r: &JobRecord) {
-    if let Ok(item) = serde_json::to_string(&JobListItem::of(r)) {
-        shared.hub.send(HubMsg::Job {
-            job_id: r.job_id.as_str().into(),
-            status: r.status,
-            item: item.into(),
-        });
-    }
-    if r.is_finished() {
-        shared.results.request(&r.job_id);
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bench_schemas::event::Accepted;
+    use bench_schemas::{EventKind, Job};
 
-/// Applies a batch of stream messages; returns whether it was persisted and acknowledged.
-async fn apply_batch(shared: &Shared, batch: &[jetstream::Message]) -> bool {
-    let index = &shared.index;
-    let _w = index.writer.lock().await;
-    let mut dirty = BTreeSet::new();
-    let now = now_ms();
-    for msg in batch {
-        let Ok(info) = msg.info() else {
-            shared
-                .metrics
-                .events_invalid
-                .fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        let stream_seq = info.stream_sequence;
-        let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-        if info.pending == 0 {
-            shared.metrics.caught_up.store(true, Ordering::Relaxed);
-        }
-        shared
-            .metrics
-            .last_stream_seq
-            .fetch_max(stream_seq, Ordering::Relaxed);
-        let event: Event = match serde_json::from_slice(&msg.payload) {
-            Ok(e) => e,
-            Err(e) => {
-                shared
-                    .metrics
-                    .events_invalid
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(subject = %msg.subject, stream_seq, error = %e, "not an event; skipped");
-                continue;
-            }
-        };
-        // The ids become KV keys and file names: an event must be about the job its subject
-        // names, with valid ids, or it is counted and skipped (and acked with the batch).
-        let well_formed = bench_schemas::validate_job_id(&event.job_id).is_ok()
-            && bench_schemas::validate_machine_id(&event.machine_id).is_ok()
-            && msg.subject.as_str() == bench_schemas::subjects::events(&event.job_id);
-        if !well_formed {
-            shared
-                .metrics
-                .events_invalid
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(subject = %msg.subject, stream_seq, job_id = %event.job_id, machine_id = %event.machine_id, "event with invalid ids or a job_id its subject does not name; skipped");
-            continue;
-        }
-        if shared
-            .index
-            .deleted
-            .read()
-            .expect("deleted lock")
-            .contains(&event.job_id)
-        {
-            continue;
-        }
-        let outcome = {
-            let mut jobs = index.jobs.write().expect("index lock");
-            let created = !jobs.contains_key(&event.job_id);
-            let r = jobs
-                .entry(event.job_id.clone())
-                .or_insert_with(|| JobRecord::external(&event.job_id, published_ms));
-            let applied = r.apply(&event, stream_seq, published_ms);
-            let old = r.refresh_status(now);
-            (applied, created || old != r.status)
-        };
-        match outcome.0 {
-            Applied::Changed => shared
-                .metrics
-                .events_ingested
-                .fetch_add(1, Ordering::Relaxed),
-            Applied::Duplicate => shared
-                .metrics
-                .events_duplicate
-                .fetch_add(1, Ordering::Relaxed),
-        };
-        // Live listeners see every stored event; SSE de-duplicates by stream sequence.
-        if let Ok(data) = std::str::from_utf8(&msg.payload) {
-            shared.hub.send(HubMsg::Event {
-                stream_seq,
-                job_id: event.job_id.as_str().into(),
-                kind: event.kind.name(),
-                data: data.into(),
-            });
-        }
-        if outcome.1 {
-            if let Some(r) = index.get(&event.job_id) {
-                announce(shared, &r);
-            }
-        }
-        dirty.insert(event.job_id);
-    }
-    for job_id in &dirty {
-        if index.put(shared, job_id, None).await.is_err() {
-            return false;
+    fn accepted(job: &str) -> Event {
+        Event {
+            job_id: job.into(),
+            machine_id: "a".into(),
+            run_id: "b-1".into(),
+            seq: 1,
+            ts_ms: 0,
+            kind: EventKind::JobAccepted(Accepted {
+                job: Job::new("m", "p"),
+                position: 0,
+                engine: "mock".into(),
+                engine_url: String::new(),
+                label: "A".into(),
+                agent_version: "0".into(),
+            }),
         }
     }
-    shared.metrics.batches.fetch_add(1, Ordering::Relaxed);
-    match batch.last() {
-        Some(last) => match last.double_ack().await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "ack not confirmed; resuming from the ack floor");
-                false
-            }
-        },
-        None => true,
-    }
-}
 
-/// Indexes `BENCH_EVENTS` until shutdown.
-pub async fn run(shared: Arc<Shared>, mut consumer: jetstream::consumer::PullConsumer) {
-    let shutdown = shared.shutdown.clone();
-    // Grows while batches cannot be stored or acknowledged (NATS away, missing permissions),
-    // so a persistent failure does not turn into a redelivery storm.
-    let mut backoff = Duration::ZERO;
-    'outer: loop {
-        let mut messages = match consumer.messages().await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot pull from the indexer consumer; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        // Nothing waiting at all means caught up, too.
-        if consumer.info().await.is_ok_and(|i| i.num_pending == 0) {
-            shared.metrics.caught_up.store(true, Ordering::Relaxed);
+    #[test]
+    fn lists_newest_first_and_pages() {
+        let index = Index::new(10);
+        for i in 0..5u64 {
+            index.apply_event(&accepted(&format!("j{i}")), i + 1, 100 + i, 0);
         }
-        loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer,
-                m = messages.next() => m,
-            };
-            let mut batch = match first {
-                None => continue 'outer,
-                Some(Ok(m)) => vec![m],
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "indexer pull error");
-                    continue;
-                }
-            };
-            while batch.len() < BATCH_MAX {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(m))) => batch.push(m),
-                    _ => break,
-                }
-            }
-            if apply_batch(&shared, &batch).await {
-                backoff = Duration::ZERO;
-            } else {
-                if shutdown.is_cancelled() {
-                    break 'outer;
-                }
-                drop(messages);
-                backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
-                tokio::select! {
-                    _ = shutdown.cancelled() => break 'outer,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                match crate::store::open_indexer(&shared.stream).await {
-                    Ok(c) => consumer = c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot reopen the indexer consumer; retrying");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break 'outer,
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
-                    }
-                }
-                continue 'outer;
-            }
-        }
+        let (page, more) = index.list(2, None);
+        assert_eq!(
+            page.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(),
+            ["j4", "j3"]
+        );
+        assert!(more);
+        let (page, more) = index.list(10, Some(page[1].created_ms));
+        assert_eq!(
+            page.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(),
+            ["j2", "j1", "j0"]
+        );
+        assert!(!more);
+        assert!(index.list(10, Some(0)).0.is_empty());
     }
-    tracing::info!("indexer stopped");
-}
 
-/// Marks machines failed whose job went silent while their agent is gone (or no longer runs
-/// it). Waits until the indexer has caught up, so a restart never judges by stale times.
-pub async fn stall_loop(shared: Arc<Shared>) {
-    let period =
-        (shared.cfg.stall_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let mut tick = tokio::time::interval(period);
-    loop {
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+    #[test]
+    fn keeps_at_most_the_cache_limit_of_clean_finished_records() {
+        let index = Index::new(4);
+        let n = 4 + EVICT_SLACK as u64 + 10;
+        for i in 0..n {
+            let id = format!("j{i}");
+            let mut r = JobRecord::external(&id, i);
+            r.refresh_status(i);
+            r.status = JobStatus::Done;
+            index.insert_loaded(r, i + 1);
         }
-        if !shared.metrics.caught_up.load(Ordering::Relaxed) {
-            continue;
+        let (cached, known) = index.sizes();
+        assert_eq!(known, n as usize);
+        assert!(cached <= 4 + EVICT_SLACK, "{cached}");
+        // The newest stay; the oldest are listed but must be loaded again.
+        assert!(index.get(&format!("j{}", n - 1)).is_some());
+        assert!(index.needs_load("j0"));
+        assert!(matches!(
+            index.apply_event(&accepted("j0"), 1, 0, 0),
+            Ingested::NotLoaded
+        ));
+    }
+
+    #[test]
+    fn unwritten_changes_are_never_evicted() {
+        let index = Index::new(1);
+        for i in 0..(EVICT_SLACK as u64 + 10) {
+            index.apply_event(&accepted(&format!("j{i}")), 1, i, 0);
         }
-        let now = now_ms();
-        let timeout_ms = shared.cfg.stall_timeout.as_millis() as u64;
-        for job_id in shared.index.running_ids() {
-            let Some(r) = shared.index.get(&job_id) else {
-                continue;
-            };
-            if r.dispatching {
-                continue;
-            }
-            let stalled: Vec<String> = r
-                .machines
-                .iter()
-                .filter(|m| !m.status.is_terminal())
-                .filter(|m| {
-                    now.saturating_sub(m.last_event_ms.unwrap_or(r.created_ms)) > timeout_ms
-                })
-                .filter(|m| {
-                    let (status, current) = shared.registry.status_of(&m.machine_id, now);
-                    // Queued behind other work on a live agent is waiting, not stalled.
-                    status == MachineStatus::Offline
-                        || (m.status == RunStatus::Running
-                            && current.as_deref() != Some(job_id.as_str()))
-                })
-                .map(|m| m.machine_id.clone())
-                .collect();
-            if stalled.is_empty() {
-                continue;
-            }
-            let secs = shared.cfg.stall_timeout.as_secs_f64();
-            let res = shared
-                .index
-                .update(&shared, &job_id, |r| {
-                    let mut r = r?;
-                    for id in &stalled {
-                        let m = r.machine_mut(id);
-                        if !m.status.is_terminal() {
-                            tracing::warn!(%job_id, machine_id = %id, "no events for {secs:.0} s and the agent is gone; marking it failed");
-                            m.fail(ErrorInfo::new(
-                                "stalled",
-                                format!("no events for {secs:.0} s and the agent is not running the job (offline or restarted)"),
-                            ));
-                        }
-                    }
-                    Some(r)
-                })
-                .await;
-            if res.is_ok() {
-                shared
-                    .metrics
-                    .stalls
-                    .fetch_add(stalled.len() as u64, Ordering::Relaxed);
-            }
-        }
+        // Every record is running and unwritten: all stay.
+        assert_eq!(index.sizes().0, EVICT_SLACK + 10);
+        assert_eq!(index.dirty_ids().len(), EVICT_SLACK + 10);
+        let snap = index.snapshot("j0", 1 << 20).unwrap();
+        index.mark_written("j0", snap.version, 7);
+        assert!(index.snapshot("j0", 1 << 20).is_none());
     }
 }

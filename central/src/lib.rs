@@ -5,13 +5,15 @@
 //! server and creates the `BENCH_EVENTS` stream, the `bench_jobs` / `bench_agents` buckets and
 //! the durable indexer consumer; [`registry`] follows the agents' heartbeats; [`dispatch`] sends
 //! `POST /api/jobs` to `bench.jobs.<id>` or `bench.jobs.all`. Agents publish events to
-//! `BENCH_EVENTS`; [`index`] consumes them in batches into [`record::JobRecord`]s (memory + KV,
-//! idempotent by per-machine `seq`), fans each one out on the [`hub`], queues finished jobs for
-//! [`results`] (`results/runs/<job_id>/`) and fails machines that went silent. [`compare`]
-//! ranks machines; [`api`] serves the REST endpoints (guarded by [`auth`]: bearer token, CORS)
-//! and [`sse`] the event streams, replaying
-//! from the stream via [`replay`]. [`metrics`] renders `/metrics`; [`error`] maps failures to
-//! HTTP. Nothing here calls an agent directly: everything goes through NATS.
+//! `BENCH_EVENTS`; [`ingest`] consumes them in batches into [`record::JobRecord`]s held by the
+//! in-memory [`index`] (recent records, a list entry for every job) and persisted by
+//! [`jobs_kv`] (compare-and-set, on status changes and at most every 250 ms, never per token),
+//! fans each one out on the [`hub`] and queues finished jobs for [`results`]
+//! (`results/runs/<job_id>/`); [`stall`] ends runs that can no longer finish (agent restarted
+//! or gone, dispatch interrupted). [`compare`] ranks machines; [`api`] serves the REST
+//! endpoints (guarded by [`auth`]: bearer token, CORS) and [`sse`] the event streams,
+//! replaying from the stream via [`replay`]. [`metrics`] renders `/metrics`; [`error`] maps
+//! failures to HTTP. Nothing here calls an agent directly: everything goes through NATS.
 
 pub mod api;
 pub mod auth;
@@ -21,15 +23,19 @@ pub mod dispatch;
 pub mod error;
 pub mod hub;
 pub mod index;
+pub mod ingest;
+pub mod jobs_kv;
 pub mod metrics;
 pub mod record;
 pub mod registry;
 pub mod replay;
 pub mod results;
 pub mod sse;
+pub mod stall;
 pub mod store;
 
 use async_nats::jetstream;
+use axum::extract::State;
 use axum::routing::{any, get, post};
 use axum::Router;
 use config::Config;
@@ -62,6 +68,8 @@ pub struct Shared {
     pub stream: jetstream::stream::Stream,
     /// Indexed jobs.
     pub index: index::Index,
+    /// Where job records are persisted.
+    pub jobs_kv: jobs_kv::JobsKv,
     /// Known machines.
     pub registry: registry::Registry,
     /// Live fan-out.
@@ -74,8 +82,110 @@ pub struct Shared {
     pub shutdown: CancellationToken,
 }
 
+impl Shared {
+    /// `Err(nats_unavailable)` at once while NATS is away: a write must not hang on it.
+    pub fn require_nats(&self) -> Result<(), error::ApiError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            state => Err(error::ApiError::Nats(format!(
+                "not connected to NATS ({state}); try again once it is back"
+            ))),
+        }
+    }
+
+    /// The job's record: from memory, else from KV (None when there is no such job).
+    pub async fn record(&self, job_id: &str) -> Result<Option<record::JobRecord>, error::ApiError> {
+        if let Some(r) = self.index.get(job_id) {
+            return Ok(Some(r));
+        }
+        if !self.index.needs_load(job_id) {
+            return Ok(None);
+        }
+        self.require_nats()?;
+        match self
+            .jobs_kv
+            .load(job_id)
+            .await
+            .map_err(error::ApiError::nats)?
+        {
+            Some((r, revision)) => {
+                self.index.insert_loaded(r.clone(), revision);
+                Ok(Some(r))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Changes one record (outside ingestion), stores it (giving up after a few seconds: the
+    /// stall loop stores it once NATS is back) and tells listeners.
+    pub async fn update_record(
+        &self,
+        job_id: &str,
+        f: impl FnOnce(Option<record::JobRecord>) -> Option<record::JobRecord>,
+    ) -> Result<Option<record::JobRecord>, error::ApiError> {
+        let Some((r, change)) = self.index.update(job_id, now_ms(), f) else {
+            return Ok(None);
+        };
+        let give_up = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        jobs_kv::persist_retrying(
+            &self.index,
+            &self.jobs_kv,
+            job_id,
+            Some(give_up),
+            &self.shutdown,
+        )
+        .await
+        .map_err(error::ApiError::nats)?;
+        ingest::announce(&self.hub, &self.results, job_id, &change);
+        Ok(Some(r))
+    }
+
+    fn ingest(&self) -> ingest::Ingest<'_> {
+        ingest::Ingest {
+            index: &self.index,
+            kv: &self.jobs_kv,
+            hub: &self.hub,
+            metrics: &self.metrics,
+            results: &self.results,
+            shutdown: &self.shutdown,
+        }
+    }
+
+    fn watch(&self) -> stall::Watch<'_> {
+        stall::Watch {
+            index: &self.index,
+            kv: &self.jobs_kv,
+            registry: &self.registry,
+            hub: &self.hub,
+            results: &self.results,
+            metrics: &self.metrics,
+            stall_timeout: self.cfg.stall_timeout,
+            max_age: self.cfg.retention.max_age,
+            shutdown: &self.shutdown,
+        }
+    }
+}
+
 /// Handler state.
 pub type AppState = Arc<Shared>;
+
+/// Answers 503 `timeout` when a request has not been answered within `http_timeout` (a
+/// response's body, such as an SSE stream, is not limited).
+async fn bounded(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let limit = state.cfg.http_timeout();
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => error::ApiError::Timeout(format!(
+            "central did not answer within {limit:?} (NATS slow or away?)"
+        ))
+        .into_response(),
+    }
+}
 
 /// The HTTP routes (for `axum::serve`, or `tower::ServiceExt::oneshot` in tests).
 pub fn app(state: AppState) -> Router {
@@ -96,6 +206,7 @@ pub fn app(state: AppState) -> Router {
             auth::require_token,
         ))
         .layer(auth::cors(&state.cfg.cors_origins))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), bounded))
         .with_state(state)
 }
 
@@ -126,14 +237,35 @@ pub async fn start(
     store::wait_connected(&client, &cfg.nats.effective_url(), cfg.nats_wait).await?;
     let js = jetstream::new(client.clone());
     store::check_server(&client, &js).await?;
-    let (stream, jobs_kv, agents_kv) = store::ensure_assets(&js, &cfg.retention).await?;
+    let assets = store::ensure_assets(&js, &cfg.retention).await?;
     let setup = |what: &str, e: async_nats::Error| StartError::Setup {
         what: what.into(),
         detail: e.to_string(),
     };
-    let index = index::Index::load(jobs_kv)
+    // Leave room for the KV headers under the server's max_payload.
+    let max_value = client.server_info().max_payload.max(64 * 1024) - 4096;
+    let jobs_kv = jobs_kv::JobsKv::new(assets.jobs, assets.jobs_stream, max_value);
+    let index = index::Index::new(cfg.index_cache_jobs);
+    let t0 = std::time::Instant::now();
+    let loaded = jobs_kv
+        .load_all()
         .await
         .map_err(|e| setup(store::JOBS_BUCKET, e))?;
+    let n = loaded.len();
+    // Oldest first, so the newest are the ones the cache keeps.
+    let mut loaded = loaded;
+    loaded.sort_by_key(|(r, _)| r.created_ms);
+    for (r, revision) in loaded {
+        index.insert_loaded(r, revision);
+    }
+    tracing::info!(
+        jobs = n,
+        in_memory = index.sizes().0,
+        ms = t0.elapsed().as_millis() as u64,
+        "index loaded"
+    );
+    let stream = assets.events;
+    let agents_kv = assets.agents;
     let consumer = store::open_indexer(&stream)
         .await
         .map_err(|e| setup(store::INDEXER_CONSUMER, e))?;
@@ -144,6 +276,7 @@ pub async fn start(
         hub: hub::Hub::new(cfg.sse_buffer),
         metrics: metrics::Metrics::default(),
         index,
+        jobs_kv,
         results,
         stream,
         js,
@@ -153,8 +286,14 @@ pub async fn start(
     });
     results::backfill(&state);
     let tasks = vec![
-        tokio::spawn(index::run(state.clone(), consumer)),
-        tokio::spawn(index::stall_loop(state.clone())),
+        {
+            let s = state.clone();
+            tokio::spawn(async move { ingest::run(s.ingest(), &s.stream, consumer).await })
+        },
+        {
+            let s = state.clone();
+            tokio::spawn(async move { stall::run(s.watch()).await })
+        },
         tokio::spawn(registry::watch(state.clone(), agents_kv, shutdown.clone())),
         tokio::spawn(results::run(state.clone(), results_rx)),
     ];
@@ -162,6 +301,10 @@ pub async fn start(
         let app = app(state.clone());
         let token = shutdown.clone();
         tokio::spawn(async move {
+            // Streaming sockets: an event goes out at once, not after Nagle's delay.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(token.cancelled_owned())
                 .await

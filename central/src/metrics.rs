@@ -12,6 +12,8 @@ pub struct Metrics {
     pub events_ingested: AtomicU64,
     /// Events skipped as already applied.
     pub events_duplicate: AtomicU64,
+    /// Events of a run its machine had already moved past.
+    pub events_stale: AtomicU64,
     /// Messages on the stream that were not events.
     pub events_invalid: AtomicU64,
     /// Batches persisted.
@@ -28,7 +30,7 @@ pub struct Metrics {
     pub stalls: AtomicU64,
     /// Highest stream sequence indexed.
     pub last_stream_seq: AtomicU64,
-    /// The indexer has read everything the stream held at least once.
+    /// The indexer's last message had nothing pending behind it.
     pub caught_up: AtomicBool,
 }
 
@@ -107,6 +109,34 @@ pub fn render(shared: &crate::Shared) -> String {
         &[("", load(&m.events_duplicate))],
     );
     metric(
+        "bench_central_events_stale_total",
+        "counter",
+        "Events of a run its machine had already moved past (not applied).",
+        &[("", load(&m.events_stale))],
+    );
+    metric(
+        "bench_central_kv_writes_total",
+        "counter",
+        "Job records written to the jobs bucket.",
+        &[("", load(&shared.jobs_kv.writes))],
+    );
+    metric(
+        "bench_central_kv_written_bytes_total",
+        "counter",
+        "Bytes of job records written to the jobs bucket.",
+        &[("", load(&shared.jobs_kv.bytes))],
+    );
+    let (cached, known) = shared.index.sizes();
+    metric(
+        "bench_central_index_records",
+        "gauge",
+        "Job records held in memory, and jobs known.",
+        &[
+            ("{kind=\"in_memory\"}", cached as f64),
+            ("{kind=\"known\"}", known as f64),
+        ],
+    );
+    metric(
         "bench_central_events_invalid_total",
         "counter",
         "Stream messages that were not valid events (unparsable, invalid ids, or a job_id the subject does not name).",
@@ -139,7 +169,7 @@ pub fn render(shared: &crate::Shared) -> String {
     metric(
         "bench_central_stalls_total",
         "counter",
-        "Machines marked failed by the stall timeout.",
+        "Runs ended by central: agent restarted, stalled, or dispatch interrupted.",
         &[("", load(&m.stalls))],
     );
     metric(

@@ -1,7 +1,14 @@
 //! What central keeps per job in the `bench_jobs` bucket, and how one event changes it.
 //!
-//! Applying is idempotent: each machine's events carry a gapless `seq`, and an event whose
-//! `seq` is not past the machine's `last_seq` was applied already (a redelivery) and is skipped.
+//! Applying is idempotent by stream sequence: a job's events reach the indexer in stream order
+//! and a record is persisted before the events that changed it are acknowledged, so an event at
+//! or below the record's `last_stream_seq` was applied already (a redelivery) and is skipped.
+//!
+//! Runs: every acceptance of the job on a machine is a run with its own `run_id`. The first
+//! event of a new run on a machine moves the machine's current run into `earlier_runs` (a run
+//! that had not finished is marked `superseded`) and starts the machine afresh, so a re-used
+//! `job_id` is recorded and shown as a new run, never dropped or mixed into the old one. `seq`
+//! is gapless per run: `gaps` counts the sequence numbers never seen.
 
 use crate::error::ErrorInfo;
 use bench_schemas::{Event, EventKind, Job, Metrics, Summary};
@@ -89,8 +96,15 @@ pub struct MachineRun {
     pub engine: Option<String>,
     /// Where it stands.
     pub status: RunStatus,
-    /// Highest event `seq` applied.
+    /// The run on this machine (`<boot_id>-<n>`; empty until its first event, and for events
+    /// of agents older than run ids).
+    #[serde(default)]
+    pub run_id: String,
+    /// Highest event `seq` applied in this run.
     pub last_seq: u64,
+    /// Events of this run applied (`last_seq - events` were never seen: `gaps`).
+    #[serde(default)]
+    pub events: u64,
     /// Server time (unix ms) of the last event, for the stall timeout.
     pub last_event_ms: Option<u64>,
     /// Queue position when accepted.
@@ -99,8 +113,13 @@ pub struct MachineRun {
     pub current_repeat: Option<u32>,
     /// Whether that run is a warmup.
     pub current_warmup: bool,
-    /// Text of the last measured repeat so far.
+    /// Text of the last finished measured repeat (the whole output once `job_done` arrived).
     pub output_text: String,
+    /// Text of the measured repeat streaming now (or cut short): memory only, never written to KV (the
+    /// stream holds every token; rewriting growing text per batch is what made KV cost grow
+    /// with the square of the job).
+    #[serde(skip)]
+    pub live_text: String,
     /// Every finished run, warmups flagged.
     pub repeats: Vec<Metrics>,
     /// Over the measured runs.
@@ -113,6 +132,40 @@ pub struct MachineRun {
     /// `output_text` was cut to fit the KV value limit (the stream keeps every token).
     #[serde(default)]
     pub output_truncated: bool,
+    /// Earlier runs of this job on this machine, oldest first (at most [`EARLIER_RUNS_KEPT`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier_runs: Vec<EarlierRun>,
+    /// Re-submissions of the job this machine refused after it had run it (the last refusal is
+    /// in `refused`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refusals: u32,
+    /// The last such refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<ErrorInfo>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Earlier runs kept per machine; older ones are counted in `EarlierRun` order only.
+pub const EARLIER_RUNS_KEPT: usize = 20;
+
+/// A finished (or superseded) earlier run of the job on one machine.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct EarlierRun {
+    /// Its run id.
+    pub run_id: String,
+    /// How it ended.
+    pub status: RunStatus,
+    /// Why it failed or was cancelled.
+    pub error: Option<ErrorInfo>,
+    /// Over its measured repeats.
+    pub summary: Option<Summary>,
+    /// Every repeat it finished.
+    pub repeats: Vec<Metrics>,
+    /// Server time (unix ms) of its last event.
+    pub last_event_ms: Option<u64>,
 }
 
 impl MachineRun {
@@ -123,17 +176,67 @@ impl MachineRun {
             label: None,
             engine: None,
             status: RunStatus::Queued,
+            run_id: String::new(),
             last_seq: 0,
+            events: 0,
             last_event_ms: None,
             position: None,
             current_repeat: None,
             current_warmup: false,
             output_text: String::new(),
+            live_text: String::new(),
             repeats: Vec::new(),
             summary: None,
             error: None,
             gaps: 0,
             output_truncated: false,
+            earlier_runs: Vec::new(),
+            refusals: 0,
+            refused: None,
+        }
+    }
+
+    /// Moves the current run into `earlier_runs` (failing it as superseded when it had not
+    /// finished) and starts `run_id` afresh.
+    fn begin_run(&mut self, run_id: &str) {
+        if !self.run_id.is_empty() {
+            if !self.status.is_terminal() {
+                self.fail(ErrorInfo::new(
+                    "superseded",
+                    format!("run {run_id} of the same job started on this machine before this run finished"),
+                ));
+            }
+            self.earlier_runs.push(EarlierRun {
+                run_id: std::mem::take(&mut self.run_id),
+                status: self.status,
+                error: self.error.take(),
+                summary: self.summary.take(),
+                repeats: std::mem::take(&mut self.repeats),
+                last_event_ms: self.last_event_ms,
+            });
+            if self.earlier_runs.len() > EARLIER_RUNS_KEPT {
+                self.earlier_runs.remove(0);
+            }
+        }
+        let fresh = MachineRun::new(&self.machine_id);
+        *self = MachineRun {
+            run_id: run_id.to_string(),
+            label: self.label.take(),
+            engine: self.engine.take(),
+            earlier_runs: std::mem::take(&mut self.earlier_runs),
+            refusals: self.refusals,
+            refused: self.refused.take(),
+            ..fresh
+        };
+    }
+
+    /// The text to show: the repeat streaming (or cut short by a failure) when there is one,
+    /// else the last finished one.
+    pub fn text(&self) -> &str {
+        if self.live_text.is_empty() {
+            &self.output_text
+        } else {
+            &self.live_text
         }
     }
 
@@ -165,6 +268,10 @@ pub struct JobRecord {
     pub status: JobStatus,
     /// Unix ms it last became finished.
     pub finished_ms: Option<u64>,
+    /// Unix ms after which a dispatch that never completed (central killed, NATS gone) is
+    /// given up: `dispatching` is cleared and machines that never answered are failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch_deadline_ms: Option<u64>,
 }
 
 /// What applying one event did.
@@ -174,6 +281,8 @@ pub enum Applied {
     Changed,
     /// Already applied (redelivery or a repeated refusal).
     Duplicate,
+    /// An event of a run this machine has already moved past (counted, not applied).
+    Stale,
 }
 
 impl JobRecord {
@@ -189,6 +298,7 @@ impl JobRecord {
             last_stream_seq: 0,
             status: JobStatus::Running,
             finished_ms: None,
+            dispatch_deadline_ms: None,
         }
     }
 
@@ -204,6 +314,7 @@ impl JobRecord {
             last_stream_seq: 0,
             status: JobStatus::Running,
             finished_ms: None,
+            dispatch_deadline_ms: None,
         }
     }
 
@@ -235,7 +346,10 @@ impl JobRecord {
 
     /// Applies one event stored at `stream_seq` at server time `published_ms`.
     pub fn apply(&mut self, ev: &Event, stream_seq: u64, published_ms: u64) -> Applied {
-        self.last_stream_seq = self.last_stream_seq.max(stream_seq);
+        if stream_seq <= self.last_stream_seq {
+            return Applied::Duplicate;
+        }
+        self.last_stream_seq = stream_seq;
         let warmups = self.job.as_ref().map(|j| j.warmup);
         if let EventKind::JobAccepted(a) = &ev.kind {
             if self.job.is_none() {
@@ -244,16 +358,29 @@ impl JobRecord {
         }
         let m = self.machine_mut(&ev.machine_id);
         if ev.seq == 0 {
-            // A refusal, outside the job's sequence: it only counts for a machine that never
-            // accepted this job (a duplicate submission's refusal must not fail the original).
+            // A refusal belongs to no run. Before any run it fails the machine (unless something
+            // already ended it: dispatch saw the same refusal); after one, it is a refused
+            // re-submission, recorded beside the run it leaves standing.
+            if !m.run_id.is_empty() {
+                if let EventKind::JobError(f) = &ev.kind {
+                    m.refusals += 1;
+                    m.refused = Some(f.error.clone().into());
+                }
+                return Applied::Changed;
+            }
             if m.last_seq > 0 || m.status.is_terminal() {
                 return Applied::Duplicate;
             }
-        } else if ev.seq <= m.last_seq {
-            return Applied::Duplicate;
         } else {
-            m.gaps += ev.seq - m.last_seq - 1;
-            m.last_seq = ev.seq;
+            if ev.run_id != m.run_id {
+                if m.earlier_runs.iter().any(|r| r.run_id == ev.run_id) {
+                    return Applied::Stale;
+                }
+                m.begin_run(&ev.run_id);
+            }
+            m.events += 1;
+            m.last_seq = m.last_seq.max(ev.seq);
+            m.gaps = m.last_seq - m.events.min(m.last_seq);
         }
         m.last_event_ms = Some(published_ms);
         match &ev.kind {
@@ -261,22 +388,13 @@ impl JobRecord {
                 m.label = Some(a.label.clone());
                 m.engine = Some(a.engine.clone());
                 m.position = Some(a.position);
-                if m.status == RunStatus::Failed
-                    && m.error
-                        .as_ref()
-                        .is_some_and(|e| e.code == "offline" || e.code == "timeout")
-                {
-                    // The answer was late, not missing: the machine is running it after all.
-                    m.error = None;
-                    m.status = RunStatus::Queued;
-                }
             }
             EventKind::JobStarted(s) => {
                 m.status = RunStatus::Running;
                 m.current_repeat = Some(s.repeat_index);
                 m.current_warmup = s.warmup;
                 if !s.warmup {
-                    m.output_text.clear();
+                    m.live_text.clear();
                 }
             }
             EventKind::LlmToken(t) => {
@@ -285,10 +403,13 @@ impl JobRecord {
                     None => m.current_warmup && m.current_repeat == Some(t.repeat_index),
                 };
                 if !warmup {
-                    m.output_text.push_str(&t.text);
+                    m.live_text.push_str(&t.text);
                 }
             }
             EventKind::RepeatDone(metrics) => {
+                if !metrics.warmup {
+                    m.output_text = std::mem::take(&mut m.live_text);
+                }
                 m.repeats.retain(|r| r.repeat_index != metrics.repeat_index);
                 m.repeats.push(metrics.clone());
                 m.repeats.sort_by_key(|r| r.repeat_index);
@@ -300,6 +421,7 @@ impl JobRecord {
                 m.repeats = d.repeats.clone();
                 m.summary = Some(d.summary.clone());
                 m.output_text = d.output_text.clone();
+                m.live_text = String::new();
                 m.current_repeat = None;
                 m.error = None;
             }
@@ -386,13 +508,96 @@ mod tests {
     use bench_schemas::event::{Accepted, Cancelled, Started, Token};
 
     fn ev(machine: &str, seq: u64, kind: EventKind) -> Event {
+        run_ev(machine, "b1-1", seq, kind)
+    }
+
+    fn run_ev(machine: &str, run: &str, seq: u64, kind: EventKind) -> Event {
         Event {
             job_id: "j".into(),
             machine_id: machine.into(),
+            run_id: if seq == 0 { String::new() } else { run.into() },
             seq,
             ts_ms: 1,
             kind,
         }
+    }
+
+    fn done() -> EventKind {
+        EventKind::JobDone(bench_schemas::event::Done {
+            model: "m".into(),
+            engine: "mock".into(),
+            ttft_ms: 1.0,
+            gen_tokens: 1,
+            gen_tokens_per_s: None,
+            total_ms: 1.0,
+            token_count_source: bench_schemas::TokenCountSource::Mock,
+            repeats: Vec::new(),
+            summary: Summary::default(),
+            output_text: "first".into(),
+        })
+    }
+
+    #[test]
+    fn a_reused_job_id_is_a_new_run() {
+        let mut r = JobRecord::external("j", 0);
+        r.apply(&run_ev("a", "b1-1", 1, accepted()), 1, 0);
+        r.apply(&run_ev("a", "b1-1", 2, done()), 2, 0);
+        r.refresh_status(1);
+        assert_eq!(r.status, JobStatus::Done);
+        // The second run: same job, same machine, its own run id and seq from 1.
+        assert_eq!(
+            r.apply(&run_ev("a", "b1-2", 1, accepted()), 3, 0),
+            Applied::Changed
+        );
+        r.refresh_status(2);
+        let m = r.machine("a").unwrap();
+        assert_eq!(
+            (m.run_id.as_str(), m.status, m.last_seq),
+            ("b1-2", RunStatus::Queued, 1)
+        );
+        assert_eq!(m.earlier_runs.len(), 1);
+        assert_eq!(m.earlier_runs[0].run_id, "b1-1");
+        assert_eq!(m.earlier_runs[0].status, RunStatus::Done);
+        assert_eq!((r.status, r.finished_ms), (JobStatus::Running, None));
+        // A late event of the first run is not mixed into the second.
+        assert_eq!(
+            r.apply(&run_ev("a", "b1-1", 3, done()), 4, 0),
+            Applied::Stale
+        );
+        // A refused re-submission leaves the run standing and is recorded.
+        let refusal = EventKind::JobError(bench_schemas::event::Failed {
+            error: bench_schemas::ErrorBody::new(bench_schemas::ErrorCode::QueueFull, "full"),
+            repeat_index: None,
+        });
+        assert_eq!(
+            r.apply(&run_ev("a", "", 0, refusal), 5, 0),
+            Applied::Changed
+        );
+        let m = r.machine("a").unwrap();
+        assert_eq!((m.status, m.refusals), (RunStatus::Queued, 1));
+        assert_eq!(m.refused.as_ref().unwrap().code, "queue_full");
+        // A new run while one is unfinished supersedes it (its agent restarted, say).
+        r.apply(&run_ev("a", "b2-1", 1, accepted()), 6, 0);
+        let m = r.machine("a").unwrap();
+        assert_eq!(m.earlier_runs[1].status, RunStatus::Failed);
+        assert_eq!(m.earlier_runs[1].error.as_ref().unwrap().code, "superseded");
+    }
+
+    #[test]
+    fn gaps_count_sequence_numbers_never_seen() {
+        let mut r = JobRecord::external("j", 0);
+        r.apply(&ev("a", 1, accepted()), 1, 0);
+        let started = |i| {
+            EventKind::JobStarted(Started {
+                repeat_index: i,
+                warmup: false,
+            })
+        };
+        r.apply(&ev("a", 3, started(1)), 2, 0);
+        assert_eq!(r.machine("a").unwrap().gaps, 1);
+        // Late, not lost: it arrives after all and closes the gap.
+        r.apply(&ev("a", 2, started(0)), 3, 0);
+        assert_eq!(r.machine("a").unwrap().gaps, 0);
     }
 
     fn accepted() -> EventKind {
@@ -434,7 +639,7 @@ mod tests {
         assert_eq!(r.apply(&token, 12, 0), Applied::Duplicate);
         assert_eq!(r.apply(&started, 11, 0), Applied::Duplicate);
         assert_eq!(r, before);
-        assert_eq!(r.machines[0].output_text, "hi");
+        assert_eq!(r.machines[0].text(), "hi");
         assert_eq!(r.job.as_ref().map(|j| j.model.as_str()), Some("m"));
     }
 

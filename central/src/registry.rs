@@ -140,6 +140,17 @@ impl Registry {
         (status, current)
     }
 
+    /// The boot id of the agent process heart-beating for the machine now (None when it is
+    /// offline or too old to say).
+    pub fn boot_of(&self, machine_id: &str, now_ms: u64) -> Option<String> {
+        let agents = self.agents.read().expect("registry lock");
+        let seen = agents.get(machine_id);
+        (Self::status(seen, now_ms) != MachineStatus::Offline)
+            .then(|| seen.map(|s| s.info.boot_id.clone()))
+            .flatten()
+            .filter(|b| !b.is_empty())
+    }
+
     /// Every machine: machines.yaml order first, then the rest by id.
     pub fn machines(&self, now_ms: u64) -> Vec<MachineView> {
         let agents = self.agents.read().expect("registry lock");

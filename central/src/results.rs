@@ -60,7 +60,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Writes one job's results now.
 pub async fn write(shared: &Shared, job_id: &str) -> Result<PathBuf, async_nats::Error> {
-    let Some(record) = shared.index.get(job_id) else {
+    let Some(record) = shared.record(job_id).await.map_err(|e| e.to_string())? else {
         return Err(format!("job {job_id} is not indexed").into());
     };
     let events = replay::read_all(&shared.stream, job_id).await?;
@@ -76,9 +76,15 @@ pub async fn write(shared: &Shared, job_id: &str) -> Result<PathBuf, async_nats:
             "machine_id": m.machine_id,
             "label": m.label,
             "engine": m.engine,
+            "run_id": m.run_id,
             "status": m.status,
             "error": m.error,
-            "events": m.last_seq,
+            "events": m.events,
+            "gaps": m.gaps,
+            "earlier_runs": m.earlier_runs.iter().map(|e| json!({
+                "run_id": e.run_id, "status": e.status, "error": e.error,
+            })).collect::<Vec<_>>(),
+            "refusals": m.refusals,
         })).collect::<Vec<_>>(),
         "events": events.len(),
         "central_version": crate::VERSION,

@@ -1,30 +1,39 @@
 //! Server-Sent Events. `GET /api/jobs/{id}/events` replays the job from `BENCH_EVENTS` after
 //! `Last-Event-ID`, then follows it live from the hub, then sends `end`. `GET /api/events`
-//! follows every job, machine status and job status live.
+//! follows job status and machine status changes live (per-job events are on the job's own
+//! stream: a page listing the fleet must not receive every token of every job).
 //!
-//! No gap, no duplicate: the hub listener is taken *before* the replay reads the stream, so
-//! every event stored after the replay's end reaches the listener; anything at or below the
+//! No gap, no duplicate: the job's hub listener is taken *before* the replay reads the stream,
+//! so every event stored after the replay's end reaches the listener; anything at or below the
 //! last sent `id` (the stream sequence) is dropped. A client that falls a hub buffer behind gets
 //! `event: lagged` and the connection ends; it reconnects with `Last-Event-ID`.
+//!
+//! Cost: frames are formatted once at ingestion and shared; a connection copies what is ready
+//! into one chunk (up to [`CHUNK_MAX`]) per socket write, so a busy stream costs a write per
+//! batch, not per event, and an idle one sends each event at once (TCP_NODELAY is set by
+//! [`crate::start`]).
 
 use crate::error::ApiError;
-use crate::hub::HubMsg;
+use crate::hub::{sse_frame, HubMsg, JobFrame};
 use crate::metrics::SseGuard;
 use crate::{replay, AppState};
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use bench_schemas::validate_job_id;
-use futures::Stream;
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use serde::Deserialize;
 use serde_json::json;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
-/// Events queued per connection between its task and the socket.
-const CONNECTION_QUEUE: usize = 64;
+/// Most bytes put into one socket write.
+pub const CHUNK_MAX: usize = 128 * 1024;
+/// Most events replayed into one chunk.
+const REPLAY_CHUNK: usize = 256;
 
 /// `?last_event_id=` (the header wins).
 #[derive(Deserialize, Debug, Default)]
@@ -49,22 +58,55 @@ fn resume_point(headers: &HeaderMap, params: &ResumeParams) -> Result<u64, ApiEr
     }
 }
 
-fn event_msg(stream_seq: u64, kind: &str, data: &str) -> SseEvent {
-    SseEvent::default()
-        .id(stream_seq.to_string())
-        .event(kind)
-        .data(data)
+/// A `text/event-stream` response over `chunks`.
+fn sse_response<S>(chunks: S) -> Response
+where
+    S: futures::Stream<Item = Bytes> + Send + 'static,
+{
+    let body = Body::from_stream(futures::StreamExt::map(chunks, Ok::<_, Infallible>));
+    let mut resp = body.into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Reverse proxies (nginx) must not buffer a live stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
 }
 
-fn sse_response(state: &AppState, rx: mpsc::Receiver<SseEvent>) -> impl IntoResponse {
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
-    });
-    Sse::new(Box::pin(stream)
-        as std::pin::Pin<
-            Box<dyn Stream<Item = Result<SseEvent, Infallible>> + Send>,
-        >)
-    .keep_alive(KeepAlive::new().interval(state.cfg.sse_keepalive))
+fn end_frame(job_id: &str, status: crate::record::JobStatus) -> Bytes {
+    sse_frame(
+        None,
+        "end",
+        json!({"job_id": job_id, "status": status})
+            .to_string()
+            .as_bytes(),
+    )
+}
+
+fn lagged_frame(state: &AppState, last: u64) -> Bytes {
+    state.metrics.sse_lagged.fetch_add(1, Ordering::Relaxed);
+    sse_frame(
+        None,
+        "lagged",
+        json!({"missed_from": last + 1}).to_string().as_bytes(),
+    )
+}
+
+const KEEPALIVE: &[u8] = b":\n\n";
+
+/// The event type of a stored payload, read without building the rest.
+fn kind_of(payload: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct Kind {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    serde_json::from_slice::<Kind>(payload)
+        .map(|k| k.kind)
+        .unwrap_or_else(|_| "message".into())
 }
 
 /// `GET /api/jobs/{id}/events`.
@@ -73,12 +115,13 @@ pub async fn job_events(
     Path(job_id): Path<String>,
     params: Result<Query<ResumeParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
     validate_job_id(&job_id)?;
     let params = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let after = resume_point(&headers, &params)?;
+    state.require_nats()?;
     // Listen before reading the stream: see the module doc.
-    let live = state.hub.subscribe();
+    let live = state.hub.subscribe_job(&job_id);
     if !state.index.contains(&job_id)
         && replay::last_seq(&state.stream, &job_id)
             .await
@@ -87,160 +130,187 @@ pub async fn job_events(
     {
         return Err(ApiError::NotFound(format!("no job {job_id}")));
     }
-    let (tx, rx) = mpsc::channel(CONNECTION_QUEUE);
-    tokio::spawn(follow_job(state.clone(), job_id, after, live, tx));
-    Ok(sse_response(&state, rx))
+    let replay = replay::open(&state.stream, &job_id, after)
+        .await
+        .map_err(ApiError::nats)?;
+    let follow = JobFollow {
+        guard: SseGuard::new(state.clone()),
+        state,
+        job_id,
+        last: after,
+        replay,
+        live,
+        done: false,
+        checked: false,
+    };
+    Ok(sse_response(futures::stream::unfold(
+        follow,
+        |mut f| async move { f.next_chunk().await.map(|c| (c, f)) },
+    )))
 }
 
-/// `end` when the index says the job is finished and everything it indexed was sent.
-fn end_event(state: &AppState, job_id: &str, last_sent: u64) -> Option<SseEvent> {
-    let r = state.index.get(job_id)?;
-    (r.is_finished() && r.last_stream_seq <= last_sent).then(|| {
-        SseEvent::default()
-            .event("end")
-            .data(json!({"job_id": job_id, "status": r.status}).to_string())
-    })
-}
-
-async fn follow_job(
+struct JobFollow {
     state: AppState,
     job_id: String,
-    after: u64,
-    mut live: broadcast::Receiver<HubMsg>,
-    tx: mpsc::Sender<SseEvent>,
-) {
-    let _guard = SseGuard::new(state.clone());
-    let mut last = after;
-    match replay::open(&state.stream, &job_id, after).await {
-        Ok(None) => {}
-        Ok(Some(mut r)) => loop {
-            let next = tokio::select! {
-                _ = tx.closed() => return,
-                _ = state.shutdown.cancelled() => return,
-                n = r.next() => n,
+    last: u64,
+    replay: Option<replay::Replay>,
+    live: broadcast::Receiver<JobFrame>,
+    done: bool,
+    /// Whether the finished check after the replay (or in place of it) was made.
+    checked: bool,
+    guard: SseGuard,
+}
+
+impl JobFollow {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        let _ = &self.guard;
+        if self.done {
+            return None;
+        }
+        if self.replay.is_some() {
+            return Some(self.replay_chunk().await);
+        }
+        if !self.checked {
+            // Nothing to replay (resumed at the last event): a finished job ends right here.
+            self.checked = true;
+            if let Some(end) = self.end_if_finished() {
+                return Some(end);
+            }
+        }
+        let keepalive = self.state.cfg.sse_keepalive;
+        let first = tokio::select! {
+            _ = self.state.shutdown.cancelled() => return None,
+            r = tokio::time::timeout(keepalive, self.live.recv()) => match r {
+                Err(_) => return Some(Bytes::from_static(KEEPALIVE)),
+                Ok(r) => r,
+            },
+        };
+        let mut out = BytesMut::new();
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Ok(JobFrame::Event { seq, frame }) => {
+                    if seq > self.last {
+                        out.extend_from_slice(&frame);
+                        self.last = seq;
+                    }
+                }
+                Ok(JobFrame::End { status, last_seq }) => {
+                    if self.last >= last_seq {
+                        out.extend_from_slice(&end_frame(&self.job_id, status));
+                        self.done = true;
+                        break;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {
+                    out.extend_from_slice(&lagged_frame(&self.state, self.last));
+                    self.done = true;
+                    break;
+                }
+                Err(RecvError::Closed) => {
+                    self.done = true;
+                    break;
+                }
+            }
+            if out.len() >= CHUNK_MAX {
+                break;
+            }
+            next = match self.live.try_recv() {
+                Ok(f) => Some(Ok(f)),
+                Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+                Err(TryRecvError::Empty) => None,
+            };
+        }
+        Some(out.freeze())
+    }
+
+    /// The next stored events, then (once the replay is over) `end` if the job has finished.
+    async fn replay_chunk(&mut self) -> Bytes {
+        let mut out = BytesMut::new();
+        let r = self.replay.as_mut().expect("replaying");
+        let mut n = 0;
+        let mut finished = false;
+        loop {
+            let next = if n == 0 {
+                tokio::select! {
+                    _ = self.state.shutdown.cancelled() => Ok(None),
+                    n = r.next() => n,
+                }
+            } else {
+                match r.next().now_or_never() {
+                    Some(n) => n,
+                    None => break,
+                }
             };
             match next {
                 Ok(Some((seq, payload))) => {
-                    let kind = serde_json::from_slice::<serde_json::Value>(&payload)
-                        .ok()
-                        .and_then(|v| v.get("type").and_then(|t| t.as_str().map(str::to_string)))
-                        .unwrap_or_else(|| "message".into());
-                    if tx
-                        .send(event_msg(seq, &kind, &String::from_utf8_lossy(&payload)))
-                        .await
-                        .is_err()
-                    {
-                        return;
+                    out.extend_from_slice(&sse_frame(Some(seq), &kind_of(&payload), &payload));
+                    self.last = seq;
+                    n += 1;
+                    if n >= REPLAY_CHUNK || out.len() >= CHUNK_MAX {
+                        break;
                     }
-                    last = seq;
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    finished = true;
+                    break;
+                }
                 Err(e) => {
-                    tracing::warn!(%job_id, error = %e, "replay failed");
-                    return;
+                    tracing::warn!(job_id = %self.job_id, error = %e, "replay failed");
+                    self.done = true;
+                    finished = true;
+                    break;
                 }
             }
-        },
-        Err(e) => {
-            tracing::warn!(%job_id, error = %e, "replay failed");
-            return;
         }
-    }
-    if let Some(end) = end_event(&state, &job_id, last) {
-        let _ = tx.send(end).await;
-        return;
-    }
-    loop {
-        let msg = tokio::select! {
-            _ = tx.closed() => return,
-            _ = state.shutdown.cancelled() => return,
-            m = live.recv() => m,
-        };
-        match msg {
-            Ok(HubMsg::Event {
-                stream_seq,
-                job_id: j,
-                kind,
-                data,
-            }) if *j == *job_id && stream_seq > last => {
-                if tx.send(event_msg(stream_seq, kind, &data)).await.is_err() {
-                    return;
-                }
-                last = stream_seq;
-                // The job may have finished before this event was sent (same batch).
-                if let Some(end) = end_event(&state, &job_id, last) {
-                    let _ = tx.send(end).await;
-                    return;
-                }
+        if finished {
+            self.replay = None;
+            self.checked = true;
+            if let Some(end) = self.end_if_finished() {
+                out.extend_from_slice(&end);
             }
-            Ok(HubMsg::Job { job_id: j, .. }) if *j == *job_id => {
-                if let Some(end) = end_event(&state, &job_id, last) {
-                    let _ = tx.send(end).await;
-                    return;
-                }
-            }
-            Ok(_) => {}
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                lagged(&state, &tx, last).await;
-                return;
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
         }
+        out.freeze()
     }
-}
 
-async fn lagged(state: &AppState, tx: &mpsc::Sender<SseEvent>, last: u64) {
-    state.metrics.sse_lagged.fetch_add(1, Ordering::Relaxed);
-    let _ = tx
-        .send(
-            SseEvent::default()
-                .event("lagged")
-                .data(json!({"missed_from": last + 1}).to_string()),
-        )
-        .await;
+    /// `end` when the index says the job is finished and everything it indexed was sent.
+    fn end_if_finished(&mut self) -> Option<Bytes> {
+        let (status, last_seq) = self.state.index.progress(&self.job_id)?;
+        (status != crate::record::JobStatus::Running && last_seq <= self.last).then(|| {
+            self.done = true;
+            end_frame(&self.job_id, status)
+        })
+    }
 }
 
 /// `GET /api/events`.
 pub async fn all_events(State(state): State<AppState>) -> impl IntoResponse {
     let live = state.hub.subscribe();
-    let (tx, rx) = mpsc::channel(CONNECTION_QUEUE);
-    tokio::spawn(follow_all(state.clone(), live, tx));
-    sse_response(&state, rx)
-}
-
-async fn follow_all(
-    state: AppState,
-    mut live: broadcast::Receiver<HubMsg>,
-    tx: mpsc::Sender<SseEvent>,
-) {
-    let _guard = SseGuard::new(state.clone());
-    let mut last = 0;
-    loop {
-        let msg = tokio::select! {
-            _ = tx.closed() => return,
-            _ = state.shutdown.cancelled() => return,
-            m = live.recv() => m,
-        };
-        let event = match msg {
-            Ok(HubMsg::Event {
-                stream_seq,
-                kind,
-                data,
-                ..
-            }) => {
-                last = stream_seq;
-                event_msg(stream_seq, kind, &data)
+    let guard = SseGuard::new(state.clone());
+    let follow = (state, live, guard, false);
+    sse_response(futures::stream::unfold(
+        follow,
+        |(state, mut live, guard, done)| async move {
+            if done {
+                return None;
             }
-            Ok(HubMsg::Job { item, .. }) => SseEvent::default().event("job").data(&*item),
-            Ok(HubMsg::Machine { data }) => SseEvent::default().event("machine").data(&*data),
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                lagged(&state, &tx, last).await;
-                return;
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        if tx.send(event).await.is_err() {
-            return;
-        }
-    }
+            let msg = tokio::select! {
+                _ = state.shutdown.cancelled() => return None,
+                r = tokio::time::timeout(state.cfg.sse_keepalive, live.recv()) => match r {
+                    Err(_) => return Some((Bytes::from_static(KEEPALIVE), (state, live, guard, false))),
+                    Ok(m) => m,
+                },
+            };
+            let (chunk, done) = match msg {
+                Ok(HubMsg::Job { item }) => (sse_frame(None, "job", item.as_bytes()), false),
+                Ok(HubMsg::Machine { data }) => {
+                    (sse_frame(None, "machine", data.as_bytes()), false)
+                }
+                Err(RecvError::Lagged(_)) => (lagged_frame(&state, 0), true),
+                Err(RecvError::Closed) => return None,
+            };
+            Some((chunk, (state, live, guard, done)))
+        },
+    ))
 }

@@ -80,36 +80,75 @@ fn setup(what: &str, e: impl std::fmt::Display) -> StartError {
     }
 }
 
-/// The `bench_jobs` bucket definition.
-pub fn jobs_bucket_config() -> kv::Config {
+/// The `bench_jobs` bucket definition: records age out with the events they index.
+pub fn jobs_bucket_config(max_age: Duration) -> kv::Config {
     kv::Config {
         bucket: JOBS_BUCKET.to_string(),
         description: "bench-race: indexed jobs (key = job_id)".into(),
         history: 1,
+        max_age,
         storage: stream::StorageType::File,
         ..Default::default()
     }
 }
 
-/// Creates or updates the stream and both buckets.
+/// The assets central works on.
+pub struct Assets {
+    /// `BENCH_EVENTS`.
+    pub events: stream::Stream,
+    /// `bench_jobs`.
+    pub jobs: kv::Store,
+    /// The stream behind `bench_jobs`.
+    pub jobs_stream: stream::Stream,
+    /// `bench_agents`.
+    pub agents: kv::Store,
+}
+
+/// Creates or updates the stream and both buckets (an existing jobs bucket gets the
+/// configured max age).
 pub async fn ensure_assets(
     js: &jetstream::Context,
     retention: &bench_nats::streams::EventsRetention,
-) -> Result<(stream::Stream, kv::Store, kv::Store), StartError> {
+) -> Result<Assets, StartError> {
     let events = bench_nats::streams::ensure_events_stream(js, retention)
         .await
         .map_err(|e| setup(subjects::EVENTS_STREAM, e))?;
     let jobs = match js.get_key_value(JOBS_BUCKET).await {
         Ok(kv) => kv,
         Err(_) => js
-            .create_key_value(jobs_bucket_config())
+            .create_key_value(jobs_bucket_config(retention.max_age))
             .await
             .map_err(|e| setup(JOBS_BUCKET, e))?,
     };
+    let stream_name = format!("KV_{JOBS_BUCKET}");
+    let mut jobs_stream = js
+        .get_stream(&stream_name)
+        .await
+        .map_err(|e| setup(JOBS_BUCKET, e))?;
+    let config = jobs_stream
+        .info()
+        .await
+        .map_err(|e| setup(JOBS_BUCKET, e))?
+        .config
+        .clone();
+    if config.max_age != retention.max_age {
+        tracing::info!(from = ?config.max_age, to = ?retention.max_age, "updating the max age of {JOBS_BUCKET}");
+        js.update_stream(stream::Config {
+            max_age: retention.max_age,
+            ..config
+        })
+        .await
+        .map_err(|e| setup(JOBS_BUCKET, e))?;
+    }
     let agents = bench_nats::streams::ensure_agents_bucket(js, AGENTS_TTL)
         .await
         .map_err(|e| setup(subjects::AGENTS_BUCKET, e))?;
-    Ok((events, jobs, agents))
+    Ok(Assets {
+        events,
+        jobs,
+        jobs_stream,
+        agents,
+    })
 }
 
 /// The indexer's durable consumer definition, starting after `ack_floor`.
@@ -126,7 +165,8 @@ pub fn indexer_config(ack_floor: Option<u64>) -> consumer::pull::Config {
             None => consumer::DeliverPolicy::All,
         },
         ack_wait: Duration::from_secs(60),
-        max_ack_pending: 10_000,
+        // Ingestion acknowledges every FLUSH_EVERY or ACK_EVERY messages (AckPolicy::All).
+        max_ack_pending: 4 * crate::ingest::ACK_EVERY as i64,
         ..Default::default()
     }
 }

@@ -106,12 +106,6 @@ async fn bad_input_gets_4xx_with_a_code() {
             "invalid_job",
         ),
         (
-            "absurd max_tokens",
-            post_raw(&job(json!({"max_tokens": 1_000_000_000})), json_ct),
-            422,
-            "invalid_job",
-        ),
-        (
             "max_tokens beyond u32",
             post_raw(&job(json!({"max_tokens": 99_999_999_999u64})), json_ct),
             422,
@@ -120,12 +114,6 @@ async fn bad_input_gets_4xx_with_a_code() {
         (
             "negative repeat",
             post_raw(&job(json!({"repeat": -1})), json_ct),
-            422,
-            "invalid_job",
-        ),
-        (
-            "absurd repeat",
-            post_raw(&job(json!({"repeat": 100_000})), json_ct),
             422,
             "invalid_job",
         ),
@@ -322,9 +310,9 @@ async fn bad_input_gets_4xx_with_a_code() {
     let (_, list) = call(&app, get_req("/api/jobs")).await;
     assert_eq!(list["jobs"][0]["job_id"], job_id.as_str());
     assert_eq!(list["jobs"][0]["status"], "failed");
-    // Re-using a job id is refused.
+    // Re-using the id of a finished job is a new run of it (tests/runs.rs has the whole story).
     let (s, body) = call(&app, post_raw(&job(json!({"job_id": job_id})), json_ct)).await;
-    assert_eq!((s, &body["error"]["code"]), (400, &json!("bad_request")));
+    assert_eq!((s, &body["job_id"]), (201, &json!(job_id)), "{body}");
 }
 
 #[tokio::test]

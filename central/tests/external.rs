@@ -64,7 +64,7 @@ async fn publish(js: &jetstream::Context, ev: &Event) {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(
         "Nats-Msg-Id",
-        subjects::msg_id(&ev.job_id, &ev.machine_id, ev.seq).as_str(),
+        subjects::msg_id(&ev.job_id, &ev.machine_id, &ev.run_id, ev.seq).as_str(),
     );
     let ack = js
         .publish_with_headers(
@@ -93,6 +93,7 @@ async fn a_silent_machine_is_marked_failed_and_the_job_completes() {
     let ev = |seq, kind| Event {
         job_id: "ghost-job".into(),
         machine_id: "ghost".into(),
+        run_id: "ghostboot-1".into(),
         seq,
         ts_ms: 1,
         kind,

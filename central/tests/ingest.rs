@@ -51,6 +51,7 @@ fn events(job_id: &str, per_machine: u64, text: &str) -> Vec<Event> {
             out.push(Event {
                 job_id: job_id.into(),
                 machine_id: format!("m{m}"),
+                run_id: "bulkboot-1".into(),
                 seq,
                 ts_ms: 1,
                 kind,
@@ -67,7 +68,7 @@ async fn publish_all(js: &jetstream::Context, evs: &[Event]) {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(
                 "Nats-Msg-Id",
-                subjects::msg_id(&ev.job_id, &ev.machine_id, ev.seq).as_str(),
+                subjects::msg_id(&ev.job_id, &ev.machine_id, &ev.run_id, ev.seq).as_str(),
             );
             acks.push(
                 js.publish_with_headers(
@@ -169,7 +170,7 @@ async fn catch_up_rate_and_a_stalled_sse_client() {
         .await
         .unwrap();
     stalled
-        .write_all(b"GET /api/events HTTP/1.1\r\nHost: test\r\n\r\n")
+        .write_all(b"GET /api/jobs/bulk-b/events HTTP/1.1\r\nHost: test\r\n\r\n")
         .await
         .unwrap();
     until("stalled client connected", || async {

@@ -286,14 +286,24 @@ pub fn results_events(results_dir: &Path, job_id: &str) -> Vec<bench_schemas::Ev
         .collect()
 }
 
-/// Asserts each machine's events are 1..n exactly once, ending with a terminal event.
+/// Asserts each run's events (per machine and run id) are 1..n exactly once, ending with a
+/// terminal event; returns the count per run (`machine` or `machine/run_id` after the first).
 pub fn assert_exactly_once(
     events: &[bench_schemas::Event],
 ) -> std::collections::BTreeMap<String, u64> {
     let mut per: std::collections::BTreeMap<String, Vec<&bench_schemas::Event>> =
         Default::default();
+    let mut first_run: std::collections::BTreeMap<String, String> = Default::default();
     for e in events.iter().filter(|e| e.seq > 0) {
-        per.entry(e.machine_id.clone()).or_default().push(e);
+        let first = first_run
+            .entry(e.machine_id.clone())
+            .or_insert_with(|| e.run_id.clone());
+        let key = if *first == e.run_id {
+            e.machine_id.clone()
+        } else {
+            format!("{}/{}", e.machine_id, e.run_id)
+        };
+        per.entry(key).or_default().push(e);
     }
     let mut counts = std::collections::BTreeMap::new();
     for (m, evs) in per {

@@ -1,0 +1,306 @@
+//! Stream ingestion: the durable `BENCH_EVENTS` consumer, applied to the [`Index`] in batches
+//! of what is already waiting, fanned out live on the [`Hub`] as it is applied.
+//!
+//! Persistence is decoupled from the event rate: token batches only change memory. Touched
+//! records are written to KV (and the consumer acknowledged up to the last applied message,
+//! `AckPolicy::All`) right after a batch that changed a status (accepted, started, a repeat or
+//! the job finished), else at most every [`FLUSH_EVERY`] or [`ACK_EVERY`] messages. A crash
+//! in between redelivers from the ack floor, and [`crate::record::JobRecord::apply`] skips
+//! what the stored records already hold. So per token the cost is one parse, one in-memory
+//! apply and one shared frame, whatever the job's size.
+
+use crate::hub::{sse_frame, Hub, HubMsg, JobFrame};
+use crate::index::{Change, Index, Ingested};
+use crate::jobs_kv::{persist_retrying, JobsKv};
+use crate::metrics::Metrics;
+use crate::record::Applied;
+use crate::results::Results;
+use async_nats::jetstream;
+use bench_schemas::{Event, EventKind};
+use futures::{FutureExt, StreamExt};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Most messages applied in one go.
+pub const BATCH_MAX: usize = 1024;
+/// Longest time applied events wait to be persisted and acknowledged.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// Most messages applied before a flush (well under the consumer's `max_ack_pending`).
+pub const ACK_EVERY: usize = 20_000;
+
+/// What ingestion needs from central.
+#[derive(Clone, Copy)]
+pub struct Ingest<'a> {
+    /// The index.
+    pub index: &'a Index,
+    /// Where records are persisted.
+    pub kv: &'a JobsKv,
+    /// Live listeners.
+    pub hub: &'a Hub,
+    /// Counters.
+    pub metrics: &'a Metrics,
+    /// Results writer queue.
+    pub results: &'a Results,
+    /// Stops everything.
+    pub shutdown: &'a CancellationToken,
+}
+
+/// Tells listeners about a change of a job and, when it finished, queues its results.
+pub fn announce(hub: &Hub, results: &Results, job_id: &str, change: &Change) {
+    if let Some(item) = &change.item {
+        if let Ok(json) = serde_json::to_string(item) {
+            hub.send(HubMsg::Job { item: json.into() });
+        }
+    }
+    if let Some(last_seq) = change.finished_at {
+        let status = change.item.as_ref().map(|i| i.status);
+        if let Some(status) = status {
+            hub.send_job(job_id, JobFrame::End { status, last_seq });
+        }
+        results.request(job_id);
+    }
+}
+
+/// Whether a kind changes what the KV record must say promptly.
+fn is_status(kind: &EventKind) -> bool {
+    !matches!(kind, EventKind::LlmToken(_))
+}
+
+impl Ingest<'_> {
+    /// Applies a batch to memory and the hub; returns whether it changed a status.
+    async fn apply(&self, batch: &[jetstream::Message], touched: &mut HashSet<String>) -> bool {
+        let mut urgent = false;
+        let now = crate::now_ms();
+        for msg in batch {
+            let Ok(info) = msg.info() else {
+                self.metrics.events_invalid.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let stream_seq = info.stream_sequence;
+            let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            self.metrics
+                .caught_up
+                .store(info.pending == 0, Ordering::Relaxed);
+            self.metrics
+                .last_stream_seq
+                .fetch_max(stream_seq, Ordering::Relaxed);
+            let event: Event = match serde_json::from_slice(&msg.payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.metrics.events_invalid.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(subject = %msg.subject, stream_seq, error = %e, "not an event; skipped");
+                    continue;
+                }
+            };
+            // The ids become KV keys and file names: an event must be about the job its subject
+            // names, with valid ids, or it is counted and skipped (and acked with the batch).
+            let well_formed = bench_schemas::validate_job_id(&event.job_id).is_ok()
+                && bench_schemas::validate_machine_id(&event.machine_id).is_ok()
+                && msg.subject.as_str() == bench_schemas::subjects::events(&event.job_id);
+            if !well_formed {
+                self.metrics.events_invalid.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(subject = %msg.subject, stream_seq, job_id = %event.job_id, machine_id = %event.machine_id, "event with invalid ids or a job_id its subject does not name; skipped");
+                continue;
+            }
+            if self.index.was_deleted(&event.job_id) {
+                continue;
+            }
+            let (applied, change) = loop {
+                match self
+                    .index
+                    .apply_event(&event, stream_seq, published_ms, now)
+                {
+                    Ingested::Applied(a, c) => break (a, c),
+                    Ingested::NotLoaded => self.load(&event.job_id).await,
+                }
+            };
+            let counter = match applied {
+                Applied::Changed => &self.metrics.events_ingested,
+                Applied::Duplicate => &self.metrics.events_duplicate,
+                Applied::Stale => &self.metrics.events_stale,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            if applied == Applied::Duplicate {
+                continue;
+            }
+            if self.hub.watched(&event.job_id) {
+                let frame = sse_frame(Some(stream_seq), event.kind.name(), &msg.payload);
+                self.hub.send_job(
+                    &event.job_id,
+                    JobFrame::Event {
+                        seq: stream_seq,
+                        frame,
+                    },
+                );
+            }
+            announce(self.hub, self.results, &event.job_id, &change);
+            urgent |= is_status(&event.kind) || change.item.is_some();
+            if !touched.contains(&event.job_id) {
+                touched.insert(event.job_id);
+            }
+        }
+        urgent
+    }
+
+    /// Loads an evicted record back (retrying until NATS answers or shutdown).
+    async fn load(&self, job_id: &str) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.kv.load(job_id).await {
+                Ok(Some((r, rev))) => return self.index.insert_loaded(r, rev),
+                Ok(None) => {
+                    // Aged out of KV between listing and now: start it afresh.
+                    self.index.remove_forgotten(job_id);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(%job_id, error = %e, "loading a job record failed; retrying")
+                }
+            }
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Persists what the applied messages changed, then acknowledges up to `last`.
+    async fn flush(&self, touched: &mut HashSet<String>, last: &jetstream::Message) -> bool {
+        let writes = touched
+            .iter()
+            .map(|id| persist_retrying(self.index, self.kv, id, None, self.shutdown));
+        let ok = futures::future::join_all(writes)
+            .await
+            .iter()
+            .all(Result::is_ok);
+        if !ok {
+            self.metrics.kv_errors.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        touched.clear();
+        self.metrics.batches.fetch_add(1, Ordering::Relaxed);
+        match last.double_ack().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "ack not confirmed; resuming from the ack floor");
+                false
+            }
+        }
+    }
+}
+
+/// Indexes `BENCH_EVENTS` until shutdown.
+pub async fn run(
+    ingest: Ingest<'_>,
+    stream: &jetstream::stream::Stream,
+    mut consumer: jetstream::consumer::PullConsumer,
+) {
+    let shutdown = ingest.shutdown;
+    // Grows while batches cannot be stored or acknowledged (NATS away, missing permissions),
+    // so a persistent failure does not turn into a redelivery storm.
+    let mut backoff = Duration::ZERO;
+    let mut touched = HashSet::new();
+    'outer: loop {
+        let mut messages = match consumer
+            .stream()
+            .max_messages_per_batch(BATCH_MAX)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot pull from the indexer consumer; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        // Nothing waiting at all means caught up, too.
+        if consumer.info().await.is_ok_and(|i| i.num_pending == 0) {
+            ingest.metrics.caught_up.store(true, Ordering::Relaxed);
+        }
+        let mut unacked: Option<jetstream::Message> = None;
+        let mut count = 0usize;
+        let mut flush_at: Option<tokio::time::Instant> = None;
+        let ok = loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    if let Some(last) = unacked.take() {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), ingest.flush(&mut touched, &last)).await;
+                    }
+                    break 'outer;
+                }
+                _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => None,
+                m = messages.next() => Some(m),
+            };
+            let Some(first) = next else {
+                // The flush timer.
+                flush_at = None;
+                if let Some(last) = unacked.take() {
+                    count = 0;
+                    if !ingest.flush(&mut touched, &last).await {
+                        break false;
+                    }
+                }
+                continue;
+            };
+            let mut batch = match first {
+                None => break true,
+                Some(Ok(m)) => vec![m],
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "indexer pull error");
+                    continue;
+                }
+            };
+            while batch.len() < BATCH_MAX {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.push(m),
+                    _ => break,
+                }
+            }
+            let urgent = ingest.apply(&batch, &mut touched).await;
+            count += batch.len();
+            unacked = batch.pop();
+            if urgent || count >= ACK_EVERY {
+                flush_at = None;
+                count = 0;
+                let last = unacked.take().expect("just set");
+                if !ingest.flush(&mut touched, &last).await {
+                    break false;
+                }
+                backoff = Duration::ZERO;
+            } else if flush_at.is_none() {
+                flush_at = Some(tokio::time::Instant::now() + FLUSH_EVERY);
+            }
+        };
+        if shutdown.is_cancelled() {
+            break;
+        }
+        if ok {
+            continue;
+        }
+        drop(messages);
+        backoff = (backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::select! {
+            _ = shutdown.cancelled() => break 'outer,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        match crate::store::open_indexer(stream).await {
+            Ok(c) => consumer = c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reopen the indexer consumer; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'outer,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+    tracing::info!("indexer stopped");
+}
