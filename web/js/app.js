@@ -556,7 +556,10 @@ function updatePane(p) {
     const n = m.repeats.filter((r) => !r.warmup).length;
     state = `done · ${n} run${n === 1 ? '' : 's'}`;
   }
+  // A re-used job id is a new run of the job on this machine: say which one is shown.
+  if (m.earlierRuns.length) state = `run #${m.earlierRuns.length + 1} of this job · ${state}`;
   p.jobState.textContent = state;
+  p.jobState.title = m.runId ? `run id ${m.runId}` : '';
   p.el.dataset.state = m.status;
   if (m.status === 'running' && m.live) {
     const r = liveRate(m);
@@ -569,10 +572,11 @@ function updatePane(p) {
     p.live.textContent = '';
   }
   setOutput(p, m.status === 'done' ? 'final' : (m.run ? `run${m.run.index}` : 'none'), m.text);
-  if (m.error) {
-    p.err.hidden = false;
-    p.err.textContent = `${m.error.code}: ${m.error.message}`;
-  } else p.err.hidden = true;
+  const notes = [];
+  if (m.error) notes.push(`${m.error.code}: ${m.error.message}`);
+  if (m.refused) notes.push(`a re-submission was refused: ${m.refused.code}: ${m.refused.message}`);
+  p.err.hidden = !notes.length;
+  p.err.textContent = notes.join(' · ');
   renderPaneMetrics(p, m);
 }
 

@@ -1,9 +1,13 @@
 // The state of one job as the page sees it, built from central's snapshot (GET /api/jobs/{id})
 // and the job's event stream. Pure: no DOM, so node's test runner checks it directly.
 //
-// De-duplication: `seq` is 1-based and gapless per (job, machine), so an event whose seq is not
-// above the last one applied for its machine has been seen already (an SSE replay after a
-// reconnect, or the snapshot already covering it) and is dropped. Text is never doubled.
+// Runs: every acceptance of the job on a machine is a run with its own `run_id` (a re-used job id
+// is a new run). The first event of a new run starts the machine's pane afresh and remembers the
+// old run; events of a run the machine has moved past are dropped.
+//
+// De-duplication: `seq` is 1-based and gapless per run, so an event whose seq is not above the
+// last one applied for its run has been seen already (an SSE replay after a reconnect, or the
+// snapshot already covering it) and is dropped. Text is never doubled.
 
 export const TERMINAL = new Set(['job_done', 'job_error', 'job_cancelled']);
 
@@ -26,6 +30,9 @@ export function newMachine(id) {
     label: null,
     engine: null,
     status: 'queued', // queued | running | done | failed | cancelled | rejected | offline
+    runId: '', // the run shown
+    earlierRuns: [], // run ids this machine has moved past, oldest first
+    refused: null, // {code, message} of the last refused re-submission
     lastSeq: 0,
     run: null, // {index, warmup} of the run streaming now
     text: '', // output of the current (or, when done, the last measured) run
@@ -67,11 +74,22 @@ export function applySnapshot(state, doc, { withText = false } = {}) {
     const m = machine(state, dm.machine_id);
     if (dm.label) m.label = dm.label;
     if (dm.engine) m.engine = dm.engine;
+    if (Array.isArray(dm.earlier_runs)) {
+      for (const r of dm.earlier_runs) if (r?.run_id && !m.earlierRuns.includes(r.run_id)) m.earlierRuns.push(r.run_id);
+    }
+    if (dm.refused) m.refused = dm.refused;
+    if (dm.run_id && dm.run_id !== m.runId && m.lastSeq === 0) m.runId = dm.run_id;
     if (withText || m.lastSeq === 0) {
       if (dm.status) m.status = dm.status;
       if (dm.error) m.error = dm.error;
     }
-    if (withText && (dm.last_seq ?? 0) >= m.lastSeq) {
+    if (withText && dm.run_id && dm.run_id !== m.runId && !m.earlierRuns.includes(dm.run_id)) {
+      // The snapshot is of a newer run than the events applied so far.
+      if (m.runId) m.earlierRuns.push(m.runId);
+      m.runId = dm.run_id;
+      m.lastSeq = 0;
+    }
+    if (withText && (dm.run_id ?? '') === m.runId && (dm.last_seq ?? 0) >= m.lastSeq) {
       m.lastSeq = dm.last_seq ?? m.lastSeq;
       m.text = dm.output_text ?? m.text;
       if (Array.isArray(dm.repeats)) m.repeats = dm.repeats.slice().sort((a, b) => a.repeat_index - b.repeat_index);
@@ -90,15 +108,37 @@ export function applySnapshot(state, doc, { withText = false } = {}) {
 export function applyEvent(state, ev) {
   if (!ev || ev.job_id !== state.job_id || typeof ev.machine_id !== 'string') return null;
   const m = machine(state, ev.machine_id);
+  const p = ev.payload ?? {};
+  const runId = ev.run_id ?? '';
+  if (ev.seq === 0) {
+    // A refusal belongs to no run: after a run it is a refused re-submission beside it.
+    if (ev.type !== 'job_error') return null;
+    if (m.runId) {
+      m.refused = { code: p.code ?? 'error', message: p.message ?? '' };
+      return m;
+    }
+    if (m.lastSeq > 0 || ['failed', 'rejected'].includes(m.status)) return null;
+    m.status = 'rejected';
+    m.error = { code: p.code ?? 'error', message: p.message ?? '' };
+    return m;
+  }
+  if (runId !== m.runId) {
+    if (m.earlierRuns.includes(runId)) return null;
+    if (m.runId) m.earlierRuns.push(m.runId);
+    const fresh = newMachine(m.machine_id);
+    Object.assign(m, fresh, { label: m.label, engine: m.engine, earlierRuns: m.earlierRuns, refused: m.refused, runId });
+  }
   if (!(ev.seq > m.lastSeq)) return null;
   m.lastSeq = ev.seq;
-  const p = ev.payload ?? {};
   switch (ev.type) {
     case 'job_accepted':
       if (p.label) m.label = p.label;
       if (p.engine) m.engine = p.engine;
       if (p.job && !state.job) state.job = p.job;
-      if (m.status === 'offline' || m.status === 'rejected') m.status = 'queued';
+      if (['offline', 'rejected', 'failed'].includes(m.status) && !m.repeats.length) {
+        m.status = 'queued';
+        m.error = null;
+      }
       break;
     case 'job_started':
       m.status = 'running';

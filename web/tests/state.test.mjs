@@ -63,6 +63,40 @@ test('job_done carries the final output and metrics; a finished snapshot is take
   assert.ok(allTerminal(t));
 });
 
+test('a re-used job id is a new run: the pane starts afresh and the old run stays out', () => {
+  const run = (machine_id, run_id, seq, type, payload) => ({ ...ev(machine_id, seq, type, payload), run_id });
+  const s = newJob('j1');
+  const first = [
+    run('a', 'b1-1', 1, 'job_accepted', { label: 'A', engine: 'mock' }),
+    run('a', 'b1-1', 2, 'job_started', { repeat_index: 0, warmup: false }),
+    run('a', 'b1-1', 3, 'llm_token', { repeat_index: 0, text: 'one', t_ms: 1 }),
+    run('a', 'b1-1', 4, 'job_done', { engine: 'mock', repeats: [metrics(0, 10, 20)], summary: {}, output_text: 'one' }),
+  ];
+  for (const e of first) applyEvent(s, e);
+  assert.equal(s.machines.get('a').status, 'done');
+  applyEvent(s, run('a', 'b1-2', 1, 'job_accepted', { label: 'A', engine: 'mock' }));
+  applyEvent(s, run('a', 'b1-2', 2, 'job_started', { repeat_index: 0, warmup: false }));
+  applyEvent(s, run('a', 'b1-2', 3, 'llm_token', { repeat_index: 0, text: 'two', t_ms: 1 }));
+  const m = s.machines.get('a');
+  assert.equal(m.text, 'two');
+  assert.equal(m.status, 'running');
+  assert.equal(m.repeats.length, 0);
+  assert.deepEqual(m.earlierRuns, ['b1-1']);
+  // A replay from the start does not bring the first run back.
+  for (const e of first) assert.equal(applyEvent(s, e), null);
+  assert.equal(s.machines.get('a').text, 'two');
+  // A finished snapshot of the second run, then the whole replay: exactly the second run.
+  const t = newJob('j1');
+  applySnapshot(t, { status: 'done', machines: [{ machine_id: 'a', status: 'done', run_id: 'b1-2', earlier_runs: [{ run_id: 'b1-1' }], output_text: 'two', repeats: [], last_seq: 4 }] }, { withText: true });
+  for (const e of first) assert.equal(applyEvent(t, e), null);
+  assert.equal(t.machines.get('a').text, 'two');
+  assert.equal(t.machines.get('a').status, 'done');
+  // A refused re-submission is shown beside the run it leaves standing.
+  applyEvent(t, { ...ev('a', 0, 'job_error', { code: 'queue_full', message: 'full' }), run_id: '' });
+  assert.equal(t.machines.get('a').refused.code, 'queue_full');
+  assert.equal(t.machines.get('a').status, 'done');
+});
+
 test('stats match schemas::Stats', () => {
   const st = stats([4, 1, 3, 2]);
   assert.deepEqual([st.n, st.median, st.mean, st.min, st.max], [4, 2.5, 2.5, 1, 4]);
