@@ -192,6 +192,19 @@ impl Ingest<'_> {
     }
 }
 
+/// What woke the ingestion loop (one value per wake-up, moved at once: its size is no cost).
+#[allow(clippy::large_enum_variant)]
+enum Wake {
+    /// The flush in flight ended (whether it stored and acknowledged, and what it held).
+    Flushed((bool, HashSet<String>)),
+    /// Applied events have waited [`FLUSH_EVERY`].
+    Timer,
+    /// The consumer's next message.
+    Message(
+        Option<Result<jetstream::Message, async_nats::jetstream::consumer::pull::MessagesError>>,
+    ),
+}
+
 /// Indexes `BENCH_EVENTS` until shutdown.
 pub async fn run(
     ingest: Ingest<'_>,
@@ -227,56 +240,85 @@ pub async fn run(
         let mut unacked: Option<jetstream::Message> = None;
         let mut count = 0usize;
         let mut flush_at: Option<tokio::time::Instant> = None;
+        let mut want_flush = false;
+        // One flush at a time, run beside ingestion (a KV write and an ack round trip must not
+        // hold up the next events' way to the browsers). It hands back the records it was
+        // given when it fails.
+        type Flush<'f> = std::pin::Pin<
+            Box<dyn std::future::Future<Output = (bool, HashSet<String>)> + Send + 'f>,
+        >;
+        let mut flushing: Option<Flush<'_>> = None;
         let ok = loop {
-            let next = tokio::select! {
+            let wake = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
+                    if let Some(f) = flushing.take() {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), f).await;
+                    }
                     if let Some(last) = unacked.take() {
                         let _ = tokio::time::timeout(Duration::from_secs(5), ingest.flush(&mut touched, &last)).await;
                     }
                     break 'outer;
                 }
-                _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => None,
-                m = messages.next() => Some(m),
+                r = async { flushing.as_mut().expect("guarded").await }, if flushing.is_some() => Wake::Flushed(r),
+                _ = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() && !want_flush => Wake::Timer,
+                m = messages.next() => Wake::Message(m),
             };
-            let Some(first) = next else {
-                // The flush timer.
-                flush_at = None;
-                if let Some(last) = unacked.take() {
-                    count = 0;
-                    if !ingest.flush(&mut touched, &last).await {
+            match wake {
+                Wake::Flushed((done, failed)) => {
+                    flushing = None;
+                    if !done {
+                        touched.extend(failed);
                         break false;
                     }
+                    backoff = Duration::ZERO;
                 }
-                continue;
-            };
-            let mut batch = match first {
-                None => break true,
-                Some(Ok(m)) => vec![m],
-                Some(Err(e)) => {
+                Wake::Timer => {
+                    flush_at = None;
+                    want_flush = true;
+                }
+                Wake::Message(None) => {
+                    if let Some(f) = flushing.take() {
+                        let (done, failed) = f.await;
+                        if !done {
+                            touched.extend(failed);
+                            break false;
+                        }
+                    }
+                    break true;
+                }
+                Wake::Message(Some(Err(e))) => {
                     tracing::debug!(error = %e, "indexer pull error");
-                    continue;
                 }
-            };
-            while batch.len() < BATCH_MAX {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(m))) => batch.push(m),
-                    _ => break,
+                Wake::Message(Some(Ok(first))) => {
+                    let mut batch = vec![first];
+                    while batch.len() < BATCH_MAX {
+                        match messages.next().now_or_never() {
+                            Some(Some(Ok(m))) => batch.push(m),
+                            _ => break,
+                        }
+                    }
+                    let urgent = ingest.apply(&batch, &mut touched).await;
+                    count += batch.len();
+                    unacked = batch.pop();
+                    if urgent || count >= ACK_EVERY {
+                        want_flush = true;
+                    } else if flush_at.is_none() {
+                        flush_at = Some(tokio::time::Instant::now() + FLUSH_EVERY);
+                    }
                 }
             }
-            let urgent = ingest.apply(&batch, &mut touched).await;
-            count += batch.len();
-            unacked = batch.pop();
-            if urgent || count >= ACK_EVERY {
+            if want_flush && flushing.is_none() {
+                want_flush = false;
                 flush_at = None;
                 count = 0;
-                let last = unacked.take().expect("just set");
-                if !ingest.flush(&mut touched, &last).await {
-                    break false;
+                if let Some(last) = unacked.take() {
+                    let mut set = std::mem::take(&mut touched);
+                    flushing = Some(Box::pin(async move {
+                        let done = ingest.flush(&mut set, &last).await;
+                        (done, set)
+                    }));
                 }
-                backoff = Duration::ZERO;
-            } else if flush_at.is_none() {
-                flush_at = Some(tokio::time::Instant::now() + FLUSH_EVERY);
             }
         };
         if shutdown.is_cancelled() {
