@@ -472,6 +472,8 @@ impl Index {
             e.written = e.written.max(version);
             e.revision = e.revision.max(revision);
         }
+        // Now perhaps evictable: a burst of new jobs must not keep every record in memory.
+        self.evict(&mut inner);
     }
 
     /// The key is at `revision` in KV (someone else wrote it): the next write replaces that.

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 /// Most messages applied in one go.
 pub const BATCH_MAX: usize = 1024;
 /// Longest time applied events wait to be persisted and acknowledged.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Most messages applied before a flush (well under the consumer's `max_ack_pending`).
 pub const ACK_EVERY: usize = 20_000;
 

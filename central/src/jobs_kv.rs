@@ -52,12 +52,16 @@ impl JobsKv {
         }
     }
 
-    /// Every record and its revision, read in one pass (the last value per key).
-    pub async fn load_all(&self) -> Result<Vec<(JobRecord, u64)>, async_nats::Error> {
-        let mut out = Vec::new();
+    /// Hands every record and its revision to `add`, read in one pass (the last value per key,
+    /// oldest write first), without holding them all at once; returns how many.
+    pub async fn load_all(
+        &self,
+        mut add: impl FnMut(JobRecord, u64),
+    ) -> Result<usize, async_nats::Error> {
+        let mut n = 0;
         let info = self.stream.get_info().await?;
         if info.state.messages == 0 {
-            return Ok(out);
+            return Ok(n);
         }
         let prefix = format!("$KV.{}.", self.kv.name);
         let consumer = self
@@ -84,7 +88,10 @@ impl JobsKv {
             if !removed {
                 let key = m.subject.as_str().strip_prefix(&prefix).unwrap_or_default();
                 match serde_json::from_slice::<JobRecord>(&m.payload) {
-                    Ok(r) if r.job_id == key => out.push((r, revision)),
+                    Ok(r) if r.job_id == key => {
+                        add(r, revision);
+                        n += 1;
+                    }
                     Ok(_) => tracing::warn!(%key, "job record under another key skipped"),
                     Err(e) => tracing::warn!(%key, error = %e, "unreadable job record skipped"),
                 }
@@ -93,7 +100,7 @@ impl JobsKv {
                 break;
             }
         }
-        Ok(out)
+        Ok(n)
     }
 
     /// One record and its revision.

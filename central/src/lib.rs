@@ -7,7 +7,7 @@
 //! `POST /api/jobs` to `bench.jobs.<id>` or `bench.jobs.all`. Agents publish events to
 //! `BENCH_EVENTS`; [`ingest`] consumes them in batches into [`record::JobRecord`]s held by the
 //! in-memory [`index`] (recent records, a list entry for every job) and persisted by
-//! [`jobs_kv`] (compare-and-set, on status changes and at most every 250 ms, never per token),
+//! [`jobs_kv`] (compare-and-set, on status changes and at most once a second, never per token),
 //! fans each one out on the [`hub`] and queues finished jobs for [`results`]
 //! (`results/runs/<job_id>/`); [`stall`] ends runs that can no longer finish (agent restarted
 //! or gone, dispatch interrupted). [`compare`] ranks machines; [`api`] serves the REST
@@ -247,17 +247,11 @@ pub async fn start(
     let jobs_kv = jobs_kv::JobsKv::new(assets.jobs, assets.jobs_stream, max_value);
     let index = index::Index::new(cfg.index_cache_jobs);
     let t0 = std::time::Instant::now();
-    let loaded = jobs_kv
-        .load_all()
+    // In the order they were last written, so the cache keeps the most recently written.
+    let n = jobs_kv
+        .load_all(|r, revision| index.insert_loaded(r, revision))
         .await
         .map_err(|e| setup(store::JOBS_BUCKET, e))?;
-    let n = loaded.len();
-    // Oldest first, so the newest are the ones the cache keeps.
-    let mut loaded = loaded;
-    loaded.sort_by_key(|(r, _)| r.created_ms);
-    for (r, revision) in loaded {
-        index.insert_loaded(r, revision);
-    }
     tracing::info!(
         jobs = n,
         in_memory = index.sizes().0,
