@@ -42,7 +42,7 @@ class CliForms(unittest.IsolatedAsyncioTestCase):
             msg = await asyncio.wait_for(sub.next_msg(timeout=TIMEOUT), TIMEOUT)
             e = json.loads(msg.data)
             self.assertIn("Nats-Msg-Id", msg.headers or {}, "every event carries its dedup id")
-            self.assertEqual(msg.headers["Nats-Msg-Id"], f"{e['job_id']}.{e['machine_id']}.{e['seq']}")
+            self.assertEqual(msg.headers["Nats-Msg-Id"], f"{e['job_id']}.{e['machine_id']}.{e['run_id']}.{e['seq']}")
             events.append(e)
             if e["type"] in ("job_done", "job_error", "job_cancelled"):
                 pending.discard(e["machine_id"])
@@ -86,6 +86,32 @@ class CliForms(unittest.IsolatedAsyncioTestCase):
         await self.nc.publish("bench.jobs.cli-b", json.dumps(dict(JOB, job_id=job_id)).encode())
         events = await self.collect(None, {"cli-b"}, sub)
         self.assertEqual(events[-1]["type"], "job_done")
+
+    async def test_publishing_the_same_job_id_again_is_a_new_run_stored_in_full(self):
+        # nats pub bench.jobs.cli-b '{"job_id":"race-1",...}'  twice: both runs stored, never dropped
+        job_id = f"rerun-{uuid.uuid4().hex[:8]}"
+        sub = await self.nc.subscribe(f"bench.events.{job_id}")
+        await self.nc.publish("bench.jobs.cli-b", json.dumps(dict(JOB, job_id=job_id)).encode())
+        first = await self.collect(None, {"cli-b"}, sub)
+        sub = await self.nc.subscribe(f"bench.events.{job_id}")
+        await self.nc.publish("bench.jobs.cli-b", json.dumps(dict(JOB, job_id=job_id)).encode())
+        second = await self.collect(None, {"cli-b"}, sub)
+        runs = [{e["run_id"] for e in first}, {e["run_id"] for e in second}]
+        self.assertEqual([len(r) for r in runs], [1, 1])
+        self.assertNotEqual(runs[0], runs[1], "a new run id, not a retry")
+        for events in (first, second):
+            self.assertEqual([e["seq"] for e in events], list(range(1, len(events) + 1)))
+            self.assertEqual(events[-1]["type"], "job_done")
+        # JetStream kept both: what `nats stream view BENCH_EVENTS` would show.
+        js = self.nc.jetstream()
+        stored = []
+        psub = await js.subscribe(f"bench.events.{job_id}", ordered_consumer=True)
+        while len(stored) < len(first) + len(second):
+            msg = await psub.next_msg(timeout=TIMEOUT)
+            stored.append(json.loads(msg.data))
+        await psub.unsubscribe()
+        self.assertEqual(sorted((e["run_id"], e["seq"]) for e in stored),
+                         sorted((e["run_id"], e["seq"]) for e in first + second))
 
     async def test_broadcast_reaches_every_agent_under_one_job_id(self):
         # nats pub bench.jobs.all '{"job_id":"race-1",...}'
