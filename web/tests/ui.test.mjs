@@ -283,6 +283,29 @@ describe('bench-race web UI in headless Chromium', () => {
     assert.ok(['cancelled', 'partial', 'done', 'failed'].includes(doc.status), `central's status ${doc.status}`);
   });
 
+  it('running a finished job id again is a new run, shown as run #2 with its own output', async () => {
+    const before = (await api(`/api/jobs/${raceJob}`)).body;
+    const machines = before.machines.map((m) => m.machine_id);
+    const again = await api('/api/jobs', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ ...before.job, job_id: raceJob, machines, max_tokens: 8, repeat: 1, warmup: 0 }),
+    });
+    assert.equal(again.status, 201, JSON.stringify(again.body));
+    await page.goto(BASE + '/#job=' + raceJob, { waitUntil: 'domcontentloaded' });
+    await page.waitForFunction((n) => {
+      const panes = [...document.querySelectorAll('#panes .pane')];
+      return panes.length === n && panes.every((p) => p.dataset.state === 'done' && /run #2 of this job/.test(p.querySelector('.pane-state').textContent));
+    }, machines.length, { timeout: T, polling: 100 });
+    const doc = (await api(`/api/jobs/${raceJob}`)).body;
+    const outs = await paneOutputs();
+    for (const m of doc.machines) {
+      assert.equal(m.earlier_runs.length, 1, `${m.machine_id}: the first run is kept`);
+      assert.notEqual(m.run_id, m.earlier_runs[0].run_id);
+      assert.equal(outs[m.machine_id], m.output_text, `${m.machine_id}: the pane shows the new run's text only`);
+    }
+  });
+
   it('is readable in a narrow window', async () => {
     await page.setViewportSize({ width: 420, height: 900 });
     await page.goto(BASE + '/#job=' + raceJob, { waitUntil: 'domcontentloaded' });
