@@ -140,8 +140,20 @@ async fn check(shared: &Shared, job: &Job) -> Result<(), ErrorBody> {
         .await
 }
 
-fn refuse(shared: &Shared, job_id: Option<&str>, error: ErrorBody) -> JobReply {
+/// Longest refusal message sent (a message may quote what the job said, such as a model name of
+/// a megabyte).
+const REFUSAL_MESSAGE_MAX: usize = 1024;
+
+fn refuse(shared: &Shared, job_id: Option<&str>, mut error: ErrorBody) -> JobReply {
     let machine_id = &shared.cfg.machine_id;
+    if error.message.len() > REFUSAL_MESSAGE_MAX {
+        let mut cut = REFUSAL_MESSAGE_MAX;
+        while !error.message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        error.message.truncate(cut);
+        error.message.push('…');
+    }
     tracing::warn!(job_id = job_id.unwrap_or("-"), code = %error.code, message = %error.message, "job refused");
     // A duplicate's refusal must not land among the events of the job already running.
     if let Some(id) = job_id.filter(|_| error.code != ErrorCode::DuplicateJob) {

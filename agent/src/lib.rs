@@ -297,7 +297,12 @@ fn new_boot_id() -> String {
 /// Connects to NATS with the config's settings and runs until `shutdown`.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let name = format!("bench-agent:{}", cfg.machine_id);
-    let client = bench_nats::connect(&cfg.nats, &name).await?;
+    let client = bench_nats::connect_with_capacity(
+        &cfg.nats,
+        &name,
+        Some(bench_nats::connect::AGENT_SUBSCRIPTION_CAPACITY),
+    )
+    .await?;
     start(cfg, client, shutdown).await?.join().await;
     Ok(())
 }
@@ -313,7 +318,12 @@ impl LocalAgent {
     /// Connects and starts; subscriptions are live when this returns.
     pub async fn start(cfg: Config) -> anyhow::Result<Self> {
         let name = format!("bench-agent:{}", cfg.machine_id);
-        let client = bench_nats::connect(&cfg.nats, &name).await?;
+        let client = bench_nats::connect_with_capacity(
+            &cfg.nats,
+            &name,
+            Some(bench_nats::connect::AGENT_SUBSCRIPTION_CAPACITY),
+        )
+        .await?;
         let token = CancellationToken::new();
         let handle = start(cfg, client, token.clone()).await?;
         Ok(Self {

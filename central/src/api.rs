@@ -7,7 +7,7 @@ use crate::error::ApiError;
 use crate::registry::MachineView;
 use crate::{now_ms, replay, AppState};
 use axum::body::Bytes;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +20,22 @@ use serde_json::json;
 pub const MAX_PAGE: usize = 500;
 /// Default `limit`.
 pub const DEFAULT_PAGE: usize = 50;
+
+/// The `{id}` of a path, or a 400 saying what is wrong with it.
+pub fn path_id(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(id) = p.map_err(|e| ApiError::BadRequest(format!("bad path: {}", e.body_text())))?;
+    validate_job_id(&id)?;
+    Ok(id)
+}
+
+/// `405` with an error body, for a method a path does not take.
+pub async fn method_not_allowed(req: axum::extract::Request) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "{} is not allowed on {}; see central/API.md",
+        req.method(),
+        req.uri().path()
+    ))
+}
 
 /// `GET /health`.
 pub async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
@@ -52,8 +68,15 @@ pub async fn machines(State(state): State<AppState>) -> Json<serde_json::Value> 
 pub async fn create_job(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Dispatched>), ApiError> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!(
+            "the job is larger than central takes: {}",
+            e.body_text()
+        )),
+        _ => ApiError::BadRequest(format!("reading the body: {}", e.body_text())),
+    })?;
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -131,9 +154,10 @@ async fn detail_of(
 /// `GET /api/jobs/{id}`.
 pub async fn get_job(
     State(state): State<AppState>,
-    Path(job_id): Path<String>,
+    job_id: Result<Path<String>, PathRejection>,
     params: Result<Query<DetailParams>, QueryRejection>,
 ) -> Result<Json<compare::JobDetail>, ApiError> {
+    let job_id = path_id(job_id)?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     Ok(Json(
         detail_of(
@@ -148,9 +172,9 @@ pub async fn get_job(
 /// `POST /api/jobs/{id}/cancel`.
 pub async fn cancel_job(
     State(state): State<AppState>,
-    Path(job_id): Path<String>,
+    job_id: Result<Path<String>, PathRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    validate_job_id(&job_id)?;
+    let job_id = path_id(job_id)?;
     if !state.index.contains(&job_id) {
         return Err(ApiError::NotFound(format!("no job {job_id}")));
     }
@@ -172,9 +196,9 @@ pub async fn cancel_job(
 /// and `results/runs/`.
 pub async fn delete_job(
     State(state): State<AppState>,
-    Path(job_id): Path<String>,
+    job_id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    validate_job_id(&job_id)?;
+    let job_id = path_id(job_id)?;
     let Some((status, _)) = state.index.progress(&job_id) else {
         return Err(ApiError::NotFound(format!("no job {job_id}")));
     };
@@ -225,8 +249,10 @@ fn attachment(
 /// `GET /api/jobs/{id}/export.json|.csv|.ndjson`.
 pub async fn export(
     State(state): State<AppState>,
-    Path((job_id, file)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path((job_id, file)) =
+        path.map_err(|e| ApiError::BadRequest(format!("bad path: {}", e.body_text())))?;
     let ext = match file.as_str() {
         "export.json" => "json",
         "export.csv" => "csv",

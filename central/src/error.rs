@@ -16,22 +16,35 @@ pub struct ErrorInfo {
     pub message: String,
 }
 
+/// Longest error message kept (a hostile event may carry a megabyte of it).
+pub const MESSAGE_MAX: usize = 2048;
+
+/// `s` cut to at most `max` bytes on a character boundary, marked when cut.
+pub fn truncated(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
 impl ErrorInfo {
-    /// Builds one.
+    /// Builds one (the message cut to [`MESSAGE_MAX`]).
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
-            code: code.into(),
-            message: message.into(),
+            code: truncated(code.into(), 64),
+            message: truncated(message.into(), MESSAGE_MAX),
         }
     }
 }
 
 impl From<bench_schemas::ErrorBody> for ErrorInfo {
     fn from(e: bench_schemas::ErrorBody) -> Self {
-        Self {
-            code: e.code.as_str().to_string(),
-            message: e.message,
-        }
+        Self::new(e.code.as_str(), e.message)
     }
 }
 
@@ -65,6 +78,12 @@ pub enum ApiError {
     /// NATS did not answer.
     #[error("NATS: {0}")]
     Nats(String),
+    /// The method is not one the path takes.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// The body is larger than central takes.
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// The request took longer than central's bound.
     #[error("{0}")]
     Timeout(String),
@@ -87,6 +106,8 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Nats(_) => "nats_unavailable",
             Self::Timeout(_) => "timeout",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::PayloadTooLarge(_) => "payload_too_large",
             Self::Internal(_) => "internal",
         }
     }
@@ -102,6 +123,8 @@ impl ApiError {
             Self::InvalidJob(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Nats(_) | Self::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -378,10 +378,11 @@ impl Index {
             || old != r.status
             || machines != r.machines.len()
             || had_job != r.job.is_some();
+        // A finished job that changes (late events of a run failed by a stall, a refused
+        // re-submission) is announced again, so its results are rewritten.
         let change = Change {
             item: changed.then(|| JobListItem::of(r)),
-            finished_at: (old == JobStatus::Running && r.is_finished())
-                .then_some(r.last_stream_seq),
+            finished_at: r.is_finished().then_some(r.last_stream_seq),
         };
         if let Some(item) = &change.item {
             e.item = item.clone();
@@ -412,8 +413,7 @@ impl Index {
         let item = JobListItem::of(&r);
         let change = Change {
             item: (old != Some((r.status, r.machines.len()))).then(|| item.clone()),
-            finished_at: (old.is_none_or(|o| o.0 == JobStatus::Running) && r.is_finished())
-                .then_some(r.last_stream_seq),
+            finished_at: r.is_finished().then_some(r.last_stream_seq),
         };
         match inner.jobs.get_mut(job_id) {
             Some(e) => {

@@ -159,6 +159,7 @@ impl Shared {
             hub: &self.hub,
             results: &self.results,
             metrics: &self.metrics,
+            client: &self.client,
             stall_timeout: self.cfg.stall_timeout,
             max_age: self.cfg.retention.max_age,
             shutdown: &self.shutdown,
@@ -199,7 +200,10 @@ pub fn app(state: AppState) -> Router {
         .route("/api/jobs/{id}/events", get(sse::job_events))
         .route("/api/jobs/{id}/{file}", get(api::export))
         .route("/api/events", get(sse::all_events))
+        .route("/api", any(api::not_found))
+        .route("/api/", any(api::not_found))
         .route("/api/{*rest}", any(api::not_found))
+        .method_not_allowed_fallback(api::method_not_allowed)
         .fallback(api::static_files)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -260,13 +264,23 @@ pub async fn start(
     );
     let stream = assets.events;
     let agents_kv = assets.agents;
+    let registry = registry::Registry::new(cfg.machines.clone());
+    match tokio::time::timeout(std::time::Duration::from_secs(5), registry.load(&agents_kv)).await {
+        Ok(Ok(n)) => tracing::info!(agents = n, "registry loaded"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reading the agent registry failed; it fills from the watch")
+        }
+        Err(_) => {
+            tracing::warn!("reading the agent registry took over 5 s; it fills from the watch")
+        }
+    }
     let consumer = store::open_indexer(&stream)
         .await
         .map_err(|e| setup(store::INDEXER_CONSUMER, e))?;
     let (results, results_rx) = results::Results::channel();
     let addr = listener.local_addr()?;
     let state = Arc::new(Shared {
-        registry: registry::Registry::new(cfg.machines.clone()),
+        registry,
         hub: hub::Hub::new(cfg.sse_buffer),
         metrics: metrics::Metrics::default(),
         index,

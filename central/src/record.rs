@@ -148,6 +148,9 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// Most text of one streaming repeat held in memory per machine (the stream keeps all of it).
+pub const LIVE_TEXT_MAX: usize = 1 << 20;
+
 /// Earlier runs kept per machine; older ones are counted in `EarlierRun` order only.
 pub const EARLIER_RUNS_KEPT: usize = 20;
 
@@ -244,6 +247,16 @@ impl MachineRun {
     pub fn fail(&mut self, error: ErrorInfo) {
         self.status = RunStatus::Failed;
         self.error = Some(error);
+        self.keep_cut_text();
+    }
+
+    /// A repeat cut short keeps what it streamed, in the stored record (a central restart must
+    /// still show it).
+    fn keep_cut_text(&mut self) {
+        if !self.live_text.is_empty() {
+            self.output_text = std::mem::take(&mut self.live_text);
+        }
+        self.current_repeat = None;
     }
 }
 
@@ -403,7 +416,12 @@ impl JobRecord {
                     None => m.current_warmup && m.current_repeat == Some(t.repeat_index),
                 };
                 if !warmup {
-                    m.live_text.push_str(&t.text);
+                    if m.live_text.len() + t.text.len() <= LIVE_TEXT_MAX {
+                        m.live_text.push_str(&t.text);
+                    } else {
+                        // Memory per machine stays bounded whatever a (forged) stream sends.
+                        m.output_truncated = true;
+                    }
                 }
             }
             EventKind::RepeatDone(metrics) => {
@@ -428,12 +446,12 @@ impl JobRecord {
             EventKind::JobError(f) => {
                 m.status = RunStatus::Failed;
                 m.error = Some(f.error.clone().into());
-                m.current_repeat = None;
+                m.keep_cut_text();
             }
             EventKind::JobCancelled(c) => {
                 m.status = RunStatus::Cancelled;
                 m.error = Some(ErrorInfo::new("cancelled", c.reason.clone()));
-                m.current_repeat = None;
+                m.keep_cut_text();
             }
         }
         Applied::Changed

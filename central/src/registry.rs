@@ -208,6 +208,20 @@ impl Registry {
             .collect()
     }
 
+    /// Reads every entry the bucket holds now (start-up: so that the first requests already
+    /// know the machines that are online).
+    pub async fn load(&self, agents: &kv::Store) -> Result<usize, async_nats::Error> {
+        let mut keys = agents.keys().await?;
+        let mut n = 0;
+        while let Some(key) = keys.next().await {
+            if let Some(entry) = agents.entry(key?).await? {
+                self.apply(&entry);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Records one bucket entry.
     pub fn apply(&self, entry: &kv::Entry) {
         let mut agents = self.agents.write().expect("registry lock");

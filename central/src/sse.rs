@@ -21,7 +21,6 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use bench_schemas::validate_job_id;
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use serde::Deserialize;
@@ -43,11 +42,18 @@ pub struct ResumeParams {
 }
 
 fn resume_point(headers: &HeaderMap, params: &ResumeParams) -> Result<u64, ApiError> {
-    let raw = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| params.last_event_id.clone());
+    let raw = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| {
+                    ApiError::BadRequest(
+                        "Last-Event-ID is not a stream sequence number (not visible ASCII)".into(),
+                    )
+                })?
+                .to_string(),
+        ),
+        None => params.last_event_id.clone(),
+    };
     match raw.as_deref().map(str::trim) {
         None | Some("") => Ok(0),
         Some(v) => v.parse::<u64>().map_err(|_| {
@@ -112,11 +118,11 @@ fn kind_of(payload: &[u8]) -> String {
 /// `GET /api/jobs/{id}/events`.
 pub async fn job_events(
     State(state): State<AppState>,
-    Path(job_id): Path<String>,
+    job_id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     params: Result<Query<ResumeParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    validate_job_id(&job_id)?;
+    let job_id = crate::api::path_id(job_id)?;
     let params = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let after = resume_point(&headers, &params)?;
     state.require_nats()?;

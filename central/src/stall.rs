@@ -37,6 +37,8 @@ pub struct Watch<'a> {
     pub results: &'a Results,
     /// Counters.
     pub metrics: &'a Metrics,
+    /// Central's own NATS connection: while it is (or was just) away, every agent looks offline.
+    pub client: &'a async_nats::Client,
     /// Silence that fails a run whose agent is gone.
     pub stall_timeout: Duration,
     /// Jobs older than this are forgotten (the stream and bucket age them out too).
@@ -45,12 +47,19 @@ pub struct Watch<'a> {
     pub shutdown: &'a CancellationToken,
 }
 
-/// Why a run is ended, if it should be.
+/// How long central must have been connected before it calls an agent offline: long enough for
+/// every live agent to have heart-beaten again after an outage.
+const TRUST_REGISTRY_AFTER: Duration =
+    Duration::from_secs(bench_nats::streams::AGENTS_TTL.as_secs() + 2);
+
+/// Why a run is ended, if it should be. `registry_fresh`: the registry's offline verdicts can be
+/// trusted (central has been connected for [`TRUST_REGISTRY_AFTER`]).
 fn verdict(
     w: &Watch<'_>,
     r: &JobRecord,
     m: &crate::record::MachineRun,
     now: u64,
+    registry_fresh: bool,
 ) -> Option<ErrorInfo> {
     if m.status.is_terminal() {
         return None;
@@ -66,6 +75,9 @@ fn verdict(
         }
     }
     let timeout_ms = w.stall_timeout.as_millis() as u64;
+    if !registry_fresh {
+        return None;
+    }
     if now.saturating_sub(m.last_event_ms.unwrap_or(r.created_ms)) <= timeout_ms {
         return None;
     }
@@ -83,7 +95,7 @@ fn verdict(
 }
 
 /// One pass over the unfinished jobs.
-pub async fn check(w: &Watch<'_>, now: u64) {
+pub async fn check(w: &Watch<'_>, now: u64, registry_fresh: bool) {
     for job_id in w.index.running_ids() {
         let Some(r) = w.index.get(&job_id) else {
             continue;
@@ -95,7 +107,9 @@ pub async fn check(w: &Watch<'_>, now: u64) {
         let ended: Vec<(String, ErrorInfo)> = r
             .machines
             .iter()
-            .filter_map(|m| verdict(w, &r, m, now).map(|e| (m.machine_id.clone(), e)))
+            .filter_map(|m| {
+                verdict(w, &r, m, now, registry_fresh).map(|e| (m.machine_id.clone(), e))
+            })
             .collect();
         if ended.is_empty() && !interrupted {
             continue;
@@ -144,6 +158,7 @@ pub async fn run(w: Watch<'_>) {
     let mut tick = tokio::time::interval(period);
     let mut last_prune = tokio::time::Instant::now();
     let mut last_retry = tokio::time::Instant::now();
+    let mut connected_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = w.shutdown.cancelled() => return,
@@ -166,9 +181,17 @@ pub async fn run(w: Watch<'_>) {
                 tracing::info!(jobs = n, "forgot jobs older than the retention");
             }
         }
-        if !w.metrics.caught_up.load(Ordering::Relaxed) {
+        let connected = w.client.connection_state() == async_nats::connection::State::Connected;
+        connected_since = match (connected, connected_since) {
+            (false, _) => None,
+            (true, None) => Some(tokio::time::Instant::now()),
+            (true, since) => since,
+        };
+        if !w.metrics.caught_up.load(Ordering::Relaxed) || !connected {
             continue;
         }
-        check(&w, crate::now_ms()).await;
+        let trust_after = TRUST_REGISTRY_AFTER.min(w.stall_timeout);
+        let fresh = connected_since.is_some_and(|t| t.elapsed() >= trust_after);
+        check(&w, crate::now_ms(), fresh).await;
     }
 }

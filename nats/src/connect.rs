@@ -135,11 +135,29 @@ fn reconnect_delay(attempts: usize) -> Duration {
     Duration::from_millis(100 * (attempts.saturating_sub(1).min(20) as u64))
 }
 
+/// Messages one subscription of an agent may buffer before the client drops more (a slow
+/// consumer): the client's default (65,536) is bounded by count only, so a burst of
+/// max_payload-sized hostile messages on `bench.jobs.<id>` could hold gigabytes.
+pub const AGENT_SUBSCRIPTION_CAPACITY: usize = 256;
+
 /// Connects with `cfg`, retrying in the background forever (the returned client queues
 /// publishes until the server answers).
 pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client, ConnectError> {
+    connect_with_capacity(cfg, name, None).await
+}
+
+/// [`connect`], with each subscription buffering at most `capacity` messages (None: the
+/// client's default).
+pub async fn connect_with_capacity(
+    cfg: &NatsConfig,
+    name: &str,
+    capacity: Option<usize>,
+) -> Result<async_nats::Client, ConnectError> {
     let url = cfg.effective_url();
-    let opts = cfg.options(name).await?;
+    let mut opts = cfg.options(name).await?;
+    if let Some(c) = capacity {
+        opts = opts.subscription_capacity(c);
+    }
     opts.connect(url.as_str())
         .await
         .map_err(|source| ConnectError::Connect { url, source })

@@ -15,5 +15,6 @@ pub mod settings;
 pub mod streams;
 
 pub use connect::{
-    connect, round_trip, wait_connected, ConnectError, NatsConfig, DEFAULT_NATS_URL,
+    connect, connect_with_capacity, round_trip, wait_connected, ConnectError, NatsConfig,
+    DEFAULT_NATS_URL,
 };
