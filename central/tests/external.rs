@@ -9,7 +9,6 @@ use bench_schemas::event::{Accepted, Started, Token};
 use bench_schemas::{subjects, Event, EventKind, Job};
 use common::*;
 use serde_json::json;
-use std::future::IntoFuture;
 use std::time::Duration;
 
 #[tokio::test]
@@ -60,25 +59,6 @@ async fn job_from_an_independent_nats_client_is_recorded() {
     assert_exactly_once(&results_events(dir.path(), "from-cli-1"));
 }
 
-async fn publish(js: &jetstream::Context, ev: &Event) {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        "Nats-Msg-Id",
-        subjects::msg_id(&ev.job_id, &ev.machine_id, &ev.run_id, ev.seq).as_str(),
-    );
-    let ack = js
-        .publish_with_headers(
-            subjects::events(&ev.job_id),
-            headers,
-            serde_json::to_vec(ev).unwrap().into(),
-        )
-        .await
-        .unwrap();
-    within("publish ack", WAIT, ack.into_future())
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn a_silent_machine_is_marked_failed_and_the_job_completes() {
     let nats = NatsServer::start();
@@ -108,21 +88,21 @@ async fn a_silent_machine_is_marked_failed_and_the_job_completes() {
         label: "Ghost".into(),
         agent_version: "0".into(),
     };
-    publish(&js, &ev(1, EventKind::JobAccepted(accepted))).await;
-    publish(
+    publish_events(&js, &[ev(1, EventKind::JobAccepted(accepted))]).await;
+    publish_events(
         &js,
-        &ev(
+        &[ev(
             2,
             EventKind::JobStarted(Started {
                 repeat_index: 0,
                 warmup: false,
             }),
-        ),
+        )],
     )
     .await;
-    publish(
+    publish_events(
         &js,
-        &ev(
+        &[ev(
             3,
             EventKind::LlmToken(Token {
                 repeat_index: 0,
@@ -130,7 +110,7 @@ async fn a_silent_machine_is_marked_failed_and_the_job_completes() {
                 tokens: Some(3),
                 t_ms: 5.0,
             }),
-        ),
+        )],
     )
     .await;
 

@@ -7,9 +7,8 @@ mod common;
 
 use async_nats::jetstream;
 use bench_schemas::event::{Accepted, Cancelled, Started, Token};
-use bench_schemas::{subjects, Event, EventKind, Job};
+use bench_schemas::{Event, EventKind, Job};
 use common::*;
-use std::future::IntoFuture;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,33 +60,6 @@ fn events(job_id: &str, per_machine: u64, text: &str) -> Vec<Event> {
     out
 }
 
-async fn publish_all(js: &jetstream::Context, evs: &[Event]) {
-    for chunk in evs.chunks(256) {
-        let mut acks = Vec::new();
-        for ev in chunk {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(
-                "Nats-Msg-Id",
-                subjects::msg_id(&ev.job_id, &ev.machine_id, &ev.run_id, ev.seq).as_str(),
-            );
-            acks.push(
-                js.publish_with_headers(
-                    subjects::events(&ev.job_id),
-                    headers,
-                    serde_json::to_vec(ev).unwrap().into(),
-                )
-                .await
-                .unwrap(),
-            );
-        }
-        for ack in acks {
-            within("publish ack", WAIT, ack.into_future())
-                .await
-                .unwrap();
-        }
-    }
-}
-
 async fn ingested(state: &bench_central::AppState, n: u64) {
     until("events ingested", || async {
         (state.metrics.events_ingested.load(Ordering::Relaxed) >= n).then_some(())
@@ -136,7 +108,7 @@ async fn catch_up_rate_and_a_stalled_sse_client() {
     // Phase 1: a full stream before central starts.
     let per_machine = 5_000;
     let backlog = events("bulk-a", per_machine, "tok ");
-    publish_all(&js, &backlog).await;
+    publish_events(&js, &backlog).await;
     let mut cfg = central_config(&nats.url(), dir.path());
     cfg.sse_buffer = 64;
     let t0 = Instant::now();
@@ -161,7 +133,7 @@ async fn catch_up_rate_and_a_stalled_sse_client() {
     // Phase 2: live, with a client that never reads and one that reads (and may lag).
     let base = central.base();
     let live = events("bulk-b", 2_000, &"x".repeat(2_000));
-    publish_all(&js, &live[..MACHINES]).await; // the accepts, so the job exists
+    publish_events(&js, &live[..MACHINES]).await; // the accepts, so the job exists
     job_when(&base, "bulk-b", "bulk-b indexed", |_| true).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -181,7 +153,7 @@ async fn catch_up_rate_and_a_stalled_sse_client() {
 
     let before = state.metrics.events_ingested.load(Ordering::Relaxed);
     let t1 = Instant::now();
-    publish_all(&js, &live[MACHINES..]).await;
+    publish_events(&js, &live[MACHINES..]).await;
     ingested(&state, before + (live.len() - MACHINES) as u64).await;
     let secs = t1.elapsed().as_secs_f64();
     eprintln!("live (publish + ingest, 2 kB events, one stalled SSE client): {} events in {secs:.2} s = {:.0} events/s", live.len() - MACHINES, (live.len() - MACHINES) as f64 / secs);

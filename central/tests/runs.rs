@@ -11,35 +11,8 @@ use bench_schemas::event::{Accepted, Started};
 use bench_schemas::{subjects, AgentInfo, AgentStatus, Event, EventKind, Hardware, Job};
 use common::*;
 use serde_json::{json, Value};
-use std::future::IntoFuture;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-async fn publish_value(js: &jetstream::Context, v: &Value) {
-    let mut headers = async_nats::HeaderMap::new();
-    let id = subjects::msg_id(
-        v["job_id"].as_str().unwrap(),
-        v["machine_id"].as_str().unwrap(),
-        v["run_id"].as_str().unwrap(),
-        v["seq"].as_u64().unwrap(),
-    );
-    headers.insert("Nats-Msg-Id", id.as_str());
-    let ack = js
-        .publish_with_headers(
-            subjects::events(v["job_id"].as_str().unwrap()),
-            headers,
-            serde_json::to_vec(v).unwrap().into(),
-        )
-        .await
-        .unwrap();
-    within("publish ack", WAIT, ack.into_future())
-        .await
-        .unwrap();
-}
-
-async fn publish(js: &jetstream::Context, ev: &Event) {
-    publish_value(js, &serde_json::to_value(ev).unwrap()).await;
-}
 
 fn event(job: &str, machine: &str, run: &str, seq: u64, kind: EventKind) -> Event {
     Event {
@@ -221,16 +194,16 @@ async fn a_run_of_an_agent_that_restarted_fails_with_a_reason() {
     let base = central.base();
     let js = jetstream::new(client(&nats.url()).await);
     // The old agent process (boot "oldboot") accepted and started the job, then died.
-    publish(
+    publish_events(
         &js,
-        &event("lost-1", "ghost", "oldboot-1", 1, accepted("lost-1")),
+        &[event("lost-1", "ghost", "oldboot-1", 1, accepted("lost-1"))],
     )
     .await;
     let started = EventKind::JobStarted(Started {
         repeat_index: 0,
         warmup: false,
     });
-    publish(&js, &event("lost-1", "ghost", "oldboot-1", 2, started)).await;
+    publish_events(&js, &[event("lost-1", "ghost", "oldboot-1", 2, started)]).await;
     job_when(&base, "lost-1", "running", |v| {
         v["machines"][0]["status"] == "running"
     })
@@ -307,7 +280,7 @@ async fn nats_away_writes_fail_at_once_and_reads_answer() {
     let central = start_central(cfg).await;
     let base = central.base();
     let js = jetstream::new(client(&nats.url()).await);
-    publish(&js, &event("kept", "ghost", "b-1", 1, accepted("kept"))).await;
+    publish_events(&js, &[event("kept", "ghost", "b-1", 1, accepted("kept"))]).await;
     job_when(&base, "kept", "indexed", |_| true).await;
     nats.stop();
     let state = central.state();
@@ -354,7 +327,7 @@ async fn a_job_done_with_null_metrics_is_stored() {
     let central = start_central(central_config(&nats.url(), dir.path())).await;
     let base = central.base();
     let js = jetstream::new(client(&nats.url()).await);
-    publish(&js, &event("nulls", "a", "b-1", 1, accepted("nulls"))).await;
+    publish_events(&js, &[event("nulls", "a", "b-1", 1, accepted("nulls"))]).await;
     // What serde_json writes for a NaN or infinite f64: null.
     let metrics = json!({"repeat_index": 0, "warmup": false, "ttft_ms": null, "total_ms": 12.5,
         "gen_tokens": 1, "token_count_source": "mock", "gen_tokens_per_s": null, "tpot_ms": null,
@@ -368,7 +341,7 @@ async fn a_job_done_with_null_metrics_is_stored() {
         "repeats": [metrics], "summary": {"repeats": 1, "ttft_ms": null, "gen_tokens_per_s": null,
         "total_ms": {"n": 1, "median": 12.5, "mean": null, "stdev": 0.0, "min": 12.5, "max": 12.5},
         "tpot_ms": null, "gen_tokens": null, "prompt_tokens_per_s": null}, "output_text": "x"}});
-    publish_value(&js, &done).await;
+    publish_values(&js, &[done]).await;
     let v = job_finished(&base, "nulls").await;
     assert_eq!(v["status"], "done", "{v}");
     assert_eq!(v["machines"][0]["repeats"][0]["total_ms"], 12.5);

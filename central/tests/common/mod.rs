@@ -186,6 +186,51 @@ pub async fn machines_online(base: &str, ids: &[&str]) {
     .await
 }
 
+// ---- publishing events as an agent does ----
+
+/// Publishes envelopes (as JSON values, so tests can send what no typed event can hold) into
+/// JetStream with their `Nats-Msg-Id`, 256 acks in flight at a time.
+pub async fn publish_values(js: &async_nats::jetstream::Context, evs: &[Value]) {
+    use std::future::IntoFuture;
+    for chunk in evs.chunks(256) {
+        let mut acks = Vec::new();
+        for v in chunk {
+            let text = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+            let id = bench_schemas::subjects::msg_id(
+                &text("job_id"),
+                &text("machine_id"),
+                &text("run_id"),
+                v["seq"].as_u64().unwrap_or(0),
+            );
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            acks.push(
+                js.publish_with_headers(
+                    bench_schemas::subjects::events(&text("job_id")),
+                    headers,
+                    serde_json::to_vec(v).unwrap().into(),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        for ack in acks {
+            within("publish ack", WAIT, ack.into_future())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// [`publish_values`] of typed events.
+pub async fn publish_events(js: &async_nats::jetstream::Context, evs: &[bench_schemas::Event]) {
+    let values: Vec<Value> = evs
+        .iter()
+        .map(|e| serde_json::to_value(e).unwrap())
+        .collect();
+    publish_values(js, &values).await;
+}
+
 // ---- SSE ----
 
 #[derive(Debug, Clone, PartialEq)]
