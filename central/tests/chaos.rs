@@ -13,7 +13,9 @@
 //! acceptance the submitter saw is a recorded run; the stream holds no event twice (per job,
 //! machine and run the seqs are unique; gaps are reported, and a `done` run has none); the
 //! runs in the stream and in the index are the same; `results/runs/<job>/summary.json` equals
-//! `GET /api/jobs/{id}`; and every process is still up.
+//! `GET /api/jobs/{id}`; no run that central failed (its log's stall verdicts) went on to finish;
+//! a live machine was never answered `unknown_machine`; and every process is still up.
+//! `BENCH_KEEP_TMP=1` keeps the processes' logs, configs and results for a post-mortem.
 
 #[path = "common/procs.rs"]
 mod procs;
@@ -43,26 +45,6 @@ const NAMED: [&str; 6] = [
     "cancelled",
     "offline",
 ];
-
-/// KNOWN BUG (reported, not fixed here): central holds the text of a repeat cut short (its agent
-/// died mid-stream) only in memory (`MachineRun::live_text` is `#[serde(skip)]`), so after a
-/// central restart `GET /api/jobs/{id}` shows the last finished repeat's text (or `""`) for that
-/// run while `summary.json`, written before the restart, has the cut text. Set to false once
-/// fixed.
-const TOLERATE_PARTIAL_TEXT_LOST_ON_RESTART: bool = true;
-/// KNOWN BUG (reported, not fixed here): right after a restart central serves requests before
-/// its registry has read the `bench_agents` bucket, so `POST /api/jobs` to a machine that is
-/// online answers 400 `unknown_machine`. The submitter retries it; set to false once fixed.
-const TOLERATE_UNKNOWN_MACHINE_AFTER_RESTART: bool = true;
-/// KNOWN BUG (reported, not fixed here): a NATS outage longer than 3 heartbeats makes every agent
-/// look offline, so the stall loop fails runs of live agents whose last event is older than
-/// `stall_timeout_s` (a queued run, or one whose events are held up) with `stalled`; their later
-/// events finish them again. Set to false once fixed.
-const TOLERATE_FALSE_STALL_AFTER_NATS_OUTAGE: bool = true;
-/// KNOWN BUG (reported, not fixed here): results are rewritten only when a job goes from
-/// running to finished, so a run failed by the stall loop whose later events finish it leaves
-/// `summary.json` saying failed while `GET /api/jobs/{id}` says done. Set to false once fixed.
-const TOLERATE_STALE_RESULTS_AFTER_LATE_EVENTS: bool = true;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
@@ -109,8 +91,8 @@ struct World {
     submitting_done: AtomicBool,
     /// Fires as each submission attempt goes out (a kill can be aimed into a dispatch).
     post_started: tokio::sync::Notify,
-    /// Known bugs the run ran into (reported, tolerated while their `TOLERATE_*` is true).
-    known_bugs: Mutex<Vec<String>>,
+    /// Wrong answers seen along the way (each fails the test at the end).
+    wrong: Mutex<Vec<String>>,
     t0: Instant,
     http: Http,
     base: String,
@@ -176,19 +158,17 @@ async fn submit(w: &World, body: &Value, mut s: Submission) -> Submission {
         s.attempts.push((start, now_ms()));
         match r {
             Ok((400, v)) if v["error"]["code"] == "unknown_machine" => {
-                // Every machine here heart-beats (a killed one is back within 9 s, its entry
-                // lives 15 s): central forgot it, which only a fresh start explains.
-                let bug = format!(
+                // Every machine here heart-beats (a killed one is back within 9 s and its entry
+                // lives 15 s): central must know it, also right after a restart. Retried so
+                // that the run goes on; it fails the test at the end.
+                let wrong = format!(
                     "{}: POST /api/jobs answered 400 unknown_machine ({}) for live machines {:?}",
                     s.job_id,
                     v["error"]["message"].as_str().unwrap_or(""),
                     s.machines
                 );
-                w.say(&format!("KNOWN BUG hit: {bug}"));
-                w.known_bugs
-                    .lock()
-                    .unwrap()
-                    .push(format!("unknown_machine after restart: {bug}"));
+                w.say(&format!("WRONG: {wrong}"));
+                w.wrong.lock().unwrap().push(wrong);
                 s.failures.push("400 unknown_machine".into());
             }
             Ok((201, v)) => {
@@ -520,7 +500,7 @@ async fn chaos_run_accounts_for_every_run() {
         submissions: Mutex::new(Vec::new()),
         submitting_done: AtomicBool::new(false),
         post_started: tokio::sync::Notify::new(),
-        known_bugs: Mutex::new(Vec::new()),
+        wrong: Mutex::new(Vec::new()),
         t0,
         http: Http::new(Duration::from_secs(20)),
         base: base.clone(),
@@ -915,8 +895,6 @@ async fn chaos_run_accounts_for_every_run() {
     let results = w.fleet.lock().unwrap().central.results.clone();
     let ids: Vec<String> = docs.keys().cloned().collect();
     let last_mismatch: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let partial_text_lost: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-    let stale_results: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     let mismatched = poll(
         Duration::from_secs(30),
         Duration::from_millis(500),
@@ -935,52 +913,6 @@ async fn chaos_run_accounts_for_every_run() {
                         continue;
                     }
                 };
-                let mut summary = summary;
-                if TOLERATE_STALE_RESULTS_AFTER_LATE_EVENTS {
-                    // A run judged failed whose later events finished it: the index says done,
-                    // the files still say failed.
-                    let n = doc["machines"].as_array().map_or(0, Vec::len);
-                    let stale: Vec<String> = (0..n)
-                        .filter_map(|i| {
-                            let (f, g) = (&summary["machines"][i], &doc["machines"][i]);
-                            (f["run_id"] == g["run_id"]
-                                && f["status"] == "failed"
-                                && g["status"] == "done")
-                                .then(|| {
-                                    format!(
-                                        "{id} on {} run {}: summary.json says failed ({}), GET says done",
-                                        g["machine_id"].as_str().unwrap_or("?"),
-                                        g["run_id"].as_str().unwrap_or("?"),
-                                        f["error"]["code"].as_str().unwrap_or("?")
-                                    )
-                                })
-                        })
-                        .collect();
-                    if !stale.is_empty() {
-                        stale_results.lock().unwrap().extend(stale);
-                        continue;
-                    }
-                }
-                if TOLERATE_PARTIAL_TEXT_LOST_ON_RESTART {
-                    let n = doc["machines"].as_array().map_or(0, Vec::len);
-                    for i in 0..n {
-                        let (f, g) = (&summary["machines"][i], &doc["machines"][i]);
-                        if f["output_text"] != g["output_text"]
-                            && (g["status"] == "failed" || g["status"] == "cancelled")
-                            && f["run_id"] == g["run_id"]
-                        {
-                            partial_text_lost.lock().unwrap().insert(format!(
-                            "{id} on {} run {} ({}): summary.json output_text has {} bytes, GET {}",
-                            g["machine_id"].as_str().unwrap_or("?"),
-                            g["run_id"].as_str().unwrap_or("?"),
-                            g["error"]["code"].as_str().unwrap_or("?"),
-                            f["output_text"].as_str().map_or(0, str::len),
-                            g["output_text"].as_str().map_or(0, str::len)
-                        ));
-                            summary["machines"][i]["output_text"] = g["output_text"].clone();
-                        }
-                    }
-                }
                 if let Some(d) = first_diff(&summary, &doc, "") {
                     bad.push(format!(
                         "{id}: summary.json differs from GET /api/jobs/{id} at {d}"
@@ -1039,18 +971,6 @@ async fn chaos_run_accounts_for_every_run() {
             problems.push(format!("results: {b}"));
         }
     }
-    for b in stale_results.into_inner().unwrap() {
-        w.known_bugs
-            .lock()
-            .unwrap()
-            .push(format!("stale results after late events: {b}"));
-    }
-    for b in partial_text_lost.into_inner().unwrap() {
-        w.known_bugs
-            .lock()
-            .unwrap()
-            .push(format!("partial text lost on restart: {b}"));
-    }
 
     // ---- verdicts central took back: a run failed by the stall loop that went on to finish ----
     {
@@ -1100,11 +1020,7 @@ async fn chaos_run_accounts_for_every_run() {
                 let bug = format!(
                     "{j} on {m}: central failed a run {c} ({n}x) that went on to finish ({at:?}); NATS was down {nats:?}"
                 );
-                w.say(&format!("KNOWN BUG hit: {bug}"));
-                w.known_bugs
-                    .lock()
-                    .unwrap()
-                    .push(format!("false stall: {bug}"));
+                problems.push(format!("false verdict: {bug}"));
             }
         }
     }
@@ -1179,21 +1095,7 @@ async fn chaos_run_accounts_for_every_run() {
     for e in &explained {
         eprintln!("  explained: {e}");
     }
-    let known = w.known_bugs.lock().unwrap().clone();
-    eprintln!("known bugs hit (reported, tolerated): {}", known.len());
-    for k in &known {
-        eprintln!("  KNOWN BUG: {k}");
-    }
-    for k in &known {
-        let tolerated = (k.starts_with("unknown_machine")
-            && TOLERATE_UNKNOWN_MACHINE_AFTER_RESTART)
-            || (k.starts_with("partial text") && TOLERATE_PARTIAL_TEXT_LOST_ON_RESTART)
-            || (k.starts_with("false stall") && TOLERATE_FALSE_STALL_AFTER_NATS_OUTAGE)
-            || (k.starts_with("stale results") && TOLERATE_STALE_RESULTS_AFTER_LATE_EVENTS);
-        if !tolerated {
-            problems.push(k.clone());
-        }
-    }
+    problems.extend(w.wrong.lock().unwrap().iter().cloned());
     if !problems.is_empty() {
         dump_logs(&w);
         panic!(
