@@ -92,6 +92,12 @@ impl Proc {
         }
     }
 
+    /// Adds (or replaces) an environment variable for the next starts.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     /// Starts it (a no-op when it runs).
     pub fn spawn(&mut self) {
         if self.child.is_some() {
