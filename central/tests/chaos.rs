@@ -5,8 +5,8 @@
 //! one, two or three machines, some re-using the id of an earlier job once it finished. Meanwhile
 //! a chaos task driven by a seeded RNG (`CHAOS_SEED` replays a run) `kill -9`s and restarts the
 //! two flaky agents, restarts the NATS server (SIGKILL, same port and store) and `kill -9`s and
-//! restarts central; the agent `steady` is never touched. Submissions that meet a refused
-//! connection, a reset or a 503 are retried (bounded) and counted.
+//! restarts central (each kind at least once); the agent `steady` is never touched. Submissions
+//! that meet a refused connection, a reset or a 503 are retried (bounded) and counted.
 //!
 //! Once everything is back and settled: every run is finished: `done`, or failed with a named
 //! reason that a recorded kill or outage explains (a run of `steady` must be `done`); every
@@ -354,6 +354,12 @@ async fn chaos(w: Arc<World>, seed: u64) -> Kills {
     let mut kills = Kills::default();
     // Agents down, with the time they come back and their outage index.
     let mut pending: Vec<(String, Instant, usize)> = Vec::new();
+    // The first three actions are one of each kind, in a random order, so that every run has
+    // them all; then each is drawn (agent 40%, NATS 25%, central 35%).
+    let mut first: Vec<f64> = vec![0.2, 0.5, 0.8];
+    for i in (1..first.len()).rev() {
+        first.swap(i, rng.range(0, i as u64) as usize);
+    }
     loop {
         let next_action = Instant::now() + rng.millis(2500, 6500);
         loop {
@@ -381,7 +387,7 @@ async fn chaos(w: Arc<World>, seed: u64) -> Kills {
             .copied()
             .filter(|m| !pending.iter().any(|p| p.0 == *m))
             .collect();
-        let roll = rng.unit();
+        let roll = first.pop().unwrap_or_else(|| rng.unit());
         // Half the kills are aimed into a dispatch: a few ms after a submission goes out.
         let aim = rng.chance(0.5);
         let aim_delay = rng.millis(0, 6);
