@@ -255,13 +255,13 @@ pub async fn dispatch(
     shared
         .update_record(&job_id, |old| {
             let mut r = match old {
-                // A new run: keep the machines' earlier runs; each machine's state is replaced
-                // when its new run's first event arrives.
+                // A new run: each listed machine's last run moves to its earlier runs now, so
+                // the job is running (not still "done") from this moment on.
                 Some(mut r) => {
                     r.job = Some(job.clone());
                     r.dispatching = true;
                     for id in &listed {
-                        r.machine_mut(id);
+                        r.machine_mut(id).begin_run("");
                     }
                     r
                 }

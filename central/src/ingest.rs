@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Most messages applied in one go.
 pub const BATCH_MAX: usize = 1024;
+/// Most bytes pulled in one batch.
+pub const BATCH_MAX_BYTES: usize = 8 << 20;
 /// Longest time applied events wait to be persisted and acknowledged.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Most messages applied before a flush (well under the consumer's `max_ack_pending`).
@@ -220,6 +222,8 @@ pub async fn run(
         let mut messages = match consumer
             .stream()
             .max_messages_per_batch(BATCH_MAX)
+            // Forged events may be max_payload each: bound what one batch holds in memory.
+            .max_bytes_per_batch(BATCH_MAX_BYTES)
             .heartbeat(Duration::from_secs(5))
             .messages()
             .await

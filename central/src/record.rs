@@ -200,8 +200,9 @@ impl MachineRun {
     }
 
     /// Moves the current run into `earlier_runs` (failing it as superseded when it had not
-    /// finished) and starts `run_id` afresh.
-    fn begin_run(&mut self, run_id: &str) {
+    /// finished) and starts `run_id` afresh (`""`: a new run is being dispatched and its id is
+    /// not known yet).
+    pub fn begin_run(&mut self, run_id: &str) {
         if !self.run_id.is_empty() {
             if !self.status.is_terminal() {
                 self.fail(ErrorInfo::new(

@@ -123,6 +123,11 @@ impl NatsConfig {
                 match event {
                     async_nats::Event::Connected => tracing::info!("nats connected"),
                     async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                    // A subscription's buffer was full (a flood of messages): those were dropped.
+                    async_nats::Event::SlowConsumer(sid) => tracing::warn!(
+                        subscription = sid,
+                        "messages dropped: a subscription's buffer was full (slow consumer)"
+                    ),
                     other => tracing::debug!(event = %other, "nats event"),
                 }
             }))
