@@ -302,7 +302,12 @@ pub async fn start(
             let s = state.clone();
             tokio::spawn(async move { stall::run(s.watch()).await })
         },
-        tokio::spawn(registry::watch(state.clone(), agents_kv, shutdown.clone())),
+        {
+            let (s, token) = (state.clone(), shutdown.clone());
+            tokio::spawn(
+                async move { registry::watch(&s.registry, &s.hub, agents_kv, token).await },
+            )
+        },
         tokio::spawn(results::run(state.clone(), results_rx)),
     ];
     let http = {

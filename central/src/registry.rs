@@ -264,11 +264,7 @@ impl Registry {
 
 /// Follows the bucket until shutdown, re-watching after errors; re-checks staleness every
 /// second.
-pub async fn watch(
-    shared: std::sync::Arc<crate::Shared>,
-    agents: kv::Store,
-    shutdown: CancellationToken,
-) {
+pub async fn watch(registry: &Registry, hub: &Hub, agents: kv::Store, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     'outer: loop {
         let mut entries = match agents.watch_with_history(">").await {
@@ -284,11 +280,11 @@ pub async fn watch(
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break 'outer,
-                _ = tick.tick() => shared.registry.publish_changes(&shared.hub, crate::now_ms()),
+                _ = tick.tick() => registry.publish_changes(hub, crate::now_ms()),
                 entry = entries.next() => match entry {
                     Some(Ok(entry)) => {
-                        shared.registry.apply(&entry);
-                        shared.registry.publish_changes(&shared.hub, crate::now_ms());
+                        registry.apply(&entry);
+                        registry.publish_changes(hub, crate::now_ms());
                     }
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "registry watch error; re-watching");
