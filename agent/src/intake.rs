@@ -146,12 +146,7 @@ const REFUSAL_MESSAGE_MAX: usize = 1024;
 
 fn refuse(shared: &Shared, job_id: Option<&str>, mut error: ErrorBody) -> JobReply {
     let machine_id = &shared.cfg.machine_id;
-    if error.message.len() > REFUSAL_MESSAGE_MAX {
-        let mut cut = REFUSAL_MESSAGE_MAX;
-        while !error.message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        error.message.truncate(cut);
+    if bench_schemas::truncate_utf8(&mut error.message, REFUSAL_MESSAGE_MAX) {
         error.message.push('…');
     }
     tracing::warn!(job_id = job_id.unwrap_or("-"), code = %error.code, message = %error.message, "job refused");

@@ -21,12 +21,7 @@ pub const MESSAGE_MAX: usize = 2048;
 
 /// `s` cut to at most `max` bytes on a character boundary, marked when cut.
 pub fn truncated(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
+    if bench_schemas::truncate_utf8(&mut s, max) {
         s.push('…');
     }
     s

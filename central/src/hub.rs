@@ -109,24 +109,20 @@ impl Hub {
         }
     }
 
-    /// Whether anyone watches the job (so the caller can skip formatting its frames).
-    pub fn watched(&self, job_id: &str) -> bool {
-        self.jobs.lock().expect("hub lock").contains_key(job_id)
-    }
-
     /// Sends to the job's listeners, if any; drops the channel once nobody listens.
     pub fn send_job(&self, job_id: &str, frame: JobFrame) {
+        self.send_job_with(job_id, || frame);
+    }
+
+    /// [`Hub::send_job`] of a frame built only when someone listens (one lock per event, and
+    /// no formatting for jobs nobody watches).
+    pub fn send_job_with(&self, job_id: &str, frame: impl FnOnce() -> JobFrame) {
         let mut jobs = self.jobs.lock().expect("hub lock");
         if let Some(tx) = jobs.get(job_id) {
-            if tx.send(frame).is_err() {
+            if tx.send(frame()).is_err() {
                 jobs.remove(job_id);
             }
         }
-    }
-
-    /// Jobs with a channel (for metrics).
-    pub fn watched_jobs(&self) -> usize {
-        self.jobs.lock().expect("hub lock").len()
     }
 }
 
@@ -153,13 +149,13 @@ mod tests {
             status: JobStatus::Done,
             last_seq: 1,
         };
-        hub.send_job("j", frame());
-        assert!(!hub.watched("j"));
+        hub.send_job_with("j", || unreachable!("nobody listens: no frame is built"));
+        assert!(hub.jobs.lock().unwrap().is_empty());
         let mut rx = hub.subscribe_job("j");
         hub.send_job("j", frame());
         assert!(matches!(rx.try_recv(), Ok(JobFrame::End { .. })));
         drop(rx);
         hub.send_job("j", frame());
-        assert_eq!(hub.watched_jobs(), 0);
+        assert!(hub.jobs.lock().unwrap().is_empty());
     }
 }

@@ -127,16 +127,10 @@ impl Ingest<'_> {
             if applied == Applied::Duplicate {
                 continue;
             }
-            if self.hub.watched(&event.job_id) {
-                let frame = sse_frame(Some(stream_seq), event.kind.name(), &msg.payload);
-                self.hub.send_job(
-                    &event.job_id,
-                    JobFrame::Event {
-                        seq: stream_seq,
-                        frame,
-                    },
-                );
-            }
+            self.hub.send_job_with(&event.job_id, || JobFrame::Event {
+                seq: stream_seq,
+                frame: sse_frame(Some(stream_seq), event.kind.name(), &msg.payload),
+            });
             announce(self.hub, self.results, &event.job_id, &change);
             urgent |= is_status(&event.kind) || change.item.is_some();
             if !touched.contains(&event.job_id) {

@@ -469,12 +469,7 @@ impl JobRecord {
         let text: usize = slim.machines.iter().map(|m| m.output_text.len()).sum();
         let budget = (max.saturating_sub(body.len() - text)) / slim.machines.len().max(1);
         for m in &mut slim.machines {
-            if m.output_text.len() > budget {
-                let mut cut = budget;
-                while !m.output_text.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                m.output_text.truncate(cut);
+            if bench_schemas::truncate_utf8(&mut m.output_text, budget) {
                 m.output_truncated = true;
             }
         }

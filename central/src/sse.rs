@@ -140,7 +140,7 @@ pub async fn job_events(
         .await
         .map_err(ApiError::nats)?;
     let follow = JobFollow {
-        guard: SseGuard::new(state.clone()),
+        _guard: SseGuard::new(state.clone()),
         state,
         job_id,
         last: after,
@@ -164,12 +164,12 @@ struct JobFollow {
     done: bool,
     /// Whether the finished check after the replay (or in place of it) was made.
     checked: bool,
-    guard: SseGuard,
+    /// Counts the connection while it lives.
+    _guard: SseGuard,
 }
 
 impl JobFollow {
     async fn next_chunk(&mut self) -> Option<Bytes> {
-        let _ = &self.guard;
         if self.done {
             return None;
         }

@@ -27,5 +27,30 @@ pub use metrics::{Metrics, Percentiles, Stats, Summary, TokenCountSource};
 pub use registry::{AgentInfo, AgentStatus, Hardware};
 pub use reply::JobReply;
 
+/// Cuts `s` to at most `max` bytes on a character boundary; true when it cut. Every bound on
+/// text that crosses the wire (messages, outputs) uses this one.
+pub fn truncate_utf8(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
+    true
+}
+
 /// The only test type this version runs.
 pub const TEST_LLM_GENERATE: &str = "llm_generate";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn truncates_on_a_char_boundary() {
+        let mut s = "aé".repeat(3);
+        assert!(super::truncate_utf8(&mut s, 4));
+        assert_eq!(s, "aéa");
+        assert!(!super::truncate_utf8(&mut s, 4));
+    }
+}
