@@ -100,7 +100,7 @@ impl Ingest<'_> {
             // names, with valid ids, or it is counted and skipped (and acked with the batch).
             let well_formed = bench_schemas::validate_job_id(&event.job_id).is_ok()
                 && bench_schemas::validate_machine_id(&event.machine_id).is_ok()
-                && msg.subject.as_str() == bench_schemas::subjects::events(&event.job_id);
+                && bench_schemas::subjects::is_events_of(&msg.subject, &event.job_id);
             if !well_formed {
                 self.metrics.events_invalid.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(subject = %msg.subject, stream_seq, job_id = %event.job_id, machine_id = %event.machine_id, "event with invalid ids or a job_id its subject does not name; skipped");

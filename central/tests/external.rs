@@ -5,8 +5,8 @@
 mod common;
 
 use async_nats::jetstream;
-use bench_schemas::event::{Accepted, Started, Token};
-use bench_schemas::{subjects, Event, EventKind, Job};
+use bench_schemas::event::{Started, Token};
+use bench_schemas::{subjects, Event, EventKind};
 use common::*;
 use serde_json::json;
 use std::time::Duration;
@@ -78,17 +78,7 @@ async fn a_silent_machine_is_marked_failed_and_the_job_completes() {
         ts_ms: 1,
         kind,
     };
-    let mut job = Job::new("m", "p");
-    job.job_id = Some("ghost-job".into());
-    let accepted = Accepted {
-        job,
-        position: 0,
-        engine: "mock".into(),
-        engine_url: String::new(),
-        label: "Ghost".into(),
-        agent_version: "0".into(),
-    };
-    publish_events(&js, &[ev(1, EventKind::JobAccepted(accepted))]).await;
+    publish_events(&js, &[ev(1, accepted_kind("ghost-job", "m", "Ghost"))]).await;
     publish_events(
         &js,
         &[ev(

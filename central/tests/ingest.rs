@@ -6,8 +6,8 @@
 mod common;
 
 use async_nats::jetstream;
-use bench_schemas::event::{Accepted, Cancelled, Started, Token};
-use bench_schemas::{Event, EventKind, Job};
+use bench_schemas::event::{Cancelled, Started, Token};
+use bench_schemas::{Event, EventKind};
 use common::*;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -20,18 +20,7 @@ fn events(job_id: &str, per_machine: u64, text: &str) -> Vec<Event> {
     for seq in 1..=per_machine {
         for m in 0..MACHINES {
             let kind = match seq {
-                1 => {
-                    let mut job = Job::new("bulk", "p");
-                    job.job_id = Some(job_id.into());
-                    EventKind::JobAccepted(Accepted {
-                        job,
-                        position: 0,
-                        engine: "mock".into(),
-                        engine_url: String::new(),
-                        label: format!("M{m}"),
-                        agent_version: "0".into(),
-                    })
-                }
+                1 => accepted_kind(job_id, "bulk", &format!("M{m}")),
                 2 => EventKind::JobStarted(Started {
                     repeat_index: 0,
                     warmup: false,

@@ -7,7 +7,7 @@
 mod common;
 
 use async_nats::jetstream;
-use bench_schemas::event::{Accepted, Started};
+use bench_schemas::event::Started;
 use bench_schemas::{subjects, AgentInfo, AgentStatus, Event, EventKind, Hardware, Job};
 use common::*;
 use serde_json::{json, Value};
@@ -26,16 +26,7 @@ fn event(job: &str, machine: &str, run: &str, seq: u64, kind: EventKind) -> Even
 }
 
 fn accepted(job_id: &str) -> EventKind {
-    let mut job = Job::new("m", "p");
-    job.job_id = Some(job_id.into());
-    EventKind::JobAccepted(Accepted {
-        job,
-        position: 0,
-        engine: "mock".into(),
-        engine_url: String::new(),
-        label: "Ghost".into(),
-        agent_version: "0".into(),
-    })
+    accepted_kind(job_id, "m", "Ghost")
 }
 
 #[tokio::test]

@@ -30,6 +30,15 @@ pub fn events(job_id: &str) -> String {
     format!("{PREFIX}.events.{job_id}")
 }
 
+/// Whether `subject` is `bench.events.<job_id>` (without building it: the indexer asks this
+/// for every event).
+pub fn is_events_of(subject: &str, job_id: &str) -> bool {
+    subject
+        .strip_prefix(PREFIX)
+        .and_then(|s| s.strip_prefix(".events."))
+        == Some(job_id)
+}
+
 /// `bench.cancel.<job_id>`.
 pub fn cancel(job_id: &str) -> String {
     format!("{PREFIX}.cancel.{job_id}")
@@ -74,6 +83,8 @@ mod tests {
         assert_eq!(jobs("m1"), "bench.jobs.m1");
         assert_eq!(jobs(RESERVED_ALL), JOBS_ALL);
         assert_eq!(events("j"), "bench.events.j");
+        assert!(is_events_of(&events("j"), "j"));
+        assert!(!is_events_of(&events("j"), "k") && !is_events_of("bench.jobs.j", "j"));
         assert_eq!(cancel("j"), "bench.cancel.j");
         assert_eq!(msg_id("j", "m", "b1-3", 7), "j.m.b1-3.7");
         assert_eq!(run_id("a1b2", 3), "a1b2-3");

@@ -188,6 +188,20 @@ pub async fn machines_online(base: &str, ids: &[&str]) {
 
 // ---- publishing events as an agent does ----
 
+/// A `job_accepted` of job `job_id` (model `model`) from a mock engine labelled `label`.
+pub fn accepted_kind(job_id: &str, model: &str, label: &str) -> bench_schemas::EventKind {
+    let mut job = bench_schemas::Job::new(model, "p");
+    job.job_id = Some(job_id.into());
+    bench_schemas::EventKind::JobAccepted(bench_schemas::event::Accepted {
+        job,
+        position: 0,
+        engine: "mock".into(),
+        engine_url: String::new(),
+        label: label.into(),
+        agent_version: "0".into(),
+    })
+}
+
 /// Publishes envelopes (as JSON values, so tests can send what no typed event can hold) into
 /// JetStream with their `Nats-Msg-Id`, 256 acks in flight at a time.
 pub async fn publish_values(js: &async_nats::jetstream::Context, evs: &[Value]) {
