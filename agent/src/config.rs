@@ -129,6 +129,9 @@ pub struct RawConfig {
     /// `{cache_prompt: false}`: llama.cpp would otherwise reuse the prompt's KV cache from the
     /// previous repeat, and every repeat after the first would time a cached prompt.
     pub openai_extra_body: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Whether the OpenAI-compatible server takes `ignore_eos` (llama.cpp and vLLM do; default
+    /// true). Without it a fixed-length job's runs that stop early are flagged `short_output`.
+    pub openai_ignore_eos: Option<bool>,
     /// Mock pace.
     pub mock: Option<MockConfig>,
     /// Models offered; when empty the engine's own list is used.
@@ -188,6 +191,8 @@ pub struct Config {
     pub openai_api_key: Option<String>,
     /// Extra request-body fields for the OpenAI-compatible backend.
     pub openai_extra_body: serde_json::Map<String, serde_json::Value>,
+    /// Whether to send `ignore_eos` for fixed-length jobs.
+    pub openai_ignore_eos: bool,
     /// Mock pace.
     pub mock: MockConfig,
     /// Models offered.
@@ -467,6 +472,7 @@ impl Config {
                 .openai_base_url
                 .map(|u| u.trim_end_matches('/').trim_end_matches("/v1").to_string()),
             openai_api_key: raw.openai_api_key,
+            openai_ignore_eos: raw.openai_ignore_eos.unwrap_or(true),
             openai_extra_body: raw.openai_extra_body.unwrap_or_else(|| {
                 serde_json::Map::from_iter([(
                     "cache_prompt".to_string(),

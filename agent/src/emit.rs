@@ -104,6 +104,7 @@ mod tests {
         EventKind::JobStarted(Started {
             repeat_index: 0,
             warmup: false,
+            cold: false,
         })
     }
 

@@ -21,7 +21,9 @@ pub mod measure;
 pub mod models;
 pub mod publisher;
 pub mod queue;
+pub mod race;
 pub mod runner;
+pub mod shape;
 
 use anyhow::Context as _;
 use async_nats::service::ServiceExt;
@@ -58,6 +60,9 @@ pub struct Shared {
     /// carries it so that central can tell a restarted agent (whose runs are lost) from a
     /// busy one.
     pub boot_id: String,
+    /// The (engine address, model) of the last run started: a job on anything else begins
+    /// with a cold request where the engine cannot say what it has loaded.
+    pub last_model: std::sync::Mutex<Option<(String, String)>>,
 }
 
 impl Shared {
@@ -97,7 +102,8 @@ pub fn backends_from_config(cfg: &Config) -> Vec<DynBackend> {
     let openai = cfg.openai_base_url.as_ref().map(|u| {
         Arc::new(
             OpenAi::new(u.clone(), cfg.openai_api_key.clone())
-                .with_extra_body(cfg.openai_extra_body.clone()),
+                .with_extra_body(cfg.openai_extra_body.clone())
+                .with_ignore_eos(cfg.openai_ignore_eos),
         ) as DynBackend
     });
     let mock = Some(Arc::new(Mock::new(cfg.mock.clone(), cfg.llm_models.clone())) as DynBackend);
@@ -174,6 +180,7 @@ pub async fn start(
         models: models::ModelCatalog::new(cfg.engine_models_refresh),
         publisher,
         boot_id,
+        last_model: std::sync::Mutex::new(None),
         backends,
         client: client.clone(),
         cfg,

@@ -6,11 +6,15 @@
 
 use crate::backend::{GenRequest, Item};
 use crate::emit::JobCtx;
-use crate::measure::Measure;
+use crate::measure::{Measure, RunSpec};
 use crate::publisher::{now_ms, QueueFull};
+use crate::race::RaceWatch;
+use crate::shape::Shaper;
 use crate::Shared;
-use bench_schemas::event::{Cancelled, Done, Failed, Started, Token};
-use bench_schemas::{ErrorBody, ErrorCode, EventKind, Job, Metrics, StartMode, Summary};
+use bench_schemas::event::{Cancelled, Done, Failed, Started, StopReason, Token};
+use bench_schemas::{
+    CacheMode, ErrorBody, ErrorCode, EventKind, Job, Metrics, Repeat, StartMode, Stats, Summary,
+};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,27 +135,131 @@ async fn run_repeats(
             }
         }
     }
+    let idle = shared.cfg.engine_idle_timeout;
+    // Unmeasured preparation (tokenizer calls, probes, the depth prefix), bounded and
+    // cancellable like a run.
+    let prepare = async {
+        let shaper = Shaper::prepare(backend, job).await?;
+        shaper.prime(backend, job).await?;
+        Ok::<_, ErrorBody>(shaper)
+    };
+    let mut shaper = tokio::select! {
+        _ = cancel.cancelled() => {
+            return Err(Early::at(Stop::Cancelled("cancelled while preparing the prompt".into()), None));
+        }
+        r = tokio::time::timeout(idle, prepare) => match r {
+            Err(_) => return Err(Early::at(Stop::Failed(ErrorBody::new(ErrorCode::Timeout, format!("preparing the prompt took longer than {idle:?}"))), None)),
+            Ok(r) => r.map_err(|e| Early::at(Stop::Failed(e), None))?,
+        },
+    };
+    let engine_key = (backend.base_url().to_string(), job.model.clone());
+    let cold = match backend.model_loaded(&job.model).await {
+        Some(loaded) => !loaded,
+        None => shared.last_model.lock().expect("last model lock").as_ref() != Some(&engine_key),
+    };
+    let race = match job.repeat {
+        Repeat::Auto => Some(
+            RaceWatch::start(
+                &shared.client,
+                &ctx.job_id,
+                &ctx.machine_id,
+                job.include_short,
+            )
+            .await
+            .map_err(|e| {
+                Early::at(
+                    Stop::Failed(ErrorBody::new(
+                        ErrorCode::Internal,
+                        format!(
+                            "cannot follow the race on {}: {e}",
+                            bench_schemas::subjects::events(&ctx.job_id)
+                        ),
+                    )),
+                    None,
+                )
+            })?,
+        ),
+        Repeat::Count(_) => None,
+    };
+    let shape = job.shape();
+    // The cold request is extra when the job has no warmup to absorb it.
+    let extra_cold = u32::from(cold && job.warmup == 0);
+    let unmeasured = extra_cold + job.warmup;
+    let max = job.max_repeat();
     let mut runs: Vec<Metrics> = Vec::new();
     let mut last_output = String::new();
-    for index in 0..job.warmup + job.repeat {
-        let warmup = index < job.warmup;
+    let mut stop_reason = StopReason::Count;
+    let mut index = 0u32;
+    loop {
+        let measured = index.saturating_sub(unmeasured);
+        if index >= unmeasured && measured >= max {
+            if job.repeat == Repeat::Auto {
+                stop_reason = StopReason::MaxRepeat;
+            }
+            break;
+        }
+        let is_cold = cold && index == 0;
+        let warmup = index >= extra_cold && index < unmeasured;
         let full = |_| Early::at(event_queue_full(shared), index);
+        let failed = |e| Early::at(Stop::Failed(e), index);
+        let (prompt, mut spec) = shaper.prompt(backend, index).await.map_err(failed)?;
+        spec.cold = is_cold;
+        spec.fixed_output = shape.ignore_eos.then_some(shape.max_tokens);
+        let mut req = GenRequest::from(job);
+        req.prompt = prompt;
+        req.raw = shaper.shaped();
+        req.cache_prompt = if job.cache == CacheMode::Warm || shape.depth > 0 {
+            Some(true)
+        } else if shaper.shaped() {
+            Some(false)
+        } else {
+            None
+        };
         ctx.emit(EventKind::JobStarted(Started {
             repeat_index: index,
             warmup,
+            cold: is_cold,
         }))
         .map_err(full)?;
-        let (metrics, output) = run_once(shared, backend, job, ctx, cancel, index, warmup)
+        let (metrics, output) = run_once(shared, backend, req, &spec, ctx, cancel, index, warmup)
             .await
             .map_err(|stop| Early::at(stop, index))?;
+        shaper
+            .check(metrics.prompt_tokens, metrics.prompt_evaluated)
+            .map_err(failed)?;
         ctx.emit(EventKind::RepeatDone(metrics.clone()))
             .map_err(full)?;
+        if index == 0 {
+            *shared.last_model.lock().expect("last model lock") = Some(engine_key.clone());
+        }
+        let counted = !warmup && !is_cold;
         runs.push(metrics);
-        if !warmup {
+        if counted {
             last_output = output;
         }
+        index += 1;
+        if let (Some(race), true) = (&race, counted) {
+            let own = Stats::from_samples(
+                runs.iter()
+                    .filter(|m| !m.warmup && !m.cold && (job.include_short || !m.short_output))
+                    .filter_map(|m| m.gen_tokens_per_s),
+            );
+            if let Some(own) = own {
+                if own
+                    .ci_half_width_pct()
+                    .is_some_and(|p| p <= job.target_ci_pct())
+                {
+                    stop_reason = StopReason::Precision;
+                    break;
+                }
+                if race.decided(&own) {
+                    stop_reason = StopReason::Decided;
+                    break;
+                }
+            }
+        }
     }
-    let summary = Summary::of(&runs);
+    let summary = Summary::of(&runs, job.include_short);
     let median = |s: Option<bench_schemas::Stats>| s.map(|s| s.median);
     let source = runs
         .last()
@@ -160,11 +268,15 @@ async fn run_repeats(
     Ok(Done {
         model: job.model.clone(),
         engine: backend.kind().to_string(),
-        ttft_ms: median(summary.ttft_ms).unwrap_or(0.0),
+        ttft_ms: median(summary.ttft_ms).unwrap_or(f64::NAN),
         gen_tokens: median(summary.gen_tokens).unwrap_or(0.0).round() as u64,
         gen_tokens_per_s: median(summary.gen_tokens_per_s),
-        total_ms: median(summary.total_ms).unwrap_or(0.0),
+        total_ms: median(summary.total_ms).unwrap_or(f64::NAN),
         token_count_source: source,
+        pp_tokens_per_s: median(summary.pp_tokens_per_s),
+        tg_tokens_per_s: median(summary.tg_tokens_per_s),
+        shape: Some(shape),
+        stop_reason,
         repeats: runs,
         summary,
         output_text: last_output,
@@ -205,10 +317,12 @@ impl Batch {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_once(
     shared: &Shared,
     backend: &dyn crate::backend::Backend,
-    job: &Job,
+    req: GenRequest,
+    spec: &RunSpec,
     ctx: &JobCtx,
     cancel: &CancellationToken,
     index: u32,
@@ -220,7 +334,7 @@ async fn run_once(
     let ms = |t: Instant| t.duration_since(t0).as_secs_f64() * 1000.0;
     let mut stream = tokio::select! {
         _ = cancel.cancelled() => return Err(cancelled()),
-        r = tokio::time::timeout(idle, backend.generate(GenRequest::from(job))) => match r {
+        r = tokio::time::timeout(idle, backend.generate(req)) => match r {
             Err(_) => return Err(Stop::Failed(ErrorBody::new(ErrorCode::Timeout, format!("the engine did not answer within {idle:?}")))),
             Ok(Err(e)) => return Err(Stop::Failed(e)),
             Ok(Ok(s)) => s,
@@ -259,12 +373,12 @@ async fn run_once(
                         return Err(batch.end(ctx, index, shared, Stop::Failed(e)));
                     }
                     Ok(Some(Ok(Item::Final(report)))) => break (report, ms(now)),
-                    Ok(Some(Ok(Item::Text { text, tokens }))) => {
+                    Ok(Some(Ok(Item::Text { text, tokens, reasoning }))) => {
                         if text.is_empty() {
                             continue;
                         }
                         let t = ms(now);
-                        measure.chunk(t, &text, tokens);
+                        measure.chunk(t, &text, tokens, reasoning);
                         output.push_str(&text);
                         batch.text.push_str(&text);
                         batch.tokens = match (batch.tokens, tokens) {
@@ -289,5 +403,8 @@ async fn run_once(
         .flush(ctx, index)
         .map_err(|_| event_queue_full(shared))?;
     let (report, total_ms) = report;
-    Ok((measure.finish(index, warmup, total_ms, &report), output))
+    Ok((
+        measure.finish(index, warmup, total_ms, &report, spec),
+        output,
+    ))
 }

@@ -343,6 +343,7 @@ async fn flood_run(
             &EventKind::JobStarted(Started {
                 repeat_index: 0,
                 warmup: false,
+                cold: false,
             }),
         )
         .await?;

@@ -376,7 +376,10 @@ mod tests {
             br#"{"machines":["a"],"model":"m","prompt":"p","max_tokens":20000,"repeat":500}"#,
         )
         .unwrap();
-        assert_eq!((big.max_tokens, big.repeat), (20000, 500));
+        assert_eq!(
+            (big.max_tokens, big.repeat),
+            (20000, bench_schemas::Repeat::Count(500))
+        );
         assert_eq!(
             code(r#"{"machines":["a"],"model":"m","prompt":"p","max_token":5}"#),
             "invalid_job"

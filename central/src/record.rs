@@ -365,6 +365,7 @@ impl JobRecord {
         }
         self.last_stream_seq = stream_seq;
         let warmups = self.job.as_ref().map(|j| j.warmup);
+        let include_short = self.job.as_ref().is_some_and(|j| j.include_short);
         if let EventKind::JobAccepted(a) = &ev.kind {
             if self.job.is_none() {
                 self.job = Some(a.job.clone());
@@ -432,7 +433,7 @@ impl JobRecord {
                 m.repeats.retain(|r| r.repeat_index != metrics.repeat_index);
                 m.repeats.push(metrics.clone());
                 m.repeats.sort_by_key(|r| r.repeat_index);
-                m.summary = Some(Summary::of(&m.repeats));
+                m.summary = Some(Summary::of(&m.repeats, include_short));
             }
             EventKind::JobDone(d) => {
                 m.status = RunStatus::Done;
@@ -548,6 +549,10 @@ mod tests {
             repeats: Vec::new(),
             summary: Summary::default(),
             output_text: "first".into(),
+            pp_tokens_per_s: None,
+            tg_tokens_per_s: None,
+            shape: None,
+            stop_reason: Default::default(),
         })
     }
 
@@ -605,6 +610,7 @@ mod tests {
             EventKind::JobStarted(Started {
                 repeat_index: i,
                 warmup: false,
+                cold: false,
             })
         };
         r.apply(&ev("a", 3, started(1)), 2, 0);
@@ -635,6 +641,7 @@ mod tests {
             EventKind::JobStarted(Started {
                 repeat_index: 0,
                 warmup: false,
+                cold: false,
             }),
         );
         let token = ev(

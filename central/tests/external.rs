@@ -86,6 +86,7 @@ async fn a_silent_machine_is_marked_failed_and_the_job_completes() {
             EventKind::JobStarted(Started {
                 repeat_index: 0,
                 warmup: false,
+                cold: false,
             }),
         )],
     )

@@ -24,6 +24,7 @@ fn events(job_id: &str, per_machine: u64, text: &str) -> Vec<Event> {
                 2 => EventKind::JobStarted(Started {
                     repeat_index: 0,
                     warmup: false,
+                    cold: false,
                 }),
                 s if s == per_machine => EventKind::JobCancelled(Cancelled {
                     repeat_index: Some(0),

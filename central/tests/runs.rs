@@ -193,6 +193,7 @@ async fn a_run_of_an_agent_that_restarted_fails_with_a_reason() {
     let started = EventKind::JobStarted(Started {
         repeat_index: 0,
         warmup: false,
+        cold: false,
     });
     publish_events(&js, &[event("lost-1", "ghost", "oldboot-1", 2, started)]).await;
     job_when(&base, "lost-1", "running", |v| {

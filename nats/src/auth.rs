@@ -66,6 +66,8 @@ pub fn agent_permissions(machine_id: &str) -> String {
         subjects::JOBS_ALL.to_string(),
         subjects::CANCEL_ALL.to_string(),
         format!("{}.>", agent_inbox_prefix(machine_id)),
+        // The races it runs (`repeat: "auto"` stops once its result is apart from the others').
+        format!("{}.events.*", subjects::PREFIX),
         // The micro service's discovery subjects (`nats micro ls|info|stats`).
         "$SRV.*".to_string(),
         format!("$SRV.*.{}", subjects::SERVICE_NAME),

@@ -42,6 +42,11 @@ pub enum ErrorCode {
     /// The agent produced events faster than NATS took them and its bounded event queue filled
     /// up (the run is stopped rather than leaving a silent gap).
     EventQueueFull,
+    /// The engine counted a different prompt size than the job asked for (`prompt_tokens`,
+    /// `depth`), or did not keep the depth prefix cached: the shape would not be what it says.
+    PromptMismatch,
+    /// The job asks for something this engine cannot do (the message says what and why).
+    Unsupported,
     /// A bug or an unexpected state inside the agent.
     Internal,
     /// A code this version does not know (sent by a newer peer).
@@ -70,6 +75,8 @@ impl ErrorCode {
             Self::StreamBroken => "stream_broken",
             Self::Timeout => "timeout",
             Self::EventQueueFull => "event_queue_full",
+            Self::PromptMismatch => "prompt_mismatch",
+            Self::Unsupported => "unsupported",
             Self::Internal => "internal",
             Self::Unknown => "unknown",
         }

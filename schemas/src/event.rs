@@ -6,7 +6,7 @@
 //! at 1 per run and has no gaps, so a reader can tell a missing event from a late one.
 
 use crate::error::ErrorBody;
-use crate::job::Job;
+use crate::job::{Job, Shape};
 use crate::metrics::{Metrics, Summary, TokenCountSource};
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +33,8 @@ pub struct Event {
 /// The event types, tagged `type` with their data under `payload`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", content = "payload", rename_all = "snake_case")]
+// `job_done` is the large one and there is one per run: boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum EventKind {
     /// The agent queued the job.
     JobAccepted(Accepted),
@@ -98,6 +100,9 @@ pub struct Started {
     pub repeat_index: u32,
     /// Whether this run is a warmup.
     pub warmup: bool,
+    /// Whether this is the first request after a model load (reported apart).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
 }
 
 /// `llm_token`: a batch of generated text.
@@ -142,6 +147,33 @@ pub struct Done {
     pub summary: Summary,
     /// The full output of the last measured run.
     pub output_text: String,
+    /// Median llama-bench `pp` (prompt tokens/s).
+    #[serde(default)]
+    pub pp_tokens_per_s: Option<f64>,
+    /// Median llama-bench `tg` (generated tokens/s).
+    #[serde(default)]
+    pub tg_tokens_per_s: Option<f64>,
+    /// What was measured: prompt size, depth, output length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Shape>,
+    /// Why the repeats stopped.
+    #[serde(default)]
+    pub stop_reason: StopReason,
+}
+
+/// Why a machine stopped repeating.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// It ran the `repeat` the job asked for.
+    #[default]
+    Count,
+    /// `repeat: "auto"`: the decode rate's interval reached `target_ci_pct`.
+    Precision,
+    /// `repeat: "auto"`: its interval separated from every other racer's.
+    Decided,
+    /// `repeat: "auto"`: it reached `max_repeat` first.
+    MaxRepeat,
 }
 
 /// `job_error`.

@@ -45,6 +45,95 @@ impl Selector {
     }
 }
 
+/// How many measured repeats: a number, or `"auto"`: repeat until the decode rate's 95%
+/// interval is narrower than `target_ci_pct` or the race is decided, at most `max_repeat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repeat {
+    /// Exactly this many.
+    Count(u32),
+    /// Until the interval or the race says stop.
+    Auto,
+}
+
+impl Default for Repeat {
+    fn default() -> Self {
+        Self::Count(1)
+    }
+}
+
+impl Serialize for Repeat {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Count(n) => s.serialize_u32(*n),
+            Self::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Repeat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u32),
+            S(String),
+        }
+        match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("repeat must be a whole number or \"auto\""))?
+        {
+            Raw::N(n) => Ok(Self::Count(n)),
+            Raw::S(s) if s == "auto" => Ok(Self::Auto),
+            Raw::S(s) => Err(serde::de::Error::custom(format!(
+                "repeat must be a whole number or \"auto\", got {s:?}"
+            ))),
+        }
+    }
+}
+
+/// Whether measured prompts may be served from the engine's prompt cache.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// Every measured repeat processes its whole prompt (the default).
+    #[default]
+    Cold,
+    /// Repeats may reuse the engine's cached prompt.
+    Warm,
+}
+
+/// A named test shape, llama-bench's `ppN-tgM`: a prompt of exactly N tokens, then exactly M
+/// generated tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Profile {
+    /// Prompt tokens.
+    pub pp: u32,
+    /// Generated tokens.
+    pub tg: u32,
+}
+
+impl std::str::FromStr for Profile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("profile must look like \"pp512-tg128\", got {s:?}");
+        let (pp, tg) = s.split_once('-').ok_or_else(bad)?;
+        let num = |part: &str, prefix: &str| {
+            part.strip_prefix(prefix)
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(bad)
+        };
+        Ok(Self {
+            pp: num(pp, "pp")?,
+            tg: num(tg, "tg")?,
+        })
+    }
+}
+
+/// Default `max_repeat` for `repeat: "auto"`.
+pub const DEFAULT_MAX_REPEAT: u32 = 20;
+/// Default `target_ci_pct` for `repeat: "auto"`.
+pub const DEFAULT_TARGET_CI_PCT: f64 = 2.0;
+
 /// When a job starts on each agent.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -68,9 +157,6 @@ fn default_num_ctx() -> u32 {
 fn default_temperature() -> f64 {
     DEFAULT_TEMPERATURE
 }
-fn default_one() -> u32 {
-    1
-}
 fn default_true() -> bool {
     true
 }
@@ -92,9 +178,30 @@ pub struct Job {
     /// Engine model name (`llama3.1:8b`, `gemma-3-270m`, ...).
     #[serde(default)]
     pub model: String,
-    /// The prompt text.
+    /// The prompt text. With `prompt_tokens` it is the material the exact-size prompt is built
+    /// from (a fixed text when empty).
     #[serde(default)]
     pub prompt: String,
+    /// Build a prompt of exactly this many tokens for the model (as the engine counts them,
+    /// BOS included, like llama-bench's `-p`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u32>,
+    /// Tokens of context already filled before the measured prompt (llama-bench's `-d`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub depth: u32,
+    /// `ppN-tgM`: sets `prompt_tokens` N, `max_tokens` M and `ignore_eos`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Generate exactly `max_tokens` (where the engine allows it). Default: on for
+    /// `prompt_tokens`/`profile` jobs, off for free prompts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
+    /// Count runs flagged `short_output` in the summary.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub include_short: bool,
+    /// `cold` (default): every measured prompt is processed in full; `warm`: may be cached.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub cache: CacheMode,
     /// Most tokens to generate.
     #[serde(default = "default_max_tokens")]
     pub max_tokens: u32,
@@ -107,9 +214,16 @@ pub struct Job {
     /// Sampling seed, passed to the engine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
-    /// Measured repeats.
-    #[serde(default = "default_one")]
-    pub repeat: u32,
+    /// Measured repeats: a number or `"auto"`.
+    #[serde(default)]
+    pub repeat: Repeat,
+    /// `repeat: "auto"`: most measured repeats (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_repeat: Option<u32>,
+    /// `repeat: "auto"`: stop once the decode rate's 95% interval half-width is under this
+    /// percentage of its median (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ci_pct: Option<f64>,
     /// Unmeasured repeats run first (model load, caches).
     #[serde(default)]
     pub warmup: u32,
@@ -137,6 +251,19 @@ pub struct Job {
     /// Unix ms at which a `start: together` job begins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_at_ms: Option<u64>,
+}
+
+/// What a job measures once its profile is applied.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Exact prompt size in tokens, when the job asks for one.
+    pub prompt_tokens: Option<u32>,
+    /// Context filled before the measured prompt.
+    pub depth: u32,
+    /// Tokens to generate.
+    pub max_tokens: u32,
+    /// Whether generation must run to `max_tokens`.
+    pub ignore_eos: bool,
 }
 
 /// Limits an agent enforces on incoming jobs.
@@ -171,11 +298,19 @@ impl Job {
             test_type: default_test_type(),
             model: model.into(),
             prompt: prompt.into(),
+            prompt_tokens: None,
+            depth: 0,
+            profile: None,
+            ignore_eos: None,
+            include_short: false,
+            cache: CacheMode::Cold,
+            max_repeat: None,
+            target_ci_pct: None,
             max_tokens: DEFAULT_MAX_TOKENS,
             temperature: DEFAULT_TEMPERATURE,
             num_ctx: DEFAULT_NUM_CTX,
             seed: None,
-            repeat: 1,
+            repeat: Repeat::Count(1),
             warmup: 0,
             stream: true,
             backend: None,
@@ -207,8 +342,36 @@ impl Job {
         if self.model.trim().is_empty() {
             return bad(ErrorCode::MissingModel, "model is required".into());
         }
-        if self.prompt.is_empty() {
-            return bad(ErrorCode::InvalidJob, "prompt is empty".into());
+        if let Some(p) = &self.profile {
+            let prof: Profile = p
+                .parse()
+                .map_err(|e| ErrorBody::new(ErrorCode::InvalidJob, e))?;
+            if self.prompt_tokens.is_some_and(|n| n != prof.pp) {
+                return bad(
+                    ErrorCode::InvalidJob,
+                    format!(
+                        "profile {p} sets prompt_tokens {}; drop prompt_tokens or make it agree",
+                        prof.pp
+                    ),
+                );
+            }
+        }
+        if self.prompt.is_empty() && self.prompt_tokens.is_none() && self.profile.is_none() {
+            return bad(
+                ErrorCode::InvalidJob,
+                "prompt is empty (give a prompt, prompt_tokens or a profile)".into(),
+            );
+        }
+        if (self.prompt_tokens.is_some() || self.profile.is_some() || self.depth > 0)
+            && self.mode == Mode::Chat
+        {
+            return bad(
+                ErrorCode::InvalidJob,
+                "prompt_tokens, profile and depth need mode \"generate\": a chat template adds tokens the agent cannot hold exact".into(),
+            );
+        }
+        if self.prompt_tokens == Some(0) {
+            return bad(ErrorCode::InvalidJob, "prompt_tokens must be >= 1".into());
         }
         if self.prompt.len() > limits.max_prompt_bytes {
             return bad(
@@ -244,12 +407,65 @@ impl Job {
                 ),
             );
         }
-        if self.repeat == 0 || self.repeat.saturating_add(self.warmup) > limits.max_runs {
+        match self.repeat {
+            Repeat::Count(n) => {
+                if self.max_repeat.is_some() || self.target_ci_pct.is_some() {
+                    return bad(
+                        ErrorCode::InvalidJob,
+                        "max_repeat and target_ci_pct go with repeat \"auto\"".into(),
+                    );
+                }
+                if n == 0 || n.saturating_add(self.warmup) > limits.max_runs {
+                    return bad(
+                        ErrorCode::InvalidJob,
+                        format!(
+                            "repeat must be >= 1 and repeat + warmup <= {}, got repeat {n} warmup {}",
+                            limits.max_runs, self.warmup
+                        ),
+                    );
+                }
+            }
+            Repeat::Auto => {
+                let max = self.max_repeat();
+                let min = crate::metrics::MIN_CI_SAMPLES as u32;
+                if max < min || max.saturating_add(self.warmup) > limits.max_runs {
+                    return bad(
+                        ErrorCode::InvalidJob,
+                        format!(
+                            "max_repeat must be {min}..={} (a 95% interval of the median needs {min} runs; max_repeat + warmup <= {}), got {max}",
+                            limits.max_runs.saturating_sub(self.warmup),
+                            limits.max_runs
+                        ),
+                    );
+                }
+                let t = self.target_ci_pct();
+                if !(t.is_finite() && t > 0.0 && t <= 100.0) {
+                    return bad(
+                        ErrorCode::InvalidJob,
+                        format!("target_ci_pct must be > 0 and <= 100, got {t}"),
+                    );
+                }
+            }
+        }
+        let shape = self.shape();
+        let need = u64::from(shape.prompt_tokens.unwrap_or(0))
+            + u64::from(self.depth)
+            + u64::from(shape.max_tokens);
+        if shape.prompt_tokens.is_some() && need > u64::from(self.num_ctx) {
             return bad(
                 ErrorCode::InvalidJob,
                 format!(
-                    "repeat must be >= 1 and repeat + warmup <= {}, got repeat {} warmup {}",
-                    limits.max_runs, self.repeat, self.warmup
+                    "depth + prompt_tokens + max_tokens is {need} tokens, more than num_ctx {}; raise num_ctx",
+                    self.num_ctx
+                ),
+            );
+        }
+        if shape.max_tokens > limits.max_tokens {
+            return bad(
+                ErrorCode::InvalidMaxTokens,
+                format!(
+                    "max_tokens must be 1..={}, got {} (from the profile)",
+                    limits.max_tokens, shape.max_tokens
                 ),
             );
         }
@@ -266,6 +482,35 @@ impl Job {
             );
         }
         Ok(())
+    }
+
+    /// The shape the job asks for, with its profile applied: call after [`Job::validate`].
+    pub fn shape(&self) -> Shape {
+        let profile = self
+            .profile
+            .as_deref()
+            .and_then(|p| p.parse::<Profile>().ok());
+        let prompt_tokens = profile.map(|p| p.pp).or(self.prompt_tokens);
+        let max_tokens = profile.map_or(self.max_tokens, |p| p.tg);
+        Shape {
+            prompt_tokens,
+            depth: self.depth,
+            max_tokens,
+            ignore_eos: self.ignore_eos.unwrap_or(prompt_tokens.is_some()),
+        }
+    }
+
+    /// The most measured repeats this job may run.
+    pub fn max_repeat(&self) -> u32 {
+        match self.repeat {
+            Repeat::Count(n) => n,
+            Repeat::Auto => self.max_repeat.unwrap_or(DEFAULT_MAX_REPEAT),
+        }
+    }
+
+    /// The precision `repeat: "auto"` aims at, in percent of the median.
+    pub fn target_ci_pct(&self) -> f64 {
+        self.target_ci_pct.unwrap_or(DEFAULT_TARGET_CI_PCT)
     }
 
     /// Checks what depends on the clock (`now_ms`, Unix ms): not expired, and a shared start
@@ -338,8 +583,80 @@ mod tests {
             code(&|j| j.max_tokens = 1_000_000),
             ErrorCode::InvalidMaxTokens
         );
-        assert_eq!(code(&|j| j.repeat = 0), ErrorCode::InvalidJob);
+        assert_eq!(
+            code(&|j| j.repeat = Repeat::Count(0)),
+            ErrorCode::InvalidJob
+        );
+        assert_eq!(
+            code(&|j| j.profile = Some("pp512".into())),
+            ErrorCode::InvalidJob
+        );
+        assert_eq!(
+            code(&|j| {
+                j.profile = Some("pp8-tg4".into());
+                j.prompt_tokens = Some(9);
+            }),
+            ErrorCode::InvalidJob
+        );
+        assert_eq!(
+            code(&|j| {
+                j.prompt_tokens = Some(8);
+                j.mode = Mode::Chat;
+            }),
+            ErrorCode::InvalidJob
+        );
+        assert_eq!(
+            code(&|j| {
+                j.prompt_tokens = Some(2000);
+                j.depth = 100;
+            }),
+            ErrorCode::InvalidJob
+        );
+        assert_eq!(
+            code(&|j| {
+                j.repeat = Repeat::Auto;
+                j.max_repeat = Some(5);
+            }),
+            ErrorCode::InvalidJob
+        );
+        assert_eq!(
+            code(&|j| {
+                j.repeat = Repeat::Auto;
+                j.target_ci_pct = Some(0.0);
+            }),
+            ErrorCode::InvalidJob
+        );
+        assert_eq!(code(&|j| j.max_repeat = Some(9)), ErrorCode::InvalidJob);
         assert_eq!(code(&|j| j.temperature = f64::NAN), ErrorCode::InvalidJob);
+    }
+
+    #[test]
+    fn shapes_profiles_and_auto_repeat() {
+        let j: Job = serde_json::from_str(
+            r#"{"model":"m","profile":"pp512-tg128","repeat":"auto","depth":256,"num_ctx":4096}"#,
+        )
+        .unwrap();
+        assert!(j.validate(&JobLimits::default()).is_ok());
+        assert_eq!(
+            j.shape(),
+            Shape {
+                prompt_tokens: Some(512),
+                depth: 256,
+                max_tokens: 128,
+                ignore_eos: true
+            }
+        );
+        assert_eq!((j.max_repeat(), j.target_ci_pct()), (20, 2.0));
+        let back: Job = serde_json::from_str(&serde_json::to_string(&j).unwrap()).unwrap();
+        assert_eq!(back, j);
+        let e = serde_json::from_str::<Job>(r#"{"model":"m","prompt":"p","repeat":"many"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("auto"), "{e}");
+        let free = Job::new("m", "p");
+        assert!(!free.shape().ignore_eos);
+        assert_eq!(free.shape().prompt_tokens, None);
+        assert_eq!("pp1-tg2".parse::<Profile>(), Ok(Profile { pp: 1, tg: 2 }));
+        assert!("pp0-tg2".parse::<Profile>().is_err());
     }
 
     #[test]

@@ -22,8 +22,8 @@ pub mod subjects;
 pub use error::{ErrorBody, ErrorCode};
 pub use event::{Event, EventKind};
 pub use ids::{validate_job_id, validate_machine_id, IdError};
-pub use job::{Job, JobLimits, Mode, Selector, StartMode};
-pub use metrics::{Metrics, Percentiles, Stats, Summary, TokenCountSource};
+pub use job::{CacheMode, Job, JobLimits, Mode, Profile, Repeat, Selector, Shape, StartMode};
+pub use metrics::{ColdRun, Metrics, Percentiles, Separation, Stats, Summary, TokenCountSource};
 pub use registry::{AgentInfo, AgentStatus, Hardware};
 pub use reply::JobReply;
 

@@ -31,11 +31,22 @@ fn load<T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug>(name: &st
 #[test]
 fn jobs() {
     let j: Job = load("job.json");
-    assert_eq!((j.repeat, j.warmup, j.max_tokens), (3, 1, 128));
+    assert_eq!(
+        (j.repeat, j.warmup, j.max_tokens),
+        (bench_schemas::Repeat::Count(3), 1, 128)
+    );
     j.validate(&JobLimits::default()).unwrap();
     let b: Job = load("job_broadcast.json");
     b.validate(&JobLimits::default()).unwrap();
     assert!(b.selector.is_some());
+    let p: Job = load("job_profile.json");
+    p.validate(&JobLimits::default()).unwrap();
+    assert_eq!(p.repeat, bench_schemas::Repeat::Auto);
+    let shape = p.shape();
+    assert_eq!(
+        (shape.prompt_tokens, shape.max_tokens, shape.ignore_eos),
+        (Some(512), 128, true)
+    );
 }
 
 #[test]

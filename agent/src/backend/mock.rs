@@ -48,6 +48,11 @@ impl Backend for Mock {
         Box::pin(async move { Ok(models) })
     }
 
+    fn model_loaded<'a>(&'a self, _model: &'a str) -> BoxFuture<'a, Option<bool>> {
+        // Nothing loads: no run of the mock is ever cold.
+        Box::pin(async { Some(true) })
+    }
+
     fn generate(&self, req: GenRequest) -> BoxFuture<'_, Result<ItemStream, ErrorBody>> {
         let ttft = Duration::from_secs_f64(self.cfg.ttft_ms / 1000.0);
         let gap = Duration::from_secs_f64(1.0 / self.cfg.tokens_per_s);
@@ -73,6 +78,7 @@ impl Backend for Mock {
                     Ok(Item::Text {
                         text,
                         tokens: Some(1),
+                        reasoning: false,
                     }),
                     i + 1,
                 ))

@@ -31,18 +31,30 @@ pub struct GenRequest {
     pub num_ctx: u32,
     /// Seed.
     pub seed: Option<u64>,
+    /// Generate exactly `max_tokens` (llama.cpp and vLLM `ignore_eos`), where the backend can.
+    pub ignore_eos: bool,
+    /// Whether the engine may serve the prompt's prefix from its cache (llama.cpp
+    /// `cache_prompt`). `None`: the backend's configured default.
+    pub cache_prompt: Option<bool>,
+    /// The agent built the prompt to an exact size: send it without the model's template
+    /// (Ollama `raw`).
+    pub raw: bool,
 }
 
 impl From<&Job> for GenRequest {
     fn from(j: &Job) -> Self {
+        let shape = j.shape();
         Self {
             model: j.model.clone(),
             prompt: j.prompt.clone(),
             mode: j.mode,
-            max_tokens: j.max_tokens,
+            max_tokens: shape.max_tokens,
             temperature: j.temperature,
             num_ctx: j.num_ctx,
             seed: j.seed,
+            ignore_eos: shape.ignore_eos,
+            cache_prompt: None,
+            raw: false,
         }
     }
 }
@@ -52,8 +64,10 @@ impl From<&Job> for GenRequest {
 pub struct EngineReport {
     /// Generated tokens as the engine counted them, with where that count came from.
     pub gen_tokens: Option<(u64, TokenCountSource)>,
-    /// Prompt tokens as the engine counted them.
+    /// Prompt tokens as the engine counted them (the whole prompt).
     pub prompt_tokens: Option<u64>,
+    /// Prompt tokens the engine evaluated (not served from its cache).
+    pub prompt_evaluated: Option<u64>,
     /// Model load time.
     pub load_ms: Option<f64>,
     /// Engine's decode time.
@@ -80,6 +94,8 @@ pub enum Item {
         text: String,
         /// Tokens in it.
         tokens: Option<u64>,
+        /// A reasoning model's thinking (timed as generated text; not an answer token).
+        reasoning: bool,
     },
     /// The engine's final message; the stream ends after it.
     Final(EngineReport),
@@ -101,6 +117,33 @@ pub trait Backend: Send + Sync {
     /// Whether `model` names the same model as `listed` (Ollama's `:latest` rule, say).
     fn same_model(&self, model: &str, listed: &str) -> bool {
         model == listed
+    }
+    /// The engine's tokenizer: the token ids of `text` as a prompt would be tokenized, without
+    /// BOS. `Ok(None)` when the engine has no tokenizer endpoint (Ollama).
+    fn tokenize<'a>(
+        &'a self,
+        _model: &'a str,
+        _text: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u32>>, ErrorBody>> {
+        Box::pin(async { Ok(None) })
+    }
+    /// The text of token ids (only called where [`Backend::tokenize`] answered).
+    fn detokenize<'a>(
+        &'a self,
+        _model: &'a str,
+        _tokens: &'a [u32],
+    ) -> BoxFuture<'a, Result<String, ErrorBody>> {
+        Box::pin(async {
+            Err(ErrorBody::new(
+                ErrorCode::EngineError,
+                "this engine has no detokenizer",
+            ))
+        })
+    }
+    /// Whether the engine has `model` loaded now (Ollama `/api/ps`). `None`: it cannot say,
+    /// and the agent goes by what it ran last.
+    fn model_loaded<'a>(&'a self, _model: &'a str) -> BoxFuture<'a, Option<bool>> {
+        Box::pin(async { None })
     }
 }
 

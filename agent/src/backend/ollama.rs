@@ -32,9 +32,11 @@ impl Ollama {
             options["seed"] = json!(seed);
         }
         match req.mode {
+            // An agent-built prompt (`prompt_tokens`) goes in raw: the model's template would
+            // add tokens the agent did not count.
             Mode::Generate => (
                 "/api/generate",
-                json!({"model": req.model, "prompt": req.prompt, "stream": true, "options": options}),
+                json!({"model": req.model, "prompt": req.prompt, "stream": true, "options": options, "raw": req.raw}),
             ),
             Mode::Chat => (
                 "/api/chat",
@@ -83,17 +85,19 @@ pub fn parse_line(line: &str) -> Result<Vec<Item>, ErrorBody> {
     // A thinking model's reasoning is generated text too: `eval_count` counts it, so it is timed
     // like the answer (otherwise TTFT would include all the thinking and the decode rate
     // would divide every token by the answer's time alone).
+    // Each streamed line is one token (Ollama's runner sends a line per sampled token).
     let str_at = |p: &str| v.pointer(p).and_then(Value::as_str).unwrap_or_default();
-    let text = [
-        str_at("/thinking"),
-        str_at("/response"),
-        str_at("/message/thinking"),
-        str_at("/message/content"),
-    ]
-    .concat();
+    let thinking = [str_at("/thinking"), str_at("/message/thinking")].concat();
+    let answer = [str_at("/response"), str_at("/message/content")].concat();
     let mut items = Vec::new();
-    if !text.is_empty() {
-        items.push(Item::Text { text, tokens: None });
+    for (text, reasoning) in [(thinking, true), (answer, false)] {
+        if !text.is_empty() {
+            items.push(Item::Text {
+                text,
+                tokens: Some(1),
+                reasoning,
+            });
+        }
     }
     if v.get("done").and_then(Value::as_bool) == Some(true) {
         let eval_count = v.get("eval_count").and_then(Value::as_u64);
@@ -103,6 +107,8 @@ pub fn parse_line(line: &str) -> Result<Vec<Item>, ErrorBody> {
         items.push(Item::Final(EngineReport {
             gen_tokens: eval_count.map(|n| (n, TokenCountSource::OllamaEvalCount)),
             prompt_tokens: prompt_count,
+            // Ollama counts only the prompt tokens it evaluated (a cached prefix is left out).
+            prompt_evaluated: prompt_count,
             load_ms: ns_to_ms(&v, "load_duration"),
             gen_ms,
             prompt_ms,
@@ -165,6 +171,24 @@ impl Backend for Ollama {
         })
     }
 
+    fn model_loaded<'a>(&'a self, model: &'a str) -> BoxFuture<'a, Option<bool>> {
+        Box::pin(async move {
+            let url = format!("{}/api/ps", self.base_url);
+            let resp = self.http.get(&url).send().await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            let v: Value = resp.json().await.ok()?;
+            let models = v.get("models")?.as_array()?;
+            Some(models.iter().any(|m| {
+                ["name", "model"]
+                    .iter()
+                    .filter_map(|k| m.get(*k).and_then(Value::as_str))
+                    .any(|listed| self.same_model(model, listed))
+            }))
+        })
+    }
+
     fn generate(&self, req: GenRequest) -> BoxFuture<'_, Result<ItemStream, ErrorBody>> {
         Box::pin(async move {
             let (path, body) = Self::body(&req);
@@ -212,7 +236,8 @@ mod tests {
             items,
             vec![Item::Text {
                 text: "Let me see".into(),
-                tokens: None
+                tokens: Some(1),
+                reasoning: true,
             }]
         );
     }
@@ -227,7 +252,8 @@ mod tests {
             items,
             vec![Item::Text {
                 text: "Hi".into(),
-                tokens: None
+                tokens: Some(1),
+                reasoning: false,
             }]
         );
         assert_eq!(

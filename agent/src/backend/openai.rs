@@ -13,6 +13,7 @@ pub struct OpenAi {
     base_url: String,
     api_key: Option<String>,
     extra_body: serde_json::Map<String, Value>,
+    ignore_eos: bool,
     http: reqwest::Client,
 }
 
@@ -23,8 +24,16 @@ impl OpenAi {
             base_url: base_url.into(),
             api_key,
             extra_body: serde_json::Map::new(),
+            ignore_eos: true,
             http: super::http_client(),
         }
+    }
+
+    /// Whether the server takes `ignore_eos` (llama.cpp and vLLM do; default true). Without it
+    /// a fixed-length job's short runs are flagged `short_output`.
+    pub fn with_ignore_eos(mut self, supported: bool) -> Self {
+        self.ignore_eos = supported;
+        self
     }
 
     /// Fields merged into every request body (`cache_prompt: false` for llama.cpp, say).
@@ -37,6 +46,13 @@ impl OpenAi {
         let (path, mut body) = Self::base_body(req);
         for (k, v) in &self.extra_body {
             body[k] = v.clone();
+        }
+        // Per-request settings the job decides override the configured defaults.
+        if req.ignore_eos && self.ignore_eos {
+            body["ignore_eos"] = json!(true);
+        }
+        if let Some(cache) = req.cache_prompt {
+            body["cache_prompt"] = json!(cache);
         }
         (path, body)
     }
@@ -128,18 +144,21 @@ impl SseParser {
                     .and_then(Value::as_str)
                     .unwrap_or_default()
             };
-            let text = [
+            let thinking = [
                 str_at("/delta/reasoning_content"),
                 str_at("/delta/reasoning"),
-                str_at("/text"),
-                str_at("/delta/content"),
             ]
             .concat();
-            if !text.is_empty() {
-                items.push(Item::Text {
-                    text: text.to_string(),
-                    tokens: None,
-                });
+            let answer = [str_at("/text"), str_at("/delta/content")].concat();
+            // A role-only delta (`{"role":"assistant"}`) or empty text is never a token.
+            for (text, reasoning) in [(thinking, true), (answer, false)] {
+                if !text.is_empty() {
+                    items.push(Item::Text {
+                        text,
+                        tokens: None,
+                        reasoning,
+                    });
+                }
             }
             if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
                 self.report.done_reason = Some(reason.to_string());
@@ -162,10 +181,13 @@ impl SseParser {
                 .or(self.timings_tokens);
             // `prompt_n` counts only the tokens evaluated (not those served from the prompt
             // cache): `usage.prompt_tokens` is the prompt's size when both are sent.
-            self.report.prompt_tokens = self
-                .report
-                .prompt_tokens
-                .or(t.get("prompt_n").and_then(Value::as_u64));
+            let evaluated = t.get("prompt_n").and_then(Value::as_u64);
+            self.report.prompt_evaluated = evaluated.or(self.report.prompt_evaluated);
+            let cached = t.get("cache_n").and_then(Value::as_u64);
+            self.report.prompt_tokens = self.report.prompt_tokens.or(match (evaluated, cached) {
+                (Some(e), Some(c)) => Some(e + c),
+                (e, _) => e,
+            });
             self.report.gen_ms = f("predicted_ms").or(self.report.gen_ms);
             self.report.prompt_ms = f("prompt_ms").or(self.report.prompt_ms);
             self.report.gen_tokens_per_s =
@@ -215,6 +237,90 @@ impl Backend for OpenAi {
         })
     }
 
+    fn tokenize<'a>(
+        &'a self,
+        _model: &'a str,
+        text: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u32>>, ErrorBody>> {
+        Box::pin(async move {
+            // llama.cpp and vLLM: `POST /tokenize`; a server without it (LM Studio) answers 404.
+            let url = format!("{}/tokenize", self.base_url);
+            let resp = self
+                .authorize(self.http.post(&url))
+                .json(&json!({"content": text, "prompt": text, "add_special": false}))
+                .send()
+                .await
+                .map_err(|e| request_error(&self.base_url, e))?;
+            if matches!(resp.status().as_u16(), 404 | 405 | 501) {
+                return Ok(None);
+            }
+            if !resp.status().is_success() {
+                return Err(status_error(&self.base_url, "", resp).await);
+            }
+            let v: Value = resp
+                .json()
+                .await
+                .map_err(|e| ErrorBody::new(ErrorCode::EngineError, format!("{url}: {e}")))?;
+            let ids = v
+                .get("tokens")
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    ErrorBody::new(
+                        ErrorCode::EngineError,
+                        format!("{url} answered without a tokens list"),
+                    )
+                })?
+                .iter()
+                .map(|t| {
+                    // llama.cpp answers ids, or `{id, piece}` with `with_pieces`.
+                    t.as_u64()
+                        .or_else(|| t.get("id").and_then(Value::as_u64))
+                        .map(|id| id as u32)
+                })
+                .collect::<Option<Vec<u32>>>()
+                .ok_or_else(|| {
+                    ErrorBody::new(
+                        ErrorCode::EngineError,
+                        format!("{url}: a token is not an id"),
+                    )
+                })?;
+            Ok(Some(ids))
+        })
+    }
+
+    fn detokenize<'a>(
+        &'a self,
+        _model: &'a str,
+        tokens: &'a [u32],
+    ) -> BoxFuture<'a, Result<String, ErrorBody>> {
+        Box::pin(async move {
+            let url = format!("{}/detokenize", self.base_url);
+            let resp = self
+                .authorize(self.http.post(&url))
+                .json(&json!({"tokens": tokens}))
+                .send()
+                .await
+                .map_err(|e| request_error(&self.base_url, e))?;
+            if !resp.status().is_success() {
+                return Err(status_error(&self.base_url, "", resp).await);
+            }
+            let v: Value = resp
+                .json()
+                .await
+                .map_err(|e| ErrorBody::new(ErrorCode::EngineError, format!("{url}: {e}")))?;
+            v.get("content")
+                .or_else(|| v.get("prompt"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    ErrorBody::new(
+                        ErrorCode::EngineError,
+                        format!("{url} answered without content"),
+                    )
+                })
+        })
+    }
+
     fn generate(&self, req: GenRequest) -> BoxFuture<'_, Result<ItemStream, ErrorBody>> {
         Box::pin(async move {
             let (path, body) = self.body(&req);
@@ -248,7 +354,8 @@ mod tests {
                 .unwrap(),
             vec![Item::Text {
                 text: "Hel".into(),
-                tokens: None
+                tokens: None,
+                reasoning: false,
             }]
         );
         assert!(p.line("").unwrap().is_empty());
@@ -273,7 +380,8 @@ mod tests {
             items,
             vec![Item::Text {
                 text: "hmm".into(),
-                tokens: None
+                tokens: None,
+                reasoning: true,
             }]
         );
         let extra = serde_json::Map::from_iter([("cache_prompt".to_string(), Value::Bool(false))]);
@@ -286,10 +394,19 @@ mod tests {
             temperature: 0.0,
             num_ctx: 8,
             seed: None,
+            ignore_eos: true,
+            cache_prompt: Some(true),
+            raw: false,
         };
         let (path, body) = b.body(&req);
         assert_eq!(path, "/v1/completions");
-        assert_eq!(body["cache_prompt"], false);
+        assert_eq!(
+            body["cache_prompt"], true,
+            "the job's choice beats the default"
+        );
+        assert_eq!(body["ignore_eos"], true);
+        let (_, plain) = b.with_ignore_eos(false).body(&req);
+        assert!(plain.get("ignore_eos").is_none());
         assert_eq!(body["stream_options"]["include_usage"], true);
     }
 
