@@ -11,7 +11,8 @@
 //! is gapless per run: `gaps` counts the sequence numbers never seen.
 
 use crate::error::ErrorInfo;
-use bench_schemas::{Event, EventKind, Job, Metrics, Summary};
+use bench_schemas::event::StopReason;
+use bench_schemas::{Event, EventKind, Job, Metrics, Shape, Summary};
 use serde::{Deserialize, Serialize};
 
 /// Who submitted the job.
@@ -113,6 +114,9 @@ pub struct MachineRun {
     pub current_repeat: Option<u32>,
     /// Whether that run is a warmup.
     pub current_warmup: bool,
+    /// Whether that run is the cold one (the first request after a model load).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub current_cold: bool,
     /// Text of the last finished measured repeat (the whole output once `job_done` arrived).
     pub output_text: String,
     /// Text of the measured repeat streaming now (or cut short): memory only, never written to KV (the
@@ -126,6 +130,12 @@ pub struct MachineRun {
     pub summary: Option<Summary>,
     /// Why it failed or was cancelled.
     pub error: Option<ErrorInfo>,
+    /// Why the repeats stopped, from `job_done`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<StopReason>,
+    /// What was measured (prompt size, depth, output length), from `job_done`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Shape>,
     /// Events missing from its sequence (should stay 0).
     #[serde(default)]
     pub gaps: u64,
@@ -186,11 +196,14 @@ impl MachineRun {
             position: None,
             current_repeat: None,
             current_warmup: false,
+            current_cold: false,
             output_text: String::new(),
             live_text: String::new(),
             repeats: Vec::new(),
             summary: None,
             error: None,
+            stop_reason: None,
+            shape: None,
             gaps: 0,
             output_truncated: false,
             earlier_runs: Vec::new(),
@@ -408,16 +421,21 @@ impl JobRecord {
                 m.status = RunStatus::Running;
                 m.current_repeat = Some(s.repeat_index);
                 m.current_warmup = s.warmup;
-                if !s.warmup {
+                m.current_cold = s.cold;
+                if !s.warmup && !s.cold {
                     m.live_text.clear();
                 }
             }
             EventKind::LlmToken(t) => {
-                let warmup = match warmups {
-                    Some(w) => t.repeat_index < w,
-                    None => m.current_warmup && m.current_repeat == Some(t.repeat_index),
+                // The run's own flags say whether it is measured: a cold run (index 0, before
+                // any warmups) shifts the indices, so `index < warmup` no longer tells. Only
+                // when its job_started never arrived does the index decide, as before.
+                let unmeasured = if m.current_repeat == Some(t.repeat_index) {
+                    m.current_warmup || m.current_cold
+                } else {
+                    warmups.is_some_and(|w| t.repeat_index < w)
                 };
-                if !warmup {
+                if !unmeasured {
                     if m.live_text.len() + t.text.len() <= LIVE_TEXT_MAX {
                         m.live_text.push_str(&t.text);
                     } else {
@@ -427,7 +445,7 @@ impl JobRecord {
                 }
             }
             EventKind::RepeatDone(metrics) => {
-                if !metrics.warmup {
+                if !metrics.warmup && !metrics.cold {
                     m.output_text = std::mem::take(&mut m.live_text);
                 }
                 m.repeats.retain(|r| r.repeat_index != metrics.repeat_index);
@@ -444,6 +462,8 @@ impl JobRecord {
                 m.live_text = String::new();
                 m.current_repeat = None;
                 m.error = None;
+                m.stop_reason = Some(d.stop_reason);
+                m.shape = d.shape;
             }
             EventKind::JobError(f) => {
                 m.status = RunStatus::Failed;
@@ -662,6 +682,83 @@ mod tests {
         assert_eq!(r, before);
         assert_eq!(r.machines[0].text(), "hi");
         assert_eq!(r.job.as_ref().map(|j| j.model.as_str()), Some("m"));
+    }
+
+    #[test]
+    fn a_cold_run_and_warmups_are_not_the_text_shown() {
+        // warmup 0 and the model not loaded: the agent runs a cold request at index 0 first,
+        // so index 0 is not measured although `0 < warmup` is false.
+        let mut r = JobRecord::dispatched("j", Job::new("m", "p"), &["a".into()], 0);
+        let started = |i, warmup, cold| {
+            EventKind::JobStarted(Started {
+                repeat_index: i,
+                warmup,
+                cold,
+            })
+        };
+        let token = |i, text: &str| {
+            EventKind::LlmToken(Token {
+                repeat_index: i,
+                text: text.into(),
+                tokens: Some(1),
+                t_ms: 1.0,
+            })
+        };
+        let mut seq = 0;
+        let mut apply = |r: &mut JobRecord, kind| {
+            seq += 1;
+            r.apply(&ev("a", seq, kind), seq, 0)
+        };
+        apply(&mut r, accepted());
+        apply(&mut r, started(0, false, true));
+        apply(&mut r, token(0, "cold"));
+        assert_eq!(r.machine("a").unwrap().text(), "");
+        let mut cold = metrics_at(0);
+        cold.cold = true;
+        apply(&mut r, EventKind::RepeatDone(cold));
+        apply(&mut r, started(1, false, false));
+        apply(&mut r, token(1, "warm"));
+        assert_eq!(r.machine("a").unwrap().text(), "warm");
+        apply(&mut r, EventKind::RepeatDone(metrics_at(1)));
+        let m = r.machine("a").unwrap();
+        assert_eq!(m.output_text, "warm");
+        let s = m.summary.as_ref().unwrap();
+        assert_eq!(s.repeats, 1);
+        assert!(s.cold.is_some());
+    }
+
+    fn metrics_at(i: u32) -> Metrics {
+        Metrics {
+            repeat_index: i,
+            warmup: false,
+            cold: false,
+            ttft_ms: 10.0,
+            ttfot_ms: Some(10.0),
+            total_ms: 20.0,
+            gen_tokens: 2,
+            token_count_source: bench_schemas::TokenCountSource::Mock,
+            streamed_tokens: 2,
+            gen_tokens_per_s: Some(100.0),
+            tpot_ms: Some(10.0),
+            itl_ms: None,
+            prompt_tokens: None,
+            prompt_tokens_per_s: None,
+            prompt_evaluated: None,
+            prompt_cache_hit: false,
+            pp_tokens_per_s: None,
+            tg_tokens_per_s: Some(100.0),
+            load_ms: None,
+            engine_gen_tokens_per_s: None,
+            engine_prompt_tokens_per_s: None,
+            engine_gen_ms: None,
+            engine_prompt_ms: None,
+            engine_total_ms: None,
+            chunks: 2,
+            output_chars: 4,
+            done_reason: None,
+            short_output: false,
+            null_reason: None,
+        }
     }
 
     #[test]
