@@ -228,6 +228,9 @@ impl LlamaServer {
                 "-t",
                 "2",
                 "--no-ui",
+                // gemma-3 uses sliding-window attention: without a full-size SWA cache
+                // llama.cpp reuses only part of a cached prefix, and `depth` would be re-read.
+                "--swa-full",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
