@@ -4,7 +4,9 @@
 use crate::error::{ApiError, ErrorInfo};
 use crate::record::{JobRecord, JobStatus, RunStatus, Source};
 use crate::registry::Registry;
-use bench_schemas::{Job, Metrics, Stats, Summary};
+use bench_schemas::event::StopReason;
+use bench_schemas::metrics::MIN_CI_SAMPLES;
+use bench_schemas::{Job, Metrics, Separation, Shape, Stats, Summary};
 use serde::Serialize;
 
 /// One machine in `GET /api/jobs/{id}`.
@@ -26,6 +28,12 @@ pub struct MachineDetail {
     pub summary: Option<Summary>,
     /// Why it failed.
     pub error: Option<ErrorInfo>,
+    /// Why its repeats stopped (once done).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<StopReason>,
+    /// What it measured (once done).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Shape>,
     /// Last event seq applied.
     pub last_seq: u64,
     /// The run shown (`<boot_id>-<n>`).
@@ -42,21 +50,28 @@ pub struct MachineDetail {
     pub refused: Option<ErrorInfo>,
 }
 
-/// Percent differences against the baseline's medians.
+/// Percent differences against the baseline's medians, each with whether it exceeds the 95%
+/// intervals (the two intervals are separated: the difference is more than run-to-run noise).
 #[derive(Serialize, Debug, Clone, Copy, PartialEq)]
 pub struct Delta {
     /// Decode rate.
     pub gen_tokens_per_s_pct: Option<f64>,
+    /// Whether the decode rates' intervals separate.
+    pub gen_tokens_per_s_exceeds_ci: bool,
     /// Time to first token.
     pub ttft_ms_pct: Option<f64>,
+    /// Whether the TTFTs' intervals separate.
+    pub ttft_ms_exceeds_ci: bool,
     /// Total time.
     pub total_ms_pct: Option<f64>,
+    /// Whether the total times' intervals separate.
+    pub total_ms_exceeds_ci: bool,
 }
 
 /// One ranking row.
 #[derive(Serialize, Debug, Clone, PartialEq)]
 pub struct Rank {
-    /// 1 = fastest decode.
+    /// 1 = fastest decode (by median).
     pub rank: u32,
     /// The machine.
     pub machine_id: String,
@@ -66,9 +81,19 @@ pub struct Rank {
     pub ttft_ms: Option<Stats>,
     /// Total time.
     pub total_ms: Option<Stats>,
+    /// Time to the first answer token (after any reasoning).
+    pub ttfot_ms: Option<Stats>,
+    /// llama-bench's pp (prompt tokens/s).
+    pub pp_tokens_per_s: Option<Stats>,
+    /// llama-bench's tg (generated tokens/s).
+    pub tg_tokens_per_s: Option<Stats>,
     /// Against the baseline, when one was chosen.
     pub delta_vs_baseline: Option<Delta>,
-    /// Rank 1 only: its [min,max] does not overlap the runner-up's.
+    /// Its decode rate's 95% interval against the next row's; None on the last row.
+    pub separation: Option<Separation>,
+    /// What the comparison with the next row says, in words.
+    pub verdict: String,
+    /// Rank 1 only: its decode rate's 95% interval is separated from the runner-up's.
     pub clear_winner: bool,
 }
 
@@ -102,6 +127,49 @@ fn pct(value: Option<f64>, base: Option<f64>) -> Option<f64> {
     }
 }
 
+fn exceeds(a: &Option<Stats>, b: &Option<Stats>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if Separation::of(a, b).separated)
+}
+
+/// What row `a` against the next row `b` says. Separation is judged on the exact 95%
+/// order-statistic interval of each median (schemas `median_ci`), never on min/max or means.
+fn verdict(first: bool, a: &Rank, b: &Rank, sep: &Separation) -> String {
+    let gap = pct(
+        Some(a.gen_tokens_per_s.median),
+        Some(b.gen_tokens_per_s.median),
+    )
+    .unwrap_or(0.0);
+    match sep.overlap_pct {
+        None => {
+            let short: Vec<String> = [a, b]
+                .iter()
+                .filter(|r| (r.gen_tokens_per_s.n as usize) < MIN_CI_SAMPLES)
+                .map(|r| format!("{} has {}", r.machine_id, r.gen_tokens_per_s.n))
+                .collect();
+            format!(
+                "needs {MIN_CI_SAMPLES} repeats per machine for a 95% interval ({}; try repeat \"auto\")",
+                short.join(", ")
+            )
+        }
+        Some(_) if sep.separated && first => format!(
+            "clear winner: {gap:.1}% faster than {}, 95% intervals separated",
+            b.machine_id
+        ),
+        Some(_) if sep.separated => format!(
+            "{gap:.1}% faster than {}, 95% intervals separated",
+            b.machine_id
+        ),
+        Some(o) if first => format!(
+            "no clear winner: intervals overlap by {o:.0}% ({} leads {} by {gap:.1}%)",
+            a.machine_id, b.machine_id
+        ),
+        Some(o) => format!(
+            "not separated from {}: intervals overlap by {o:.0}%",
+            b.machine_id
+        ),
+    }
+}
+
 /// The ranking of machines that have a measured decode rate.
 pub fn ranking(machines: &[MachineDetail], baseline: Option<&str>) -> Vec<Rank> {
     let median = |s: &Option<Stats>| s.map(|s| s.median);
@@ -118,14 +186,22 @@ pub fn ranking(machines: &[MachineDetail], baseline: Option<&str>) -> Vec<Rank> 
                 gen_tokens_per_s: s.gen_tokens_per_s?,
                 ttft_ms: s.ttft_ms,
                 total_ms: s.total_ms,
+                ttfot_ms: s.ttfot_ms,
+                pp_tokens_per_s: s.pp_tokens_per_s,
+                tg_tokens_per_s: s.tg_tokens_per_s,
                 delta_vs_baseline: base.map(|b| Delta {
                     gen_tokens_per_s_pct: pct(
                         median(&s.gen_tokens_per_s),
                         median(&b.gen_tokens_per_s),
                     ),
+                    gen_tokens_per_s_exceeds_ci: exceeds(&s.gen_tokens_per_s, &b.gen_tokens_per_s),
                     ttft_ms_pct: pct(median(&s.ttft_ms), median(&b.ttft_ms)),
+                    ttft_ms_exceeds_ci: exceeds(&s.ttft_ms, &b.ttft_ms),
                     total_ms_pct: pct(median(&s.total_ms), median(&b.total_ms)),
+                    total_ms_exceeds_ci: exceeds(&s.total_ms, &b.total_ms),
                 }),
+                separation: None,
+                verdict: String::new(),
                 clear_winner: false,
             })
         })
@@ -136,13 +212,21 @@ pub fn ranking(machines: &[MachineDetail], baseline: Option<&str>) -> Vec<Rank> 
             .total_cmp(&a.gen_tokens_per_s.median)
             .then_with(|| a.machine_id.cmp(&b.machine_id))
     });
-    for (i, r) in rows.iter_mut().enumerate() {
-        r.rank = i as u32 + 1;
+    let n = rows.len();
+    for i in 0..n {
+        rows[i].rank = i as u32 + 1;
+        if i + 1 < n {
+            let sep = Separation::of(&rows[i].gen_tokens_per_s, &rows[i + 1].gen_tokens_per_s);
+            rows[i].verdict = verdict(i == 0, &rows[i], &rows[i + 1], &sep);
+            rows[i].separation = Some(sep);
+        } else if n == 1 {
+            rows[i].verdict = "the only machine with a decode rate: nothing to compare".into();
+        } else {
+            rows[i].verdict = format!("last of {n}");
+        }
     }
-    if rows.len() >= 2 {
-        // One repeat has no spread to compare the gap with: no verdict.
-        let (a, b) = (&rows[0].gen_tokens_per_s, &rows[1].gen_tokens_per_s);
-        rows[0].clear_winner = a.n >= 2 && b.n >= 2 && a.min > b.max;
+    if let Some(first) = rows.first_mut() {
+        first.clear_winner = first.separation.is_some_and(|s| s.separated);
     }
     rows
 }
@@ -173,6 +257,8 @@ pub fn detail(
             repeats: m.repeats.clone(),
             summary: m.summary.clone(),
             error: m.error.clone(),
+            stop_reason: m.stop_reason,
+            shape: m.shape,
             last_seq: m.last_seq,
             run_id: m.run_id.clone(),
             gaps: m.gaps,
@@ -193,8 +279,16 @@ pub fn detail(
     })
 }
 
-/// Header of the CSV export.
-pub const CSV_HEADER: &str = "job_id,machine_id,label,engine,model,repeat_index,warmup,ttft_ms,total_ms,gen_tokens,gen_tokens_per_s,tpot_ms,prompt_tokens,token_count_source";
+/// Header of the CSV export: the original columns first (their places unchanged), then the
+/// fidelity ones and the job's shape.
+pub const CSV_HEADER: &str = "job_id,machine_id,label,engine,model,repeat_index,warmup,ttft_ms,total_ms,gen_tokens,gen_tokens_per_s,tpot_ms,prompt_tokens,token_count_source,cold,ttfot_ms,streamed_tokens,pp_tokens_per_s,tg_tokens_per_s,prompt_evaluated,prompt_cache_hit,short_output,null_reason,profile,job_prompt_tokens,depth";
+
+/// A number as a CSV cell: empty when it is not finite (NaN, infinity) or missing.
+fn num_cell(v: Option<f64>) -> String {
+    v.filter(|x| x.is_finite())
+        .map(|x| x.to_string())
+        .unwrap_or_default()
+}
 
 fn csv_field(s: &str) -> String {
     // A cell starting with = + - @ is a formula to a spreadsheet: neutralise it.
@@ -211,7 +305,18 @@ fn csv_field(s: &str) -> String {
 /// One row per machine and repeat.
 pub fn csv(d: &JobDetail) -> String {
     let model = d.job.as_ref().map(|j| j.model.as_str()).unwrap_or("");
-    let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
+    let profile = d
+        .job
+        .as_ref()
+        .and_then(|j| j.profile.as_deref())
+        .unwrap_or("");
+    let shape = d.job.as_ref().map(Job::shape);
+    let job_prompt_tokens = shape
+        .and_then(|s| s.prompt_tokens)
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    let depth = shape.map(|s| s.depth.to_string()).unwrap_or_default();
+    let int = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_default();
     let mut out = String::from(CSV_HEADER);
     out.push('\n');
     for m in &d.machines {
@@ -228,13 +333,25 @@ pub fn csv(d: &JobDetail) -> String {
                 csv_field(model),
                 r.repeat_index.to_string(),
                 r.warmup.to_string(),
-                r.ttft_ms.to_string(),
-                r.total_ms.to_string(),
+                num_cell(Some(r.ttft_ms)),
+                num_cell(Some(r.total_ms)),
                 r.gen_tokens.to_string(),
-                opt(r.gen_tokens_per_s),
-                opt(r.tpot_ms),
-                r.prompt_tokens.map(|p| p.to_string()).unwrap_or_default(),
+                num_cell(r.gen_tokens_per_s),
+                num_cell(r.tpot_ms),
+                int(r.prompt_tokens),
                 source,
+                r.cold.to_string(),
+                num_cell(r.ttfot_ms),
+                r.streamed_tokens.to_string(),
+                num_cell(r.pp_tokens_per_s),
+                num_cell(r.tg_tokens_per_s),
+                int(r.prompt_evaluated),
+                r.prompt_cache_hit.to_string(),
+                r.short_output.to_string(),
+                csv_field(r.null_reason.as_deref().unwrap_or("")),
+                csv_field(profile),
+                job_prompt_tokens.clone(),
+                depth.clone(),
             ];
             out.push_str(&row.join(","));
             out.push('\n');
@@ -263,6 +380,8 @@ mod tests {
                 ..Default::default()
             }),
             error: None,
+            stop_reason: None,
+            shape: None,
             last_seq: 0,
             run_id: String::new(),
             gaps: 0,
@@ -273,32 +392,142 @@ mod tests {
     }
 
     #[test]
-    fn ranks_by_median_rate_with_deltas() {
-        let ms = vec![
-            machine("slow", &[10.0, 11.0, 12.0]),
-            machine("fast", &[20.0, 21.0, 22.0]),
-            machine("none", &[]),
-        ];
-        let single = ranking(&[machine("a", &[30.0]), machine("b", &[10.0])], None);
-        assert!(
-            !single[0].clear_winner,
-            "one repeat each: no spread, no verdict"
+    fn a_winner_only_where_the_95_percent_intervals_separate() {
+        // Three repeats each, ranges far apart: the old min/max rule called a winner; an
+        // interval of the median needs 6 samples, so now it says what it needs.
+        let three = ranking(
+            &[
+                machine("slow", &[10.0, 11.0, 12.0]),
+                machine("fast", &[20.0, 21.0, 22.0]),
+                machine("none", &[]),
+            ],
+            Some("slow"),
         );
-        let r = ranking(&ms, Some("slow"));
-        assert_eq!(r.len(), 2);
+        assert_eq!(three.len(), 2);
+        assert_eq!((three[0].machine_id.as_str(), three[0].rank), ("fast", 1));
+        assert!(!three[0].clear_winner);
         assert_eq!(
-            (r[0].machine_id.as_str(), r[0].rank, r[0].clear_winner),
-            ("fast", 1, true)
+            three[0].separation,
+            Some(Separation {
+                separated: false,
+                overlap_pct: None
+            })
         );
-        let d = r[0].delta_vs_baseline.unwrap();
+        assert!(
+            three[0]
+                .verdict
+                .starts_with("needs 6 repeats per machine for a 95% interval"),
+            "{}",
+            three[0].verdict
+        );
+        assert!(three[0].verdict.contains("fast has 3"));
+        let d = three[0].delta_vs_baseline.unwrap();
         assert!((d.gen_tokens_per_s_pct.unwrap() - 90.909).abs() < 0.01);
-        assert_eq!(d.ttft_ms_pct, Some(0.0));
-        let overlap = ranking(
-            &[machine("a", &[10.0, 30.0]), machine("b", &[20.0, 25.0])],
-            None,
+        assert!(
+            !d.gen_tokens_per_s_exceeds_ci,
+            "no interval, nothing exceeds it"
         );
+        assert_eq!(d.ttft_ms_pct, Some(0.0));
+        assert_eq!(three[1].separation, None);
+        assert_eq!(three[1].verdict, "last of 2");
+
+        // Six repeats each with separated intervals: a winner, and the delta exceeds them.
+        let six = ranking(
+            &[
+                machine("a", &[10.0, 10.1, 10.2, 10.3, 10.4, 10.5]),
+                machine("b", &[11.0, 11.1, 11.2, 11.3, 11.4, 11.5]),
+            ],
+            Some("a"),
+        );
+        assert_eq!(six[0].machine_id, "b");
+        assert!(six[0].clear_winner);
+        assert_eq!(six[0].separation.unwrap().overlap_pct, Some(0.0));
+        assert!(
+            six[0].verdict.starts_with("clear winner: "),
+            "{}",
+            six[0].verdict
+        );
+        assert!(
+            six[0]
+                .delta_vs_baseline
+                .unwrap()
+                .gen_tokens_per_s_exceeds_ci
+        );
+
+        // Six each, intervals overlapping by half the narrower one: no clear winner, by how much.
+        let overlap = ranking(
+            &[
+                machine("a", &[10.0, 10.1, 10.2, 10.3, 10.4, 10.5]),
+                machine("c", &[10.25, 10.35, 10.45, 10.55, 10.65, 10.75]),
+            ],
+            Some("a"),
+        );
+        assert_eq!(overlap[0].machine_id, "c");
         assert!(!overlap[0].clear_winner);
-        assert!(overlap[0].delta_vs_baseline.is_none());
+        let sep = overlap[0].separation.unwrap();
+        assert!(!sep.separated && (sep.overlap_pct.unwrap() - 50.0).abs() < 1e-9);
+        assert!(
+            overlap[0]
+                .verdict
+                .starts_with("no clear winner: intervals overlap by 50%"),
+            "{}",
+            overlap[0].verdict
+        );
+        assert!(
+            !overlap[0]
+                .delta_vs_baseline
+                .unwrap()
+                .gen_tokens_per_s_exceeds_ci
+        );
+
+        // One repeat each: no interval, no winner.
+        let one = ranking(&[machine("x", &[30.0]), machine("y", &[10.0])], None);
+        assert!(!one[0].clear_winner && one[0].delta_vs_baseline.is_none());
+        let solo = ranking(&[machine("x", &[30.0])], None);
+        assert!(solo[0].verdict.starts_with("the only machine"));
+    }
+
+    #[test]
+    fn csv_has_the_fidelity_columns_and_no_nan() {
+        let mut m = machine("a", &[1.0]);
+        let mut run: Metrics =
+            serde_json::from_str(include_str!("../../schemas/messages/metrics.json")).unwrap();
+        run.ttft_ms = f64::NAN;
+        run.gen_tokens_per_s = None;
+        run.null_reason = Some("no token generated".into());
+        run.short_output = true;
+        m.repeats = vec![run];
+        let mut job = Job::new("m", "");
+        job.profile = Some("pp512-tg128".into());
+        job.depth = 64;
+        let d = JobDetail {
+            job_id: "j".into(),
+            created_ms: 0,
+            status: JobStatus::Done,
+            source: Source::Central,
+            job: Some(job),
+            machines: vec![m],
+            ranking: vec![],
+            baseline: None,
+        };
+        let text = csv(&d);
+        let lines: Vec<&str> = text.lines().collect();
+        let head: Vec<&str> = lines[0].split(',').collect();
+        let row: Vec<&str> = lines[1].split(',').collect();
+        assert_eq!(head.len(), row.len());
+        let cell = |name: &str| row[head.iter().position(|h| *h == name).unwrap()];
+        assert_eq!(cell("ttft_ms"), "");
+        assert_eq!(cell("gen_tokens_per_s"), "");
+        assert_eq!(cell("null_reason"), "no token generated");
+        assert_eq!(cell("short_output"), "true");
+        assert_eq!(cell("cold"), "false");
+        assert_eq!(cell("pp_tokens_per_s"), "310.1");
+        assert_eq!(cell("streamed_tokens"), "156");
+        assert_eq!(
+            (cell("profile"), cell("job_prompt_tokens"), cell("depth")),
+            ("pp512-tg128", "512", "64")
+        );
+        assert!(!text.contains("NaN") && !text.contains("inf"));
     }
 
     #[test]

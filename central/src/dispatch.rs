@@ -380,6 +380,23 @@ mod tests {
             (big.max_tokens, big.repeat),
             (20000, bench_schemas::Repeat::Count(500))
         );
+        // repeat "auto" and the shapes pass through as the agents will read them.
+        let (_, auto) = parse_request(
+            br#"{"machines":["a"],"model":"m","profile":"pp512-tg128","depth":64,"repeat":"auto","max_repeat":12,"target_ci_pct":1.5}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (auto.repeat, auto.max_repeat(), auto.shape().prompt_tokens),
+            (bench_schemas::Repeat::Auto, 12, Some(512))
+        );
+        for bad in [
+            r#"{"machines":["a"],"model":"m","prompt":"p","repeat":"many"}"#,
+            r#"{"machines":["a"],"model":"m","prompt":"p","repeat":"auto","max_repeat":5}"#,
+            r#"{"machines":["a"],"model":"m","prompt":"p","repeat":3,"max_repeat":9}"#,
+            r#"{"machines":["a"],"model":"m","profile":"pp512"}"#,
+        ] {
+            assert_eq!(code(bad), "invalid_job", "{bad}");
+        }
         assert_eq!(
             code(r#"{"machines":["a"],"model":"m","prompt":"p","max_token":5}"#),
             "invalid_job"
