@@ -153,7 +153,14 @@ async fn run_repeats(
         },
     };
     let engine_key = (backend.base_url().to_string(), job.model.clone());
-    let cold = match backend.model_loaded(&job.model).await {
+    // Bounded like every engine call: a hung engine fails the run below with `timeout`.
+    let loaded = tokio::select! {
+        _ = cancel.cancelled() => {
+            return Err(Early::at(Stop::Cancelled("cancel requested".into()), None));
+        }
+        r = tokio::time::timeout(idle, backend.model_loaded(&job.model)) => r.ok().flatten(),
+    };
+    let cold = match loaded {
         Some(loaded) => !loaded,
         None => shared.last_model.lock().expect("last model lock").as_ref() != Some(&engine_key),
     };

@@ -31,6 +31,19 @@ const GAP: Duration = Duration::from_millis(30);
 #[derive(Clone, Default)]
 struct Fake {
     requests: Arc<Mutex<Vec<(String, Value)>>>,
+    /// Models "in memory", as `/api/ps` lists them: loaded by their first generation.
+    loaded: Arc<Mutex<Vec<String>>>,
+}
+
+async fn ps(State(f): State<Fake>) -> Json<Value> {
+    let models: Vec<Value> = f
+        .loaded
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| json!({"name": m, "model": m, "size": 5137025024u64, "digest": "46e0c10c039e", "expires_at": "2025-10-17T23:19:07Z", "size_vram": 5137025024u64}))
+        .collect();
+    Json(json!({"models": models}))
 }
 
 async fn tags() -> Json<Value> {
@@ -43,6 +56,12 @@ async fn tags() -> Json<Value> {
 async fn stream(path: &'static str, fake: Fake, body: Value) -> Response {
     let model = body["model"].as_str().unwrap_or_default().to_string();
     fake.requests.lock().unwrap().push((path.to_string(), body));
+    {
+        let mut loaded = fake.loaded.lock().unwrap();
+        if !loaded.contains(&model) {
+            loaded.push(model.clone());
+        }
+    }
     if model != "llama3.1:8b" && model != "broken" {
         let msg = format!("model \"{model}\" not found, try pulling it first");
         return (StatusCode::NOT_FOUND, Json(json!({"error": msg}))).into_response();
@@ -110,6 +129,7 @@ async fn start_fake() -> (String, Fake) {
     let fake = Fake::default();
     let app = Router::new()
         .route("/api/tags", get(tags))
+        .route("/api/ps", get(ps))
         .route(
             "/api/generate",
             post(|State(f): State<Fake>, Json(b): Json<Value>| stream("/api/generate", f, b)),
@@ -168,12 +188,20 @@ async fn run_and_check(mode: &str, expect_path: &str) {
         json!({"num_predict": 64, "num_ctx": 4096, "temperature": 0.5, "seed": 42})
     );
 
+    // The model was not loaded (`/api/ps`): the first run is cold, reported apart with
+    // Ollama's load time, and the measured run follows.
+    assert_eq!(d.repeats.len(), 2);
+    let cold = &d.repeats[0];
+    assert!(cold.cold && !cold.warmup);
+    close(d.summary.cold.expect("cold run").load_ms, 12.345678);
+    assert_eq!(d.summary.repeats, 1);
+
     // Streamed text, one llm_token per chunk (flush_chars 1), stamped on arrival.
     let tokens: Vec<(String, f64)> = ev
         .seen
         .iter()
         .filter_map(|e| match &e.kind {
-            EventKind::LlmToken(t) => Some((t.text.clone(), t.t_ms)),
+            EventKind::LlmToken(t) if t.repeat_index == 1 => Some((t.text.clone(), t.t_ms)),
             _ => None,
         })
         .collect();
@@ -184,9 +212,12 @@ async fn run_and_check(mode: &str, expect_path: &str) {
     assert_eq!(d.output_text, CHUNKS.concat());
     let times: Vec<f64> = tokens.iter().map(|t| t.1).collect();
 
-    let m = &d.repeats[0];
+    let m = &d.repeats[1];
     assert_eq!(m.token_count_source, TokenCountSource::OllamaEvalCount);
     assert_eq!(m.gen_tokens, EVAL_COUNT);
+    // Each line is one token; the end-of-sequence Ollama counts was never streamed.
+    let streamed = CHUNKS.len() as u64;
+    assert_eq!(m.streamed_tokens, streamed);
     assert_eq!(m.chunks, CHUNKS.len() as u64);
     assert_eq!(m.output_chars, CHUNKS.concat().chars().count() as u64);
     assert_eq!(m.ttft_ms, times[0]);
@@ -194,14 +225,10 @@ async fn run_and_check(mode: &str, expect_path: &str) {
     assert!(m.total_ms >= *times.last().unwrap());
     let span_s = (times.last().unwrap() - times[0]) / 1000.0;
     assert!(span_s * 1000.0 >= (GAP * (CHUNKS.len() as u32 - 1)).as_millis() as f64);
-    let rate = (EVAL_COUNT - 1) as f64 / span_s;
+    let rate = (streamed - 1) as f64 / span_s;
     close(m.gen_tokens_per_s, rate);
     close(m.tpot_ms, 1000.0 / rate);
-    let per_chunk = EVAL_COUNT as f64 / CHUNKS.len() as f64;
-    let gaps: Vec<f64> = times
-        .windows(2)
-        .map(|w| (w[1] - w[0]) / per_chunk)
-        .collect();
+    let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
     let (got, want) = (m.itl_ms.unwrap(), percentiles(&gaps).unwrap());
     close(Some(got.p50), want.p50);
     close(Some(got.p90), want.p90);
@@ -219,6 +246,7 @@ async fn run_and_check(mode: &str, expect_path: &str) {
     close(m.engine_gen_tokens_per_s, 40.0);
     close(m.engine_prompt_tokens_per_s, 100.0);
     assert_eq!(m.done_reason.as_deref(), Some("stop"));
+    assert_eq!(m.prompt_evaluated, Some(PROMPT_EVAL_COUNT));
     // job_done's top-level fields are the medians over the (one) measured run.
     assert_eq!(
         (d.ttft_ms, d.total_ms, d.gen_tokens, d.gen_tokens_per_s),
