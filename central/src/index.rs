@@ -25,6 +25,9 @@ pub struct JobListItem {
     pub model: String,
     /// First 200 characters of the prompt.
     pub prompt: String,
+    /// The job's `ppN-tgM` profile, when it has one (its prompt may then be empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
     /// Status.
     pub status: JobStatus,
     /// central or external.
@@ -45,6 +48,7 @@ impl JobListItem {
                 .as_ref()
                 .map(|j| j.prompt.chars().take(200).collect())
                 .unwrap_or_default(),
+            profile: r.job.as_ref().and_then(|j| j.profile.clone()),
             status: r.status,
             source: r.source,
             machines: r.machines.iter().map(|m| m.machine_id.clone()).collect(),
