@@ -34,11 +34,13 @@ export function newMachine(id) {
     earlierRuns: [], // run ids this machine has moved past, oldest first
     refused: null, // {code, message} of the last refused re-submission
     lastSeq: 0,
-    run: null, // {index, warmup} of the run streaming now
+    run: null, // {index, warmup, cold} of the run streaming now
     text: '', // output of the current (or, when done, the last measured) run
     live: null, // {firstT, lastT, firstTokens, tokens, chunks, exact} of the current run
     repeats: [], // schemas Metrics, by repeat_index
     summary: null, // schemas Summary from job_done
+    stopReason: null, // job_done's stop_reason: count | precision | decided | max_repeat
+    shape: null, // job_done's shape: {prompt_tokens, depth, max_tokens, ignore_eos}
     error: null, // {code, message}
   };
 }
@@ -94,6 +96,8 @@ export function applySnapshot(state, doc, { withText = false } = {}) {
       m.text = dm.output_text ?? m.text;
       if (Array.isArray(dm.repeats)) m.repeats = dm.repeats.slice().sort((a, b) => a.repeat_index - b.repeat_index);
       m.summary = dm.summary ?? m.summary;
+      m.stopReason = dm.stop_reason ?? m.stopReason;
+      m.shape = dm.shape ?? m.shape;
       m.run = null;
       m.live = null;
     }
@@ -142,13 +146,13 @@ export function applyEvent(state, ev) {
       break;
     case 'job_started':
       m.status = 'running';
-      m.run = { index: p.repeat_index, warmup: !!p.warmup };
+      m.run = { index: p.repeat_index, warmup: !!p.warmup, cold: !!p.cold };
       m.text = '';
       m.live = null;
       break;
     case 'llm_token': {
       if (!m.run || m.run.index !== p.repeat_index) {
-        m.run = { index: p.repeat_index, warmup: m.run?.warmup ?? false };
+        m.run = { index: p.repeat_index, warmup: false, cold: false };
         m.text = '';
         m.live = null;
       }
@@ -174,6 +178,8 @@ export function applyEvent(state, ev) {
       m.status = 'done';
       if (Array.isArray(p.repeats)) m.repeats = p.repeats.slice().sort((a, b) => a.repeat_index - b.repeat_index);
       m.summary = p.summary ?? null;
+      m.stopReason = p.stop_reason ?? null;
+      m.shape = p.shape ?? null;
       if (typeof p.output_text === 'string') m.text = p.output_text;
       if (p.engine) m.engine = p.engine;
       m.run = null;
@@ -215,7 +221,32 @@ export function liveRate(m) {
   return (after * 1000) / (l.lastT - l.firstT);
 }
 
-/** median, mean, stdev (sample), min, max, n: the same definition as schemas::Stats. */
+/** Fewest samples with a 95% interval of the median (schemas::metrics::MIN_CI_SAMPLES). */
+export const MIN_CI_SAMPLES = 6;
+
+/**
+ * The exact 95% confidence interval of the median of n sorted samples, as 0-based indices
+ * [lo, hi]: the order statistics x(k) and x(n+1-k) with the largest k such that
+ * P(Binomial(n, 1/2) < k) <= 2.5%. A port of schemas::metrics::median_ci, step for step
+ * (log space, so it stays finite at any n). null below MIN_CI_SAMPLES.
+ */
+export function medianCi(n) {
+  if (!(n >= MIN_CI_SAMPLES)) return null;
+  const lnHalfN = n * Math.log(0.5);
+  let lnC = 0; // ln C(n, j)
+  let cdf = 0;
+  let k = 0; // largest k with P(B <= k-1) <= 0.025
+  for (let j = 0; j < n; j++) {
+    if (j > 0) lnC += Math.log(n - j + 1) - Math.log(j);
+    cdf += Math.exp(lnC + lnHalfN);
+    if (cdf <= 0.025) k = j + 1;
+    else break;
+  }
+  k = Math.max(k, 1);
+  return [k - 1, n - k];
+}
+
+/** median, mean, stdev (sample), min, max, n, ci_low, ci_high: the same definition as schemas::Stats. */
 export function stats(samples) {
   const v = samples.filter((x) => typeof x === 'number' && Number.isFinite(x)).sort((a, b) => a - b);
   const n = v.length;
@@ -223,19 +254,57 @@ export function stats(samples) {
   const mean = v.reduce((a, b) => a + b, 0) / n;
   const median = n % 2 ? v[(n - 1) / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
   const stdev = n > 1 ? Math.sqrt(v.reduce((a, x) => a + (x - mean) ** 2, 0) / (n - 1)) : 0;
-  return { n, median, mean, stdev, min: v[0], max: v[n - 1] };
+  const ci = medianCi(n);
+  return { n, median, mean, stdev, min: v[0], max: v[n - 1], ci_low: ci ? v[ci[0]] : null, ci_high: ci ? v[ci[1]] : null };
 }
 
-/** Stats over the measured (non-warmup) repeats of a machine. */
-export function machineStats(m) {
-  const measured = m.repeats.filter((r) => !r.warmup);
+/** True when the stats carry a 95% interval. */
+export function hasCi(st) {
+  return !!st && Number.isFinite(st.ci_low) && Number.isFinite(st.ci_high);
+}
+
+/**
+ * Whether two results' intervals are separated, and their overlap as a percentage of the
+ * narrower interval (0 when separated; null when either has no interval): schemas::Separation::of.
+ */
+export function separation(a, b) {
+  if (!hasCi(a) || !hasCi(b)) return { separated: false, overlap_pct: null };
+  const [al, ah, bl, bh] = [a.ci_low, a.ci_high, b.ci_low, b.ci_high];
+  const overlap = Math.max(0, Math.min(ah, bh) - Math.max(al, bl));
+  const narrower = Math.min(ah - al, bh - bl);
+  const separated = al > bh || bl > ah;
+  const pct = separated ? 0 : narrower > 0 ? Math.min(100, (overlap / narrower) * 100) : 100;
+  return { separated, overlap_pct: pct };
+}
+
+/** Half the interval's width as a percentage of the median (what repeat "auto" aims at). */
+export function ciHalfWidthPct(st) {
+  if (!hasCi(st) || !(Math.abs(st.median) > 0)) return null;
+  return ((st.ci_high - st.ci_low) / 2 / Math.abs(st.median)) * 100;
+}
+
+/** A run that counts in the warm statistics: not a warmup, not the cold run, not short (unless included). */
+export function isMeasured(r, includeShort = false) {
+  return !r.warmup && !r.cold && (includeShort || !r.short_output);
+}
+
+/** Stats over the warm measured repeats of a machine (warmups, the cold run and short runs apart, as schemas::Summary::of). */
+export function machineStats(m, includeShort = false) {
+  const warm = m.repeats.filter((r) => !r.warmup && !r.cold);
+  const measured = warm.filter((r) => includeShort || !r.short_output);
+  const over = (k) => stats(measured.map((r) => r[k]));
   return {
     n: measured.length,
-    gen_tokens_per_s: stats(measured.map((r) => r.gen_tokens_per_s)),
-    ttft_ms: stats(measured.map((r) => r.ttft_ms)),
-    total_ms: stats(measured.map((r) => r.total_ms)),
-    gen_tokens: stats(measured.map((r) => r.gen_tokens)),
-    tpot_ms: stats(measured.map((r) => r.tpot_ms)),
+    excluded_short: warm.length - measured.length,
+    cold: m.repeats.find((r) => r.cold) ?? null,
+    gen_tokens_per_s: over('gen_tokens_per_s'),
+    ttft_ms: over('ttft_ms'),
+    ttfot_ms: over('ttfot_ms'),
+    total_ms: over('total_ms'),
+    gen_tokens: over('gen_tokens'),
+    tpot_ms: over('tpot_ms'),
+    pp_tokens_per_s: over('pp_tokens_per_s'),
+    tg_tokens_per_s: over('tg_tokens_per_s'),
   };
 }
 
@@ -246,8 +315,9 @@ export function deltaPct(v, base) {
 }
 
 /**
- * The winner on one metric, called only when the gap is larger than the spread: the best
- * machine's [min, max] over repeats must not overlap the runner-up's.
+ * The winner on one metric, called only where the best machine's 95% interval of the median
+ * and the runner-up's are separated. Without an interval (fewer than MIN_CI_SAMPLES runs) there
+ * is no verdict: `needs` says how many runs it takes.
  * rows: [{machine_id, stat}] ; higherIsBetter.
  */
 export function clearWinner(rows, higherIsBetter) {
@@ -255,11 +325,12 @@ export function clearWinner(rows, higherIsBetter) {
   if (ok.length < 2) return { winner: null, runnerUp: null, clear: false, reason: 'fewer than two machines have results' };
   ok.sort((a, b) => (higherIsBetter ? b.stat.median - a.stat.median : a.stat.median - b.stat.median));
   const [best, next] = ok;
-  // One repeat has no spread to compare the gap with: no verdict.
-  if (best.stat.n < 2 || next.stat.n < 2)
-    return { winner: best.machine_id, runnerUp: next.machine_id, clear: false, best, next, reason: 'one repeat per machine: run 2 or more to call a winner' };
-  const clear = higherIsBetter ? best.stat.min > next.stat.max : best.stat.max < next.stat.min;
-  return { winner: best.machine_id, runnerUp: next.machine_id, clear, best, next };
+  const sep = separation(best.stat, next.stat);
+  const base = { winner: best.machine_id, runnerUp: next.machine_id, best, next, separation: sep };
+  if (sep.overlap_pct === null) {
+    return { ...base, clear: false, needs: MIN_CI_SAMPLES, reason: `a 95% interval needs ${MIN_CI_SAMPLES} runs per machine` };
+  }
+  return { ...base, clear: sep.separated, overlapPct: sep.overlap_pct };
 }
 
 /** True when every machine of the job has sent its last event. */

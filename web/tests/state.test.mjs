@@ -2,7 +2,7 @@
 //   node --test web/tests/state.test.mjs
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { newJob, applyEvent, applySnapshot, liveRate, liveTokens, stats, clearWinner, machineStats, allTerminal } from '../js/state.js';
+import { newJob, applyEvent, applySnapshot, liveRate, liveTokens, stats, clearWinner, machineStats, allTerminal, medianCi, separation, ciHalfWidthPct, MIN_CI_SAMPLES } from '../js/state.js';
 
 const ev = (machine_id, seq, type, payload) => ({ job_id: 'j1', machine_id, seq, ts_ms: 0, type, payload });
 const metrics = (i, tps, ttft, warmup = false) => ({ repeat_index: i, warmup, ttft_ms: ttft, total_ms: 1000, gen_tokens: 10, token_count_source: 'mock', gen_tokens_per_s: tps });
@@ -46,7 +46,7 @@ test('events of another job are ignored; a new run starts a fresh text', () => {
   applyEvent(s, ev('a', 5, 'llm_token', { repeat_index: 1, text: 'real', t_ms: 1 }));
   const m = s.machines.get('a');
   assert.equal(m.text, 'real');
-  assert.deepEqual(m.run, { index: 1, warmup: false });
+  assert.deepEqual(m.run, { index: 1, warmup: false, cold: false });
   assert.equal(machineStats(m).n, 0, 'warmups are not measured');
 });
 
@@ -104,17 +104,74 @@ test('stats match schemas::Stats', () => {
   assert.equal(stats([NaN, null]), null);
 });
 
-test('a winner is called only when the gap is larger than the spread', () => {
-  const a = { machine_id: 'a', stat: stats([100, 104, 98]) };
-  const b = { machine_id: 'b', stat: stats([90, 97, 93]) };
-  const c = { machine_id: 'c', stat: stats([99, 101]) };
+test('the median interval is the exact order-statistic one, as schemas::metrics::median_ci', () => {
+  // The same table as the Rust test (Conover, table A3): 1-based ranks of the 95% interval.
+  for (const [n, lo, hi] of [[6, 1, 6], [8, 1, 8], [9, 2, 8], [10, 2, 9], [12, 3, 10], [20, 6, 15], [50, 18, 33]]) {
+    assert.deepEqual(medianCi(n), [lo - 1, hi - 1], `n = ${n}`);
+  }
+  assert.equal(MIN_CI_SAMPLES, 6);
+  assert.equal(medianCi(5), null);
+  assert.equal(medianCi(0), null);
+  const st = stats(Array.from({ length: 20 }, (_, i) => i + 1));
+  assert.deepEqual([st.ci_low, st.ci_high], [6, 15]);
+  assert.ok(Math.abs(ciHalfWidthPct(st) - (4.5 / 10.5) * 100) < 1e-9);
+  assert.equal(stats([1, 2, 3]).ci_low, null);
+  assert.equal(ciHalfWidthPct(stats([1, 2, 3])), null);
+});
+
+test('separation matches schemas::Separation::of', () => {
+  const a = stats([10.0, 10.1, 10.2, 10.3, 10.4, 10.5]);
+  const b = stats([11.0, 11.1, 11.2, 11.3, 11.4, 11.5]);
+  const c = stats([10.25, 10.35, 10.45, 10.55, 10.65, 10.75]);
+  assert.deepEqual(separation(a, b), { separated: true, overlap_pct: 0 });
+  const ac = separation(a, c);
+  assert.equal(ac.separated, false);
+  assert.ok(Math.abs(ac.overlap_pct - 50) < 1e-9, JSON.stringify(ac));
+  assert.deepEqual(separation(a, stats([1, 2])), { separated: false, overlap_pct: null });
+});
+
+test('a winner is called only where the 95% intervals separate', () => {
+  // Three repeats each with ranges far apart: the old min/max rule called it; now it needs 6 runs.
+  const a3 = { machine_id: 'a', stat: stats([100, 104, 98]) };
+  const b3 = { machine_id: 'b', stat: stats([90, 97, 93]) };
+  const three = clearWinner([a3, b3], true);
+  assert.deepEqual([three.winner, three.clear, three.needs], ['a', false, 6]);
+  // Six each, separated: a winner (and for lower-is-better the other one).
+  const a = { machine_id: 'a', stat: stats([100, 101, 102, 103, 104, 105]) };
+  const b = { machine_id: 'b', stat: stats([90, 91, 92, 93, 94, 95]) };
   assert.deepEqual([clearWinner([a, b], true).winner, clearWinner([a, b], true).clear], ['a', true]);
-  assert.deepEqual([clearWinner([a, c], true).winner, clearWinner([a, c], true).clear], ['a', false]);
-  // lower is better (TTFT)
   assert.deepEqual([clearWinner([a, b], false).winner, clearWinner([a, b], false).clear], ['b', true]);
+  // Six each, overlapping by half: no clear winner, and by how much.
+  const c = { machine_id: 'c', stat: stats([102.5, 103.5, 104.5, 105.5, 106.5, 107.5]) };
+  const ac = clearWinner([a, c], true);
+  assert.deepEqual([ac.winner, ac.clear], ['c', false]);
+  assert.ok(Math.abs(ac.overlapPct - 50) < 1e-9, String(ac.overlapPct));
   assert.equal(clearWinner([a], true).clear, false);
-  // a single repeat each: no spread, no verdict
+  // a single repeat each: no interval, no verdict
   const one = { machine_id: 'one', stat: stats([200]) };
   const two = { machine_id: 'two', stat: stats([100]) };
   assert.equal(clearWinner([one, two], true).clear, false);
+});
+
+test('the cold run, warmups and short runs stay out of the measured stats', () => {
+  const s = newJob('j1');
+  const cold = { ...metrics(0, 5, 900), cold: true, load_ms: 850 };
+  const short = { ...metrics(1, 500, 10), short_output: true };
+  applyEvent(s, ev('a', 1, 'job_started', { repeat_index: 0, warmup: false, cold: true }));
+  applyEvent(s, ev('a', 2, 'llm_token', { repeat_index: 0, text: 'cold', t_ms: 1 }));
+  const m = s.machines.get('a');
+  assert.deepEqual(m.run, { index: 0, warmup: false, cold: true });
+  applyEvent(s, ev('a', 3, 'repeat_done', cold));
+  applyEvent(s, ev('a', 4, 'repeat_done', short));
+  for (let i = 2; i < 8; i++) applyEvent(s, ev('a', 3 + i, 'repeat_done', metrics(i, 100 + i, 20)));
+  const st = machineStats(m);
+  assert.equal(st.n, 6);
+  assert.equal(st.excluded_short, 1);
+  assert.equal(st.cold.load_ms, 850);
+  assert.equal(st.gen_tokens_per_s.max, 107);
+  assert.equal(st.gen_tokens_per_s.ci_low, 102);
+  assert.equal(machineStats(m, true).n, 7);
+  applyEvent(s, ev('a', 20, 'job_done', { engine: 'mock', repeats: m.repeats, summary: {}, output_text: 'x', stop_reason: 'precision', shape: { prompt_tokens: 512, depth: 0, max_tokens: 128, ignore_eos: true } }));
+  assert.equal(m.stopReason, 'precision');
+  assert.equal(m.shape.prompt_tokens, 512);
 });
