@@ -58,6 +58,9 @@ pub struct Shaper {
     prompt: String,
     /// Words per measured prompt (engines without a tokenizer), found by probing.
     words: usize,
+    /// Cold on an engine without a cache switch (Ollama): even a free prompt gets a unique
+    /// first word per run.
+    nonce_free_prompt: bool,
     /// Offset into [`NONCES`], random per job, so consecutive jobs differ too.
     nonce_offset: usize,
     last_first_token: Option<u32>,
@@ -115,6 +118,7 @@ impl Shaper {
             cold: job.cache == CacheMode::Cold,
             prompt: job.prompt.clone(),
             words: 0,
+            nonce_free_prompt: job.cache == CacheMode::Cold && backend.kind() == "ollama",
             nonce_offset: (uuid::Uuid::new_v4().as_u128() % NONCES.len() as u128) as usize,
             last_first_token: None,
         };
@@ -247,6 +251,9 @@ impl Shaper {
         };
         let nonce = |i: usize| NONCES[(self.nonce_offset + index as usize + i) % NONCES.len()];
         if !self.shaped() {
+            if self.nonce_free_prompt {
+                return Ok((format!("{} {}", nonce(0), self.prompt), spec));
+            }
             return Ok((self.prompt.clone(), spec));
         }
         let Some(target) = self.measured else {

@@ -55,6 +55,18 @@ async fn tags() -> Json<Value> {
 
 async fn stream(path: &'static str, fake: Fake, body: Value) -> Response {
     let model = body["model"].as_str().unwrap_or_default().to_string();
+    // A raw prompt is counted as this fake's tokenizer would: a BOS and one token per word.
+    let prompt_count = match body["raw"].as_bool() {
+        Some(true) => {
+            body["prompt"]
+                .as_str()
+                .unwrap_or_default()
+                .split_whitespace()
+                .count() as u64
+                + 1
+        }
+        _ => PROMPT_EVAL_COUNT,
+    };
     fake.requests.lock().unwrap().push((path.to_string(), body));
     {
         let mut loaded = fake.loaded.lock().unwrap();
@@ -83,7 +95,7 @@ async fn stream(path: &'static str, fake: Fake, body: Value) -> Response {
     };
     let m = serde_json::to_string(&model).unwrap();
     let stats = format!(
-        r#""total_duration":{TOTAL_NS},"load_duration":{LOAD_NS},"prompt_eval_count":{PROMPT_EVAL_COUNT},"prompt_eval_duration":{PROMPT_EVAL_NS},"eval_count":{EVAL_COUNT},"eval_duration":{EVAL_NS}"#
+        r#""total_duration":{TOTAL_NS},"load_duration":{LOAD_NS},"prompt_eval_count":{prompt_count},"prompt_eval_duration":{PROMPT_EVAL_NS},"eval_count":{EVAL_COUNT},"eval_duration":{EVAL_NS}"#
     );
     let last = if chat {
         format!(
@@ -253,6 +265,63 @@ async fn run_and_check(mode: &str, expect_path: &str) {
         (m.ttft_ms, m.total_ms, m.gen_tokens, m.gen_tokens_per_s)
     );
     assert_eq!(d.engine, "ollama");
+}
+
+#[tokio::test]
+async fn exact_prompt_sizes_without_a_tokenizer_endpoint() {
+    // Ollama has no /tokenize: the agent builds the prompt from words and corrects it with the
+    // probe's prompt_eval_count; every measured run starts with its own word (cold).
+    let nats = NatsServer::start();
+    let (url, fake) = start_fake().await;
+    let _agent = start_agent(
+        config(
+            &format!("machine_id: olp\nengine: ollama\nollama_base_url: {url}\n"),
+            &nats.url(),
+        ),
+        &nats.url(),
+    )
+    .await;
+    let c = client(&nats.url()).await;
+    let mut ev = Events::watch(&c, "olp-1").await;
+    let job = job_json(
+        "llama3.1:8b",
+        json!({"job_id": "olp-1", "prompt": "", "prompt_tokens": 40, "max_tokens": 8, "repeat": 3}),
+    );
+    let r = request(&c, subjects::jobs("olp"), job).await;
+    assert!(r.accepted, "{r:?}");
+    let EventKind::JobDone(d) = ev.terminal("olp").await.kind else {
+        panic!("{:?}", ev.types())
+    };
+    assert!(d.repeats.iter().all(|m| m.prompt_tokens == Some(40)));
+    let requests = fake.requests.lock().unwrap().clone();
+    let runs: Vec<&Value> = requests
+        .iter()
+        .map(|(_, b)| b)
+        .filter(|b| b["options"]["num_predict"] == 8)
+        .collect();
+    assert_eq!(runs.len(), d.repeats.len());
+    let firsts: std::collections::BTreeSet<&str> = runs
+        .iter()
+        .map(|b| {
+            assert_eq!(b["raw"], true, "no template around a counted prompt");
+            b["prompt"]
+                .as_str()
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        firsts.len(),
+        runs.len(),
+        "every run starts differently: {firsts:?}"
+    );
+    // Ollama never generates to a fixed length: the 5-token answers are flagged short and
+    // left out of the summary.
+    assert!(d.repeats.iter().all(|m| m.short_output));
+    assert_eq!((d.summary.repeats, d.summary.excluded_short), (0, 3));
+    assert!(d.summary.gen_tokens_per_s.is_none());
 }
 
 #[tokio::test]
