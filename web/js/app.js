@@ -7,6 +7,7 @@ import { num, ms, rate, int, pct, when } from './format.js';
 import { barChart, fitLabels } from './chart.js';
 import {
   newJob, machine, applySnapshot, applyEvent, liveRate, liveTokens, CHARS_PER_TOKEN, machineStats, deltaPct, clearWinner, allTerminal, TERMINAL,
+  MIN_CI_SAMPLES, hasCi, ciHalfWidthPct, isMeasured,
 } from './state.js';
 
 const LS = {
@@ -143,30 +144,46 @@ function loadForm() {
   }
 }
 
+const FORM_FIELDS = ['shape', 'pp', 'tg', 'prompt_tokens', 'depth', 'prompt', 'max_tokens', 'num_ctx', 'temperature', 'repeat_mode', 'repeat', 'max_repeat', 'target_ci_pct', 'warmup', 'seed'];
+
 function saveForm() {
   const f = $('#run-form');
   const v = {
     model: f.model.value,
-    prompt: f.prompt.value,
-    max_tokens: f.max_tokens.value,
-    num_ctx: f.num_ctx.value,
-    temperature: f.temperature.value,
-    repeat: f.repeat.value,
-    warmup: f.warmup.value,
-    seed: f.seed.value,
     all: $('#f-all').checked,
     machines: [...document.querySelectorAll('#machine-checks input:checked')].map((i) => i.value),
   };
+  for (const k of FORM_FIELDS) v[k] = f[k].value;
   localStorage.setItem(LS.form, JSON.stringify(v));
 }
 
 function restoreForm() {
   const v = loadForm();
   const f = $('#run-form');
-  for (const k of ['prompt', 'max_tokens', 'num_ctx', 'temperature', 'repeat', 'warmup', 'seed']) {
-    if (typeof v[k] === 'string') f[k].value = v[k];
+  for (const k of FORM_FIELDS) {
+    if (typeof v[k] !== 'string') continue;
+    // a saved choice this page no longer offers is left at its default
+    if (f[k].tagName === 'SELECT' && ![...f[k].options].some((o) => o.value === v[k])) continue;
+    f[k].value = v[k];
   }
   if (typeof v.all === 'boolean') $('#f-all').checked = v.all;
+  syncForm();
+}
+
+const SHAPE_HINTS = {
+  free: 'Your prompt, as written; output stops where the model stops (or at max tokens).',
+  profile: 'llama-bench\'s ppN-tgM: a prompt of exactly N tokens, then exactly M generated; reports pp and tg tokens/s.',
+  tokens: 'A prompt of exactly N tokens (built by the agent for the model), then up to max tokens, run to the end.',
+};
+
+/** Shows the fields of the chosen shape and repeat mode only. */
+function syncForm() {
+  const f = $('#run-form');
+  const shape = f.shape.value;
+  const mode = f.repeat_mode.value;
+  for (const el of f.querySelectorAll('[data-shape]')) el.hidden = !el.dataset.shape.split(' ').includes(shape);
+  for (const el of f.querySelectorAll('[data-repeat]')) el.hidden = el.dataset.repeat !== mode;
+  $('#shape-hint').textContent = SHAPE_HINTS[shape] ?? '';
 }
 
 function formMsg(text, kind = 'error') {
@@ -175,28 +192,52 @@ function formMsg(text, kind = 'error') {
   el.dataset.kind = kind;
 }
 
+/** The job as the form describes it: valid for schemas::Job (the same checks, said in the form's words). */
 function readJob() {
   const f = $('#run-form');
+  const label = (el) => el.labels[0].textContent.replace(/\(.*\)/, '').trim();
   const intIn = (el, min) => {
     const n = Number(el.value);
-    if (el.value.trim() === '' || !Number.isInteger(n) || n < min) throw new Error(`${el.labels[0].textContent.trim()} must be a whole number ≥ ${min}`);
+    if (el.value.trim() === '' || !Number.isInteger(n) || n < min) throw new Error(`${label(el)} must be a whole number ≥ ${min}`);
     return n;
   };
   const model = f.model.value;
   if (!model) throw new Error('Choose a model (no machine offers one yet).');
-  if (!f.prompt.value.trim()) throw new Error('Write a prompt.');
   const temperature = Number(f.temperature.value);
   if (f.temperature.value.trim() === '' || !Number.isFinite(temperature) || temperature < 0) throw new Error('Temperature must be a number ≥ 0');
-  const body = {
-    test_type: 'llm_generate',
-    model,
-    prompt: f.prompt.value,
-    max_tokens: intIn(f.max_tokens, 1),
-    num_ctx: intIn(f.num_ctx, 1),
-    temperature,
-    repeat: intIn(f.repeat, 1),
-    warmup: intIn(f.warmup, 0),
-  };
+  const body = { test_type: 'llm_generate', model, prompt: '', num_ctx: intIn(f.num_ctx, 1), temperature };
+  const shape = f.shape.value;
+  let promptTokens = null;
+  if (shape === 'profile') {
+    const pp = intIn(f.pp, 1);
+    const tg = intIn(f.tg, 1);
+    body.profile = `pp${pp}-tg${tg}`;
+    body.max_tokens = tg;
+    promptTokens = pp;
+  } else if (shape === 'tokens') {
+    promptTokens = intIn(f.prompt_tokens, 1);
+    body.prompt_tokens = promptTokens;
+    body.max_tokens = intIn(f.max_tokens, 1);
+  } else {
+    if (!f.prompt.value.trim()) throw new Error('Write a prompt.');
+    body.prompt = f.prompt.value;
+    body.max_tokens = intIn(f.max_tokens, 1);
+  }
+  const depth = intIn(f.depth, 0);
+  if (depth > 0) body.depth = depth;
+  if (promptTokens !== null && depth + promptTokens + body.max_tokens > body.num_ctx) {
+    throw new Error(`Depth + prompt tokens + generated tokens is ${depth + promptTokens + body.max_tokens}, more than the context size ${body.num_ctx}: raise Context size.`);
+  }
+  if (f.repeat_mode.value === 'auto') {
+    body.repeat = 'auto';
+    body.max_repeat = intIn(f.max_repeat, MIN_CI_SAMPLES);
+    const t = Number(f.target_ci_pct.value);
+    if (f.target_ci_pct.value.trim() === '' || !Number.isFinite(t) || t <= 0 || t > 100) throw new Error('Target ±% must be a number above 0 and at most 100');
+    body.target_ci_pct = t;
+  } else {
+    body.repeat = intIn(f.repeat, 1);
+  }
+  body.warmup = intIn(f.warmup, 0);
   if (f.seed.value.trim() !== '') body.seed = intIn(f.seed, 0);
   if ($('#f-all').checked) body.machines = 'all';
   else {
@@ -433,12 +474,14 @@ function renderJobHead() {
   replace(exp, h('span', { class: 'muted' }, 'Export'),
     ['csv', 'json', 'ndjson'].map((ext) => h('a', { href: api.exportUrl(job.job_id, ext), download: `${job.job_id}.${ext}`, class: 'export' }, ext.toUpperCase())));
   const j = job.job ?? {};
-  const runs = j.repeat != null ? `${j.repeat}` + (j.warmup ? ` + ${j.warmup} warmup` : '') : null;
+  const runs = j.repeat != null ? repeatText(j) + (j.warmup ? ` + ${j.warmup} warmup` : '') : null;
   const kv = (k, v) => (v === undefined || v === null ? null : h('span', { class: 'kv' }, h('span', { class: 'k' }, k), h('span', { class: 'v' }, String(v))));
   replace(meta,
     h('div', { class: 'kvs' },
       kv('model', j.model),
-      kv('max tokens', j.max_tokens),
+      kv('shape', shapeText(j)),
+      j.depth ? kv('depth', j.depth) : null,
+      j.profile ? null : kv('max tokens', j.max_tokens),
       kv('ctx', j.num_ctx),
       kv('temp', j.temperature),
       kv('runs', runs),
@@ -446,7 +489,24 @@ function renderJobHead() {
       kv('started', when(job.created_ms)),
       job.source === 'external' ? h('span', { class: 'tag', title: 'Submitted on NATS directly (e.g. the nats CLI), not through this page' }, 'nats CLI') : null,
       h('span', { class: 'kv' }, h('span', { class: 'k' }, 'job'), h('span', { class: 'v job-id' }, job.job_id))),
-    h('p', { class: 'prompt', id: 'job-prompt', title: 'Prompt' }, j.prompt ?? ''));
+    h('p', { class: 'prompt', id: 'job-prompt', title: 'Prompt' }, j.prompt || (hasShape(j) ? 'prompt built by each agent to the exact size, from a fixed text' : '')));
+}
+
+/** The job's repeats in words: "3", or "auto (max 20)". */
+function repeatText(j) {
+  if (j.repeat === 'auto') return `auto (max ${j.max_repeat ?? 20}, ±${j.target_ci_pct ?? 2}%)`;
+  return String(j.repeat ?? 1);
+}
+
+/** The job asks for a controlled size (a profile or prompt_tokens): pp/tg rates are meaningful. */
+function hasShape(j) {
+  return !!(j && (j.profile || j.prompt_tokens != null));
+}
+
+function shapeText(j) {
+  if (j.profile) return j.profile;
+  if (j.prompt_tokens != null) return `${j.prompt_tokens}-token prompt`;
+  return 'free prompt';
 }
 
 /** Panes in the fleet's order (machines.yaml order, then by id), so a machine keeps its place. */
@@ -500,6 +560,7 @@ function createPane(id) {
     if (atBottom(out)) jump.hidden = true;
   });
   const metrics = h('dl', { class: 'metrics' });
+  const notes = h('ul', { class: 'pane-notes', hidden: true });
   const info = h('dl', { class: 'fleet-info' });
   const err = h('p', { class: 'pane-error', role: 'alert', hidden: true });
   const el = h('article', { class: 'pane', 'data-machine': id, 'aria-label': `Machine ${id}` },
@@ -512,8 +573,9 @@ function createPane(id) {
     info,
     h('div', { class: 'output-wrap' }, out, jump),
     err,
-    metrics);
-  return { id, el, title, fleetBadge, pin, jobState, live, out, jump, metrics, info, err, shownRun: null, shownLen: 0 };
+    metrics,
+    notes);
+  return { id, el, title, fleetBadge, pin, jobState, live, out, jump, metrics, notes, info, err, shownRun: null, shownLen: 0 };
 }
 
 function atBottom(el) {
@@ -543,17 +605,25 @@ function updatePane(p) {
     p.live.textContent = fm?.last_seen_ms ? `seen ${when(fm.last_seen_ms)}` : '';
     setOutput(p, null, '');
     replace(p.metrics);
+    replace(p.notes);
+    p.notes.hidden = true;
     p.err.hidden = true;
     renderFleetInfo(p, fm);
     return;
   }
   // state line
-  const total = ui.job.job ? (ui.job.job.repeat ?? 1) + (ui.job.job.warmup ?? 0) : null;
+  const j = ui.job.job;
   let state = m.status;
   if (m.status === 'running' && m.run) {
-    state = `run ${m.run.index + 1}${total ? '/' + total : ''}${m.run.warmup ? ' · warmup' : ''}`;
+    // Indices no longer say what a run is (a cold run may come first): its own flags do.
+    if (m.run.cold) state = 'cold run · not counted';
+    else if (m.run.warmup) state = `warmup ${m.repeats.filter((r) => r.warmup).length + 1}${j?.warmup ? '/' + j.warmup : ''}`;
+    else {
+      const k = m.repeats.filter((r) => !r.warmup && !r.cold).length + 1;
+      state = `run ${k}${j ? '/' + repeatText(j) : ''}`;
+    }
   } else if (m.status === 'done') {
-    const n = m.repeats.filter((r) => !r.warmup).length;
+    const n = m.repeats.filter((r) => isMeasured(r, !!j?.include_short)).length;
     state = `done · ${n} run${n === 1 ? '' : 's'}`;
   }
   // A re-used job id is a new run of the job on this machine: say which one is shown.
@@ -578,6 +648,7 @@ function updatePane(p) {
   p.err.hidden = !notes.length;
   p.err.textContent = notes.join(' · ');
   renderPaneMetrics(p, m);
+  renderPaneNotes(p, m);
 }
 
 function renderFleetInfo(p, fm) {
@@ -616,7 +687,7 @@ function setOutput(p, runKey, text) {
 function baselineStats() {
   if (!ui.baseline || !ui.job) return null;
   const b = ui.job.machines.get(ui.baseline);
-  return b ? machineStats(b) : null;
+  return b ? machineStats(b, !!ui.job.job?.include_short) : null;
 }
 
 function deltaEl(v, betterWhenPositive) {
@@ -626,33 +697,86 @@ function deltaEl(v, betterWhenPositive) {
   return h('span', { class: cls, title: 'vs. baseline' }, pct(v));
 }
 
+/** "95% CI a–b" when the stats have an interval, else "min–max" over more than one run. */
+function spreadText(x, f) {
+  if (!x) return null;
+  if (hasCi(x)) return `95% CI ${f(x.ci_low)}–${f(x.ci_high)}`;
+  return x.n > 1 ? `${f(x.min)}–${f(x.max)}` : null;
+}
+
 function renderPaneMetrics(p, m) {
-  const st = machineStats(m);
+  const j = ui.job?.job;
+  const st = machineStats(m, !!j?.include_short);
   const base = baselineStats();
   const isBase = ui.baseline === m.machine_id;
   const med = (x) => x?.median ?? null;
-  const range = (x, f) => (x && x.n > 1 ? `${f(x.min)}–${f(x.max)}` : null);
   const item = (label, value, sub, delta, cls) => h('div', { class: 'metric' + (cls ? ' ' + cls : '') },
     h('dt', {}, label),
     h('dd', {}, h('span', { class: 'val' }, value)),
     sub || (delta && !isBase) ? h('dd', { class: 'sub' }, sub ?? '', delta && !isBase ? delta : null) : null);
+  const shaped = hasShape(j);
   if (!st.n) {
-    const liveTtft = m.status === 'running' && m.live && !m.run?.warmup ? m.live.firstT : null;
+    const liveTtft = m.status === 'running' && m.live && !m.run?.warmup && !m.run?.cold ? m.live.firstT : null;
     replace(p.metrics,
       item('TTFT', liveTtft === null ? '–' : ms(liveTtft), liveTtft === null ? null : 'first token, live'), item('decode tok/s', '–'), item('total', '–'), item('tokens', '–'),
+      shaped ? item('pp tok/s', '–') : null, shaped ? item('tg tok/s', '–') : null,
       item('engine', m.engine ?? '–', null, null, 'text'));
     return;
   }
   replace(p.metrics,
-    item('TTFT', ms(med(st.ttft_ms)), range(st.ttft_ms, (v) => num(v, 0)), base ? deltaEl(deltaPct(med(st.ttft_ms), med(base.ttft_ms)), false) : null),
-    item('decode tok/s', rate(med(st.gen_tokens_per_s)), range(st.gen_tokens_per_s, (v) => num(v, 1)), base ? deltaEl(deltaPct(med(st.gen_tokens_per_s), med(base.gen_tokens_per_s)), true) : null, 'key'),
-    item('total', ms(med(st.total_ms)), range(st.total_ms, (v) => num(v, 0)), base ? deltaEl(deltaPct(med(st.total_ms), med(base.total_ms)), false) : null),
+    item('TTFT', ms(med(st.ttft_ms)), spreadText(st.ttft_ms, (v) => num(v, 0)), base ? deltaEl(deltaPct(med(st.ttft_ms), med(base.ttft_ms)), false) : null),
+    item('decode tok/s', rate(med(st.gen_tokens_per_s)), spreadText(st.gen_tokens_per_s, (v) => num(v, 1)), base ? deltaEl(deltaPct(med(st.gen_tokens_per_s), med(base.gen_tokens_per_s)), true) : null, 'key'),
+    item('total', ms(med(st.total_ms)), spreadText(st.total_ms, (v) => num(v, 0)), base ? deltaEl(deltaPct(med(st.total_ms), med(base.total_ms)), false) : null),
     item('tokens', int(med(st.gen_tokens)), tokenSource(m)),
+    shaped ? item('pp tok/s', rate(med(st.pp_tokens_per_s)), spreadText(st.pp_tokens_per_s, (v) => num(v, 0)), base ? deltaEl(deltaPct(med(st.pp_tokens_per_s), med(base.pp_tokens_per_s)), true) : null) : null,
+    shaped ? item('tg tok/s', rate(med(st.tg_tokens_per_s)), spreadText(st.tg_tokens_per_s, (v) => num(v, 1)), base ? deltaEl(deltaPct(med(st.tg_tokens_per_s), med(base.tg_tokens_per_s)), true) : null) : null,
     item('engine', m.engine ?? '–', st.n > 1 ? `median of ${st.n}` : null, null, 'text'));
 }
 
+/** Most flagged runs listed per pane (the rest are counted). */
+const NOTES_MAX = 8;
+
+/** What the numbers above leave out or qualify: the cold run, flagged runs, null rates, why it stopped. */
+function renderPaneNotes(p, m) {
+  const j = ui.job?.job;
+  const includeShort = !!j?.include_short;
+  const st = machineStats(m, includeShort);
+  const li = (cls, ...parts) => h('li', { class: cls }, ...parts);
+  const items = [];
+  if (st.cold) {
+    const c = st.cold;
+    items.push(li('note-cold', `cold run (first request after the model load), not counted: TTFT ${ms(c.ttft_ms)}`, c.load_ms != null ? `, load ${ms(c.load_ms)}` : ''));
+  }
+  const flagged = [];
+  for (const r of m.repeats) {
+    if (r.warmup || r.cold) continue;
+    const what = [];
+    if (r.short_output) what.push(`short output: ${int(r.gen_tokens)} tokens of ${int(m.shape?.max_tokens ?? j?.max_tokens)}${includeShort ? ' (included)' : ', not counted'}`);
+    if (r.prompt_cache_hit) what.push(`prompt cache hit${r.prompt_evaluated != null ? `: ${int(r.prompt_evaluated)} of ${int(r.prompt_tokens)} prompt tokens evaluated` : ''}`);
+    if (r.gen_tokens_per_s == null || !Number.isFinite(r.ttft_ms)) what.push(`no ${Number.isFinite(r.ttft_ms) ? 'decode rate' : 'TTFT or rate'}: ${r.null_reason ?? 'too few tokens'}`);
+    if (what.length) flagged.push(li('note-flag', `repeat #${r.repeat_index}: ${what.join('; ')}`));
+  }
+  items.push(...flagged.slice(0, NOTES_MAX));
+  if (flagged.length > NOTES_MAX) items.push(li('note-flag', `… and ${flagged.length - NOTES_MAX} more flagged runs (see the CSV export)`));
+  if (m.status === 'done' && m.stopReason) items.push(li('note-stop', stopText(m.stopReason, st)));
+  replace(p.notes, items);
+  p.notes.hidden = !items.length;
+}
+
+function stopText(reason, st) {
+  const hw = ciHalfWidthPct(st.gen_tokens_per_s);
+  const at = hw === null ? '' : ` (decode ±${num(hw, 1)}%)`;
+  switch (reason) {
+    case 'precision': return `stopped: interval ±${num(hw, 1)}% reached`;
+    case 'decided': return `stopped: decided, its interval separated from every other machine's${at}`;
+    case 'max_repeat': return `stopped: max_repeat reached after ${st.n} runs${at}`;
+    case 'count': return `stopped: ran the ${st.n} repeats asked for${at}`;
+    default: return `stopped: ${reason}`;
+  }
+}
+
 function tokenSource(m) {
-  const src = m.repeats.find((r) => !r.warmup)?.token_count_source;
+  const src = m.repeats.find((r) => !r.warmup && !r.cold)?.token_count_source;
   return src === 'chunk_count' ? 'counted chunks (approx.)' : null;
 }
 
@@ -671,7 +795,7 @@ function compareRows() {
   const base = baselineStats();
   const serverRank = new Map((job.ranking ?? []).map((r) => [r.machine_id, r]));
   return [...job.machines.values()].map((m) => {
-    const st = machineStats(m);
+    const st = machineStats(m, !!job.job?.include_short);
     const tps = st.gen_tokens_per_s;
     const ttft = st.ttft_ms;
     return {
@@ -694,7 +818,7 @@ function compareRows() {
 function renderCompare() {
   const job = ui.job;
   const sec = $('#compare');
-  if (!job || ![...job.machines.values()].some((m) => m.repeats.some((r) => !r.warmup))) {
+  if (!job || ![...job.machines.values()].some((m) => m.repeats.some((r) => !r.warmup && !r.cold))) {
     sec.hidden = true;
     return;
   }
@@ -707,7 +831,7 @@ function renderCompare() {
   ui.compareSig = sig;
   const withTps = rows.filter((r) => r.tps);
 
-  // verdicts: the gap must be larger than the spread (min-max ranges must not overlap)
+  // verdicts: a winner only where the 95% intervals of the medians are separated
   const tpsW = clearWinner(rows.map((r) => ({ machine_id: r.id, stat: r.tps })), true);
   const rank1 = job.ranking?.find((r) => r.rank === 1);
   if (rank1 && typeof rank1.clear_winner === 'boolean' && rank1.machine_id === tpsW.winner) tpsW.clear = rank1.clear_winner;
@@ -788,15 +912,18 @@ function renderCompare() {
       const rg = c.range?.(r);
       return h('td', { class: (c.text ? 'text' : 'num') + (isBest ? ' best' : ''), 'data-key': c.key },
         h('span', { class: 'cell-val' }, c.fmt ? c.fmt(r) : String(v ?? '')),
-        rg ? h('span', { class: 'cell-range', title: 'min–max over repeats' }, rg) : null);
+        rg ? h('span', { class: 'cell-range', title: rg.ci ? '95% confidence interval of the median' : 'min–max over repeats (a 95% interval needs 6 runs)' }, rg.text) : null);
     }))));
   $('#baseline-note').textContent = ui.baseline
     ? (job.machines.has(ui.baseline) ? `Δ against baseline ${labelOf(ui.baseline)}` : `Baseline ${ui.baseline} is not in this race`)
     : 'Pin a machine as baseline to see deltas';
 }
 
+/** The spread shown under a table cell: the 95% interval when there is one, else min–max. */
 function rangeText(st, digits) {
-  return st && st.n > 1 ? `${num(st.min, digits)}–${num(st.max, digits)}` : null;
+  if (!st) return null;
+  if (hasCi(st)) return { ci: true, text: `${num(st.ci_low, digits)}–${num(st.ci_high, digits)}` };
+  return st.n > 1 ? { ci: false, text: `${num(st.min, digits)}–${num(st.max, digits)}` } : null;
 }
 
 function verdictItem(name, w, unit, higher, f, running) {
@@ -808,13 +935,15 @@ function verdictItem(name, w, unit, higher, f, running) {
   const rl = labelOf(w.runnerUp);
   if (w.clear) {
     return h('li', { class: 'verdict-win' }, h('strong', {}, name + ': '), h('span', { class: 'who' }, wl),
-      ` wins — ${f(a.median)} vs ${f(b.median)} ${unit} (${num(gap, 1)}% ${higher ? 'faster' : 'lower'}); the ranges over repeats do not overlap.`);
+      ` wins — ${f(a.median)} vs ${f(b.median)} ${unit} (${num(gap, 1)}% ${higher ? 'faster' : 'lower'}); the 95% intervals of the medians are separated.`);
   }
-  const single = a.n < 2 || b.n < 2;
+  if (w.separation?.overlap_pct == null) {
+    const counts = [[wl, a.n], [rl, b.n]].filter(([, n]) => n < MIN_CI_SAMPLES).map(([l, n]) => `${l} has ${n}`).join(', ');
+    return h('li', { class: 'verdict-tie verdict-needs' }, h('strong', {}, name + ': '), 'no clear winner — ', h('span', { class: 'who' }, wl),
+      ` leads ${rl} by ${num(gap, 1)}%, but a 95% interval needs ${MIN_CI_SAMPLES} runs per machine (${counts}): use repeat "auto" or ${MIN_CI_SAMPLES}+ repeats.`);
+  }
   return h('li', { class: 'verdict-tie' }, h('strong', {}, name + ': '), 'no clear winner — ', h('span', { class: 'who' }, wl),
-    single
-      ? ` leads ${rl} by ${num(gap, 1)}%, but one repeat has no spread to judge the gap by: run 2 or more repeats.`
-      : ` leads ${rl} by ${num(gap, 1)}% but the gap is within the spread over repeats.`);
+    ` leads ${rl} by ${num(gap, 1)}%, but their 95% intervals overlap by ${num(w.separation.overlap_pct, 0)}%.`);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -844,7 +973,7 @@ function renderHistory() {
         j.source === 'external' ? h('span', { class: 'tag', title: 'Submitted on NATS directly' }, 'nats') : null,
         h('span', { class: 'spacer' }),
         (j.machines ?? []).length ? h('span', { class: 'hist-n mono', title: `machines: ${j.machines.join(', ')}` }, `${j.machines.length}×`) : null),
-      h('span', { class: 'hist-prompt' }, (j.prompt ?? '').replace(/\s+/g, ' ').slice(0, 120)));
+      h('span', { class: 'hist-prompt' }, (j.prompt || (j.profile ? `profile ${j.profile}` : '')).replace(/\s+/g, ' ').slice(0, 120)));
     btn.setAttribute('aria-label', `${j.status} job ${when(j.created_ms)}, ${j.model ?? ''}: ${(j.prompt ?? '').slice(0, 60)}`);
     btn.addEventListener('click', () => openJob(j.job_id));
     return h('li', {}, btn);
@@ -914,6 +1043,7 @@ function init() {
     if (e.target.id === 'f-all') renderMachineChecks();
     if (e.target.id === 'f-model') updateModelNote();
     if (e.target.id === 'f-all') renderModelOptions();
+    if (e.target.id === 'f-shape' || e.target.id === 'f-repeat-mode') syncForm();
     saveForm();
   });
   form.addEventListener('input', saveForm);

@@ -1,5 +1,6 @@
-// Hand-drawn SVG bar chart: one bar per machine at the median, a whisker from min to max over
-// the measured repeats. Labels are SVG text nodes (textContent), never markup.
+// Hand-drawn SVG bar chart: one bar per machine at the median, a whisker over the 95% confidence
+// interval of the median where there is one (6+ runs), else from min to max over the measured
+// repeats. Labels are SVG text nodes (textContent), never markup.
 import { s } from './dom.js';
 import { num } from './format.js';
 
@@ -15,7 +16,7 @@ function truncate(text, max) {
 }
 
 /**
- * rows: [{id, label, color, stat: {median,min,max,n} | null, baseline: bool, winner: bool}]
+ * rows: [{id, label, color, stat: {median,min,max,n,ci_low,ci_high} | null, baseline: bool, winner: bool}]
  * opts: {title, unit, better: 'higher' | 'lower', digits}
  */
 export function barChart(rows, opts) {
@@ -27,7 +28,10 @@ export function barChart(rows, opts) {
   const axisH = 22;
   const plotW = W - labelW - valueW;
   const H = top + rows.length * rowH + axisH;
-  const max = Math.max(0, ...rows.filter((r) => r.stat).map((r) => r.stat.max));
+  const whisker = (st) => (Number.isFinite(st.ci_low) && Number.isFinite(st.ci_high) ? { ci: true, lo: st.ci_low, hi: st.ci_high } : { ci: false, lo: st.min, hi: st.max });
+  const anyCi = rows.some((r) => r.stat && whisker(r.stat).ci);
+  const anyRange = rows.some((r) => r.stat && !whisker(r.stat).ci && r.stat.n > 1);
+  const max = Math.max(0, ...rows.filter((r) => r.stat).map((r) => Math.max(r.stat.max, whisker(r.stat).hi)));
   const step = niceStep(max > 0 ? max : 1, 4);
   const axisMax = Math.max(step, Math.ceil((max > 0 ? max : 1) / step) * step);
   const x = (v) => labelW + (Math.max(0, v) / axisMax) * plotW;
@@ -41,7 +45,7 @@ export function barChart(rows, opts) {
   });
   svg.append(
     s('text', { x: 0, y: 14, class: 'chart-title' }, opts.title),
-    s('text', { x: W, y: 14, class: 'chart-note', 'text-anchor': 'end' }, W >= 460 ? `${opts.better} is better · bar = median, whisker = min–max` : `${opts.better} is better`),
+    s('text', { x: W, y: 14, class: 'chart-note', 'text-anchor': 'end' }, W >= 460 ? `${opts.better} is better · bar = median, whisker = ${anyCi ? (anyRange ? '95% interval (min–max below 6 runs)' : '95% interval') : 'min–max (95% interval from 6 runs)'}` : `${opts.better} is better`),
   );
   // grid + axis
   const g = s('g', { class: 'chart-grid' });
@@ -63,18 +67,21 @@ export function barChart(rows, opts) {
     if (r.stat) {
       const bx = x(0);
       row.append(s('rect', { x: bx, y: y + 5, width: Math.max(1, x(r.stat.median) - bx), height: rowH - 10, rx: 1.5, fill: r.color, class: 'chart-bar' }));
-      if (r.stat.n > 1 && r.stat.max > r.stat.min) {
-        const x1 = x(r.stat.min);
-        const x2 = x(r.stat.max);
+      const wk = whisker(r.stat);
+      if (r.stat.n > 1 && wk.hi > wk.lo) {
+        const x1 = x(wk.lo);
+        const x2 = x(wk.hi);
+        const cls = 'chart-whisker' + (wk.ci ? ' is-ci' : '');
         row.append(
-          s('line', { x1, x2, y1: cy, y2: cy, class: 'chart-whisker' }),
-          s('line', { x1, x2: x1, y1: cy - 6, y2: cy + 6, class: 'chart-whisker' }),
-          s('line', { x1: x2, x2, y1: cy - 6, y2: cy + 6, class: 'chart-whisker' }),
+          s('line', { x1, x2, y1: cy, y2: cy, class: cls }),
+          s('line', { x1, x2: x1, y1: cy - 6, y2: cy + 6, class: cls }),
+          s('line', { x1: x2, x2, y1: cy - 6, y2: cy + 6, class: cls }),
         );
       }
       row.append(s('text', { x: W, y: cy + 4, 'text-anchor': 'end', class: 'chart-value' }, num(r.stat.median, opts.digits) + ' ' + opts.unit));
       if (r.stat.n > 1) {
-        row.querySelector('title').textContent = `${r.label} (${r.id}): median ${num(r.stat.median, opts.digits)}, min ${num(r.stat.min, opts.digits)}, max ${num(r.stat.max, opts.digits)} ${opts.unit} over ${r.stat.n} runs`;
+        const ci = wk.ci ? `, 95% interval ${num(wk.lo, opts.digits)}–${num(wk.hi, opts.digits)}` : '';
+        row.querySelector('title').textContent = `${r.label} (${r.id}): median ${num(r.stat.median, opts.digits)}${ci}, min ${num(r.stat.min, opts.digits)}, max ${num(r.stat.max, opts.digits)} ${opts.unit} over ${r.stat.n} runs`;
       }
     } else {
       row.append(s('text', { x: labelW + 4, y: cy + 4, class: 'chart-empty' }, 'no result yet'));
