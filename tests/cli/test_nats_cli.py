@@ -133,6 +133,42 @@ class CliForms(unittest.IsolatedAsyncioTestCase):
         self.assertTrue(all(r["accepted"] for r in got))
         self.assertEqual(len({r["job_id"] for r in got}), 1, got)
 
+    async def test_broadcast_profile_with_auto_repeats(self):
+        # nats req --replies 0 bench.jobs.all '{"job_id":"pp-race","profile":"pp512-tg128","repeat":"auto",...}'
+        job_id = f"pp-{uuid.uuid4().hex[:8]}"
+        inbox = self.nc.new_inbox()
+        replies = await self.nc.subscribe(inbox)
+        sub = await self.nc.subscribe(f"bench.events.{job_id}")
+        job = {"job_id": job_id, "model": "mock-7b", "profile": "pp512-tg128", "num_ctx": 4096,
+               "repeat": "auto", "max_repeat": 8, "warmup": 1}
+        await self.nc.publish("bench.jobs.all", json.dumps(job).encode(), reply=inbox)
+        got = [json.loads((await replies.next_msg(timeout=TIMEOUT)).data) for _ in range(2)]
+        self.assertTrue(all(r["accepted"] for r in got), got)
+        events = await self.collect(None, {"cli-a", "cli-b"}, sub)
+        for d in (e["payload"] for e in events if e["type"] == "job_done"):
+            self.assertIn(d["stop_reason"], ("precision", "decided", "max_repeat"))
+            self.assertEqual(d["shape"], {"prompt_tokens": 512, "depth": 0, "max_tokens": 128, "ignore_eos": True})
+            measured = [m for m in d["repeats"] if not m["warmup"] and not m.get("cold")]
+            self.assertTrue(6 <= len(measured) <= 8, len(measured))
+            for m in d["repeats"]:
+                self.assertEqual((m["prompt_tokens"], m["gen_tokens"]), (512, 128))
+            tg = d["summary"]["tg_tokens_per_s"]
+            self.assertLessEqual(tg["ci_low"], tg["median"])
+            self.assertLessEqual(tg["median"], tg["ci_high"])
+
+    async def test_depth_needs_an_engine_tokenizer(self):
+        # nats req bench.jobs.local '{"prompt_tokens":256,"depth":2048,...}' on an engine without
+        # /tokenize: accepted, then a coded failure rather than a shape that is not what it says.
+        job_id = f"depth-{uuid.uuid4().hex[:8]}"
+        sub = await self.nc.subscribe(f"bench.events.{job_id}")
+        job = {"job_id": job_id, "model": "mock-7b", "prompt_tokens": 256, "depth": 2048,
+               "max_tokens": 64, "num_ctx": 4096, "repeat": 6}
+        msg = await self.nc.request("bench.jobs.cli-a", json.dumps(job).encode(), timeout=TIMEOUT)
+        self.assertTrue(json.loads(msg.data)["accepted"])
+        events = await self.collect(None, {"cli-a"}, sub)
+        self.assertEqual(events[-1]["type"], "job_error")
+        self.assertEqual(events[-1]["payload"]["code"], "unsupported")
+
     async def test_broadcast_with_selector(self):
         job_id = f"sel-{uuid.uuid4().hex[:8]}"
         inbox = self.nc.new_inbox()
