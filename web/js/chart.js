@@ -15,6 +15,14 @@ function truncate(text, max) {
   return text.length > max ? text.slice(0, max - 1) + '…' : text;
 }
 
+/** The note over a chart: what is better and what the whisker is (the 95% interval, or min–max below 6 runs). */
+function chartNote(W, better, anyCi, anyRange) {
+  const whisker = anyCi ? (anyRange ? '95% CI (min–max below 6 runs)' : '95% CI') : 'min–max';
+  if (W >= 560) return `${better} is better · bar = median, whisker = ${whisker}`;
+  if (W >= 360) return `${better} is better · whisker = ${anyCi ? '95% CI' : 'min–max'}`;
+  return `${better} is better`;
+}
+
 /**
  * rows: [{id, label, color, stat: {median,min,max,n,ci_low,ci_high} | null, baseline: bool, winner: bool}]
  * opts: {title, unit, better: 'higher' | 'lower', digits}
@@ -45,7 +53,7 @@ export function barChart(rows, opts) {
   });
   svg.append(
     s('text', { x: 0, y: 14, class: 'chart-title' }, opts.title),
-    s('text', { x: W, y: 14, class: 'chart-note', 'text-anchor': 'end' }, W >= 460 ? `${opts.better} is better · bar = median, whisker = ${anyCi ? (anyRange ? '95% interval (min–max below 6 runs)' : '95% interval') : 'min–max (95% interval from 6 runs)'}` : `${opts.better} is better`),
+    s('text', { x: W, y: 14, class: 'chart-note', 'text-anchor': 'end' }, chartNote(W, opts.better, anyCi, anyRange)),
   );
   // grid + axis
   const g = s('g', { class: 'chart-grid' });

@@ -94,6 +94,9 @@ async function chooseModel() {
 }
 
 async function fillForm({ prompt, maxTokens, repeat, warmup = 0 }) {
+  await page.selectOption('#f-shape', 'free');
+  await page.selectOption('#f-repeat-mode', 'count');
+  await page.fill('#f-depth', '0');
   await page.fill('#f-prompt', prompt);
   await page.fill('#f-max', String(maxTokens));
   await page.fill('#f-ctx', '2048');
@@ -188,8 +191,15 @@ describe('bench-race web UI in headless Chromium', () => {
     assert.ok(bars >= 2 && ttftBars >= 2, `bars in both charts (${bars}, ${ttftBars})`);
     const rows = await page.$$eval('#cmp-table tbody tr', (r) => r.length);
     assert.ok(rows >= 2, 'a table row per machine');
+    // 3 repeats: ranges, but no 95% interval of the median (it needs 6 runs), so no winner is
+    // called however far apart the machines are; the page says what it would take.
     const verdict = await page.textContent('#verdict');
-    assert.match(verdict, /Decode: .*(wins|no clear winner)/, 'a decode verdict is given');
+    assert.match(verdict, /Decode: no clear winner — .*a 95% interval needs 6 runs per machine .*repeat "auto"/, `the decode verdict asks for 6 runs (${verdict})`);
+    assert.equal(await page.$$eval('#cmp-table tbody tr.is-winner', (r) => r.length), 0, 'no winner marked');
+    assert.match(await page.textContent('#chart-tps .chart-note'), /whisker = min–max/, 'the whisker is min–max without an interval');
+    const rank1 = (await api(`/api/jobs/${raceJob}`)).body.ranking[0];
+    assert.equal(rank1.clear_winner, false);
+    assert.match(rank1.verdict, /^needs 6 repeats per machine/);
     // the page shows what central stored, text for text (no doubled or lost tokens)
     raceOutputs = await paneOutputs();
     const doc = (await api(`/api/jobs/${raceJob}`)).body;
@@ -202,6 +212,74 @@ describe('bench-race web UI in headless Chromium', () => {
     await page.evaluate(() => window.scrollTo(0, 0));
     await shot('03-race-done');
     await shot('03-race-done-full', { fullPage: true });
+  });
+
+  it('races a pp32-tg16 profile with repeat "auto": pp/tg rates, 95% intervals, a verdict on them and why each stopped', async () => {
+    const prev = await page.evaluate(() => decodeURIComponent(location.hash.slice(5)));
+    await page.selectOption('#f-shape', 'profile');
+    assert.equal(await page.isVisible('#f-prompt'), false, 'a profile needs no prompt');
+    assert.equal(await page.isVisible('#f-max'), false, 'a profile sets the output length');
+    await page.fill('#f-pp', '32');
+    await page.fill('#f-tg', '16');
+    await page.fill('#f-depth', '0');
+    await page.fill('#f-ctx', '2048');
+    await page.selectOption('#f-repeat-mode', 'auto');
+    assert.equal(await page.isVisible('#f-repeat'), false);
+    await page.fill('#f-max-repeat', '8');
+    await page.fill('#f-target-ci', '2');
+    await page.fill('#f-warmup', '1');
+    if (!(await page.isChecked('#f-all'))) await page.check('#f-all');
+    // a max_repeat below 6 can give no interval: refused in the form, nothing sent
+    await page.fill('#f-max-repeat', '5');
+    await page.click('#run-btn');
+    await page.waitForFunction(() => /Max repeats must be a whole number ≥ 6/.test(document.getElementById('form-msg').textContent), null, { timeout: T });
+    await page.fill('#f-max-repeat', '8');
+    await page.click('#run-btn');
+    const id = await currentJobId(prev);
+    await waitAllFinished(['done']);
+    const doc = (await api(`/api/jobs/${id}`)).body;
+    assert.equal(doc.job.profile, 'pp32-tg16');
+    assert.equal(doc.job.repeat, 'auto');
+    assert.equal(doc.job.max_repeat, 8);
+    assert.equal(doc.job.prompt, '');
+    assert.match(await page.textContent('#job-meta'), /pp32-tg16/);
+    assert.match(await page.textContent('#job-meta'), /auto \(max 8, ±2%\)/);
+    for (const m of doc.machines) {
+      assert.equal(m.status, 'done', JSON.stringify(m.error));
+      assert.ok(['precision', 'decided', 'max_repeat'].includes(m.stop_reason), `${m.machine_id}: stop_reason ${m.stop_reason}`);
+      const n = m.summary.repeats;
+      assert.ok(n >= 6 && n <= 8, `${m.machine_id}: ${n} measured runs`);
+      const pane = page.locator(`#panes .pane[data-machine="${m.machine_id}"]`);
+      const vals = Object.fromEntries(await pane.locator('.metric').evaluateAll((ms) => ms.map((x) => [x.querySelector('dt').textContent, x.querySelector('.val').textContent])));
+      assert.match(vals['pp tok/s'], /\d/, `${m.machine_id}: pp shown`);
+      assert.match(vals['tg tok/s'], /\d/, `${m.machine_id}: tg shown`);
+      const notes = await pane.locator('.pane-notes').textContent();
+      const want = { precision: /stopped: interval ±[\d.]+% reached/, decided: /stopped: decided/, max_repeat: /stopped: max_repeat reached/ }[m.stop_reason];
+      assert.match(notes, want, `${m.machine_id}: ${notes}`);
+      if (m.summary.cold) assert.match(notes, /cold run .*not counted/);
+      assert.match(await pane.locator('.metric.key .sub').textContent(), /95% CI/, `${m.machine_id}: the decode rate's interval shown`);
+    }
+    // the verdict follows the intervals, as central's ranking does
+    const rank1 = doc.ranking[0];
+    const verdict = await page.textContent('#verdict');
+    assert.ok(rank1.separation && rank1.separation.overlap_pct !== null, JSON.stringify(rank1));
+    if (rank1.clear_winner) {
+      assert.match(verdict, /Decode: .* wins — .*95% intervals of the medians are separated/, verdict);
+      assert.match(rank1.verdict, /^clear winner: /);
+    } else {
+      assert.match(verdict, /Decode: no clear winner — .*95% intervals overlap by \d+%/, verdict);
+      assert.match(rank1.verdict, /^no clear winner: intervals overlap by \d+%/);
+    }
+    assert.match(await page.textContent('#chart-tps .chart-note'), /whisker = 95% CI/);
+    await shot('03b-profile-auto');
+    // the CSV carries the shape
+    const csv = await (await fetch(`${BASE}/api/jobs/${id}/export.csv`)).text();
+    const [head, row] = csv.trim().split('\n').map((l) => l.split(','));
+    assert.equal(row[head.indexOf('profile')], 'pp32-tg16');
+    assert.equal(row[head.indexOf('job_prompt_tokens')], '32');
+    // back to the first race for the tests below
+    await page.goto(BASE + '/#job=' + raceJob, { waitUntil: 'domcontentloaded' });
+    await waitAllFinished(['done']);
   });
 
   it('renders the prompt and outputs as text: <img onerror> runs nothing', async () => {
