@@ -137,21 +137,22 @@ impl Shaper {
                 let counted = probe(backend, job, "Hello").await?;
                 s.bos = counted.saturating_sub(one.len() as u64);
                 let need = (s.depth + s.measured.unwrap_or(0)) as usize + 64;
-                let mut text = material.clone();
-                let mut ids = backend
+                let once = backend
+                    .tokenize(&job.model, &material)
+                    .await?
+                    .unwrap_or_default()
+                    .len();
+                if once == 0 {
+                    return Err(mismatch("the prompt material tokenizes to nothing".into()));
+                }
+                // Enough copies of the material in one go (a long depth would otherwise take
+                // hundreds of growing tokenizer calls).
+                let copies = need.div_ceil(once) + 1;
+                let text = vec![material.as_str(); copies].join(" ");
+                let ids = backend
                     .tokenize(&job.model, &text)
                     .await?
                     .unwrap_or_default();
-                if ids.is_empty() {
-                    return Err(mismatch("the prompt material tokenizes to nothing".into()));
-                }
-                while ids.len() < need {
-                    text = format!("{text} {material}");
-                    ids = backend
-                        .tokenize(&job.model, &text)
-                        .await?
-                        .unwrap_or_default();
-                }
                 s.base_ids = ids;
                 s.base_text = text;
                 if s.depth > 0 {
