@@ -183,6 +183,21 @@ pub(crate) fn request_error(url: &str, e: reqwest::Error) -> ErrorBody {
     }
 }
 
+/// Reads an engine's JSON answer: an error status becomes its coded error, a body that is not
+/// JSON an `engine_error` naming the address.
+pub(crate) async fn read_json(
+    base_url: &str,
+    resp: reqwest::Response,
+) -> Result<serde_json::Value, ErrorBody> {
+    if !resp.status().is_success() {
+        return Err(status_error(base_url, "", resp).await);
+    }
+    let url = resp.url().to_string();
+    resp.json()
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::EngineError, format!("{url}: {e}")))
+}
+
 /// Maps a transport error while reading the streaming body.
 pub(crate) fn body_error(url: &str, e: reqwest::Error) -> ErrorBody {
     ErrorBody::new(

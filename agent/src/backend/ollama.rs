@@ -2,7 +2,9 @@
 //! own counts and nanosecond durations from the final line.
 
 use super::lines::parse_lines;
-use super::{request_error, status_error, Backend, EngineReport, GenRequest, Item, ItemStream};
+use super::{
+    read_json, request_error, status_error, Backend, EngineReport, GenRequest, Item, ItemStream,
+};
 use bench_schemas::{ErrorBody, ErrorCode, Mode, TokenCountSource};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
@@ -153,13 +155,7 @@ impl Backend for Ollama {
                 .send()
                 .await
                 .map_err(|e| request_error(&self.base_url, e))?;
-            if !resp.status().is_success() {
-                return Err(status_error(&self.base_url, "", resp).await);
-            }
-            let v: Value = resp
-                .json()
-                .await
-                .map_err(|e| ErrorBody::new(ErrorCode::EngineError, format!("{url}: {e}")))?;
+            let v = read_json(&self.base_url, resp).await?;
             Ok(v.get("models")
                 .and_then(Value::as_array)
                 .map(|ms| {

@@ -3,7 +3,9 @@
 //! `usage` (asked for with `stream_options.include_usage`) and llama.cpp's `timings` when sent.
 
 use super::lines::parse_lines;
-use super::{request_error, status_error, Backend, EngineReport, GenRequest, Item, ItemStream};
+use super::{
+    read_json, request_error, status_error, Backend, EngineReport, GenRequest, Item, ItemStream,
+};
 use bench_schemas::{ErrorBody, ErrorCode, Mode, TokenCountSource};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
@@ -219,13 +221,7 @@ impl Backend for OpenAi {
                 .send()
                 .await
                 .map_err(|e| request_error(&self.base_url, e))?;
-            if !resp.status().is_success() {
-                return Err(status_error(&self.base_url, "", resp).await);
-            }
-            let v: Value = resp
-                .json()
-                .await
-                .map_err(|e| ErrorBody::new(ErrorCode::EngineError, format!("{url}: {e}")))?;
+            let v = read_json(&self.base_url, resp).await?;
             Ok(v.get("data")
                 .and_then(Value::as_array)
                 .map(|ms| {
@@ -254,13 +250,7 @@ impl Backend for OpenAi {
             if matches!(resp.status().as_u16(), 404 | 405 | 501) {
                 return Ok(None);
             }
-            if !resp.status().is_success() {
-                return Err(status_error(&self.base_url, "", resp).await);
-            }
-            let v: Value = resp
-                .json()
-                .await
-                .map_err(|e| ErrorBody::new(ErrorCode::EngineError, format!("{url}: {e}")))?;
+            let v = read_json(&self.base_url, resp).await?;
             let ids = v
                 .get("tokens")
                 .and_then(Value::as_array)
@@ -301,13 +291,7 @@ impl Backend for OpenAi {
                 .send()
                 .await
                 .map_err(|e| request_error(&self.base_url, e))?;
-            if !resp.status().is_success() {
-                return Err(status_error(&self.base_url, "", resp).await);
-            }
-            let v: Value = resp
-                .json()
-                .await
-                .map_err(|e| ErrorBody::new(ErrorCode::EngineError, format!("{url}: {e}")))?;
+            let v = read_json(&self.base_url, resp).await?;
             v.get("content")
                 .or_else(|| v.get("prompt"))
                 .and_then(Value::as_str)
