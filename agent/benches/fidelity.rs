@@ -263,7 +263,7 @@ fn llama_bench(bin: &Path, model: &Path, threads: &str) -> anyhow::Result<(Vec<B
     Ok((rows, doc))
 }
 
-fn find<'a>(rows: &'a [BenchRow], pp: bool, depth: u64) -> Option<&'a BenchRow> {
+fn find(rows: &[BenchRow], pp: bool, depth: u64) -> Option<&BenchRow> {
     rows.iter().find(|r| {
         r.n_depth == depth
             && if pp {
@@ -633,6 +633,13 @@ fn ratio_row(
     }
 }
 
+/// (ours, reference) of every run.
+type Pairs = Vec<(Option<f64>, Option<f64>)>;
+
+fn pairs_of<T>(runs: &[T], f: impl Fn(&T) -> (Option<f64>, Option<f64>)) -> Pairs {
+    runs.iter().map(f).collect()
+}
+
 /// A per-run ratio series (ours / reference), its median with the 95% interval, and a target.
 fn paired_row(
     section: &'static str,
@@ -894,34 +901,36 @@ async fn fidelity(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
     paired_decode.verdict = "info";
     rows.push(paired_decode);
     let s3 = "3. client-side vs llama.cpp timings (same runs)";
-    let series = |f: &dyn Fn(&Metrics) -> (Option<f64>, Option<f64>)| -> Vec<_> {
-        agent_runs.iter().map(f).collect()
-    };
     rows.push(paired_row(
         s3,
         "agent decode / timings.predicted_per_second",
-        &series(&|m| (m.gen_tokens_per_s, m.engine_gen_tokens_per_s)),
+        &pairs_of(&agent_runs, |m| {
+            (m.gen_tokens_per_s, m.engine_gen_tokens_per_s)
+        }),
         TIMINGS_TARGET_PCT,
     ));
     rows.push(paired_row(
         s3,
         "agent prompt (512 / TTFT) / timings.prompt_per_second",
-        &series(&|m| (m.prompt_tokens_per_s, m.engine_prompt_tokens_per_s)),
+        &pairs_of(&agent_runs, |m| {
+            (m.prompt_tokens_per_s, m.engine_prompt_tokens_per_s)
+        }),
         TIMINGS_TARGET_PCT,
     ));
-    let dseries = |f: &dyn Fn(&DirectRun) -> (Option<f64>, Option<f64>)| -> Vec<_> {
-        direct_runs.iter().map(f).collect()
-    };
     rows.push(paired_row(
         s3,
         "direct decode / timings.predicted_per_second",
-        &dseries(&|d| (d.decode_tokens_per_s, d.timing("predicted_per_second"))),
+        &pairs_of(&direct_runs, |d| {
+            (d.decode_tokens_per_s, d.timing("predicted_per_second"))
+        }),
         TIMINGS_TARGET_PCT,
     ));
     rows.push(paired_row(
         s3,
         "direct prompt (512 / TTFT) / timings.prompt_per_second",
-        &dseries(&|d| (Some(d.prompt_tokens_per_s), d.timing("prompt_per_second"))),
+        &pairs_of(&direct_runs, |d| {
+            (Some(d.prompt_tokens_per_s), d.timing("prompt_per_second"))
+        }),
         TIMINGS_TARGET_PCT,
     ));
 
