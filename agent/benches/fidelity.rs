@@ -195,6 +195,128 @@ impl Drop for Engine {
     }
 }
 
+// ---- who used the CPU
+
+/// CPU seconds since boot, split by who used them: this process (the agent and the direct
+/// client), its llama-server and nats-server children (waited-for children such as llama-bench
+/// count as `engine`), and every other process on the machine. On a 2-core machine where the
+/// engine runs on every core, anything else that runs slows the engine down; this says how much
+/// ran, so a figure is never blamed on measurement when it was interference (or the reverse).
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    wall: f64,
+    bench: f64,
+    engine: f64,
+    nats: f64,
+    machine_busy: f64,
+}
+
+/// `/proc/<pid>/stat` fields after the `(comm)`: (comm, ppid, utime+stime, cutime+cstime) in
+/// clock ticks.
+fn proc_stat(pid: &str) -> Option<(String, u32, u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = s.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_string();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Some((comm, n(1) as u32, n(11) + n(12), n(13) + n(14)))
+}
+
+/// Linux reports /proc times in USER_HZ, 100 on every mainstream architecture.
+const TICK: f64 = 0.01;
+
+impl Cpu {
+    fn now(t0: Instant) -> Self {
+        let me = std::process::id();
+        let (mut c, mut waited) = (Cpu::default(), 0.0);
+        if let Some((_, _, own, children)) = proc_stat("self") {
+            c.bench = own as f64 * TICK;
+            waited = children as f64 * TICK;
+        }
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            if let Some((comm, ppid, used, _)) = proc_stat(pid) {
+                if ppid == me {
+                    match comm.as_str() {
+                        "nats-server" => c.nats += used as f64 * TICK,
+                        _ => c.engine += used as f64 * TICK,
+                    }
+                }
+            }
+        }
+        c.engine += waited;
+        if let Ok(stat) = std::fs::read_to_string("/proc/stat") {
+            if let Some(line) = stat.lines().next() {
+                // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+                let v: Vec<u64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .take(8)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                if v.len() == 8 {
+                    let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+                    c.machine_busy = busy as f64 * TICK;
+                }
+            }
+        }
+        c.wall = t0.elapsed().as_secs_f64();
+        c
+    }
+
+    /// What was used between `self` and `later`.
+    fn until(&self, later: &Cpu) -> CpuUse {
+        let d = |a: f64, b: f64| (b - a).max(0.0);
+        let ours =
+            d(self.bench, later.bench) + d(self.engine, later.engine) + d(self.nats, later.nats);
+        CpuUse {
+            wall_s: d(self.wall, later.wall),
+            bench_s: d(self.bench, later.bench),
+            engine_s: d(self.engine, later.engine),
+            nats_s: d(self.nats, later.nats),
+            others_s: (d(self.machine_busy, later.machine_busy) - ours).max(0.0),
+        }
+    }
+}
+
+/// CPU seconds used over a stretch of wall time.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+struct CpuUse {
+    wall_s: f64,
+    /// This process: the in-process agent, or the direct client.
+    bench_s: f64,
+    /// llama-server (or llama-bench).
+    engine_s: f64,
+    nats_s: f64,
+    /// Every other process on the machine.
+    others_s: f64,
+}
+
+impl CpuUse {
+    fn add(&mut self, o: &CpuUse) {
+        self.wall_s += o.wall_s;
+        self.bench_s += o.bench_s;
+        self.engine_s += o.engine_s;
+        self.nats_s += o.nats_s;
+        self.others_s += o.others_s;
+    }
+
+    /// Average cores busy with other processes.
+    fn others_cores(&self) -> f64 {
+        if self.wall_s > 0.0 {
+            self.others_s / self.wall_s
+        } else {
+            0.0
+        }
+    }
+}
+
 // ---- 1. llama-bench
 
 /// One llama-bench test row: `avg_ts` ± `stddev_ts` over its repetitions.
@@ -678,19 +800,24 @@ async fn fidelity(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
     }));
     let load_before = loadavg();
 
-    // 1. llama-bench first, alone on the machine (our engine is not started yet).
-    let bench = match &o.llama_bench {
-        Some(bin) => {
-            anyhow::ensure!(
-                bin.exists(),
-                "no llama-bench at {}: run `scripts/engine install-bench` (or pass --no-llama-bench)",
-                bin.display()
-            );
-            eprintln!("fidelity: llama-bench -p 512 -n 128 -d 0,512 -r 5 -t {threads}");
-            Some(llama_bench(bin, &model_path, &threads)?)
-        }
-        None => None,
+    let t0 = Instant::now();
+    // 1. llama-bench before the HTTP runs and again after them, each time alone with the
+    //    machine (our engine is not running), so drift or interference shows as a difference.
+    let run_bench = |when: &str| -> anyhow::Result<Option<(Vec<BenchRow>, Value, CpuUse)>> {
+        let Some(bin) = &o.llama_bench else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            bin.exists(),
+            "no llama-bench at {}: run `scripts/engine install-bench` (or pass --no-llama-bench)",
+            bin.display()
+        );
+        eprintln!("fidelity: llama-bench -p 512 -n 128 -d 0,512 -r 5 -t {threads} ({when})");
+        let c0 = Cpu::now(t0);
+        let (rows, raw) = llama_bench(bin, &model_path, &threads)?;
+        Ok(Some((rows, raw, c0.until(&Cpu::now(t0)))))
     };
+    let bench_before = run_bench("before")?;
 
     let probe_http = reqwest::Client::new();
     let mut own = None;
@@ -719,6 +846,8 @@ async fn fidelity(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
     // One of each first (the first request after the model load, connections, caches).
     agent.run().await?;
     direct.run().await?;
+    let mut agent_cpu: Vec<CpuUse> = Vec::new();
+    let mut direct_cpu: Vec<CpuUse> = Vec::new();
 
     // Interleaved steps: a step is one agent job (its own warmup, then one measured repeat) and
     // one direct warmup + one direct measured run. The order alternates, so neither side always
@@ -730,15 +859,19 @@ async fn fidelity(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
         let agent_first = step % 2 == 0;
         for side in 0..2 {
             if (side == 0) == agent_first {
+                let c0 = Cpu::now(t0);
                 let m = agent.run().await?;
+                agent_cpu.push(c0.until(&Cpu::now(t0)));
                 agent_runs.push(m);
             } else {
+                let c0 = Cpu::now(t0);
                 tokio::time::timeout(RUN_LIMIT, direct.run())
                     .await
                     .map_err(|_| anyhow::anyhow!("direct warmup timed out"))??;
                 let d = tokio::time::timeout(RUN_LIMIT, direct.run())
                     .await
                     .map_err(|_| anyhow::anyhow!("direct run timed out"))??;
+                direct_cpu.push(c0.until(&Cpu::now(t0)));
                 direct_runs.push(d);
             }
         }
@@ -761,7 +894,36 @@ async fn fidelity(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
     let elapsed = started.elapsed();
     drop(agent);
     drop(own);
+    drop(nats);
+    let bench_after = run_bench("after")?;
     let load_after = loadavg();
+    // llama-bench's figures: every sample of both runs (10 per test).
+    let bench: Option<Vec<BenchRow>> = bench_before.as_ref().map(|(before, _, _)| {
+        before
+            .iter()
+            .map(|r| {
+                let mut samples = r.samples_ts.clone();
+                if let Some(a) = bench_after.as_ref().and_then(|(after, _, _)| {
+                    after.iter().find(|x| {
+                        (x.n_prompt, x.n_gen, x.n_depth) == (r.n_prompt, r.n_gen, r.n_depth)
+                    })
+                }) {
+                    samples.extend(&a.samples_ts);
+                }
+                let n = samples.len().max(1) as f64;
+                let avg = samples.iter().sum::<f64>() / n;
+                let sd = (samples.iter().map(|x| (x - avg).powi(2)).sum::<f64>()
+                    / (n - 1.0).max(1.0))
+                .sqrt();
+                BenchRow {
+                    avg_ts: avg,
+                    stddev_ts: sd,
+                    samples_ts: samples,
+                    ..r.clone()
+                }
+            })
+            .collect()
+    });
 
     // Every run must have been the shape it claims.
     let mut problems = Vec::new();
@@ -811,7 +973,7 @@ async fn fidelity(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
     let median = |s: &Option<Stats>| s.as_ref().map(|s| s.median);
 
     let mut rows: Vec<Row> = Vec::new();
-    if let Some((bench_rows, _)) = &bench {
+    if let Some(bench_rows) = &bench {
         let ts = |pp: bool, depth: u64| find(bench_rows, pp, depth).map(|r| r.avg_ts);
         let s1 = "1. ours vs llama-bench";
         rows.push(ratio_row(
@@ -900,6 +1062,18 @@ async fn fidelity(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
     paired_decode.target = "-".into();
     paired_decode.verdict = "info";
     rows.push(paired_decode);
+    let d_engine_tg = stats(
+        direct_runs
+            .iter()
+            .filter_map(|d| d.timing("predicted_per_second")),
+    );
+    rows.push(ratio_row(
+        s2,
+        "llama.cpp's own tg during agent runs / during direct runs (the engine, not the measurement)",
+        median(&a_engine_tg),
+        median(&d_engine_tg),
+        None,
+    ));
     let s3 = "3. client-side vs llama.cpp timings (same runs)";
     rows.push(paired_row(
         s3,
@@ -943,12 +1117,30 @@ async fn fidelity(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
         o.steps,
         elapsed.as_secs_f64()
     );
-    if let Some((bench_rows, _)) = &bench {
+    if let Some(bench_rows) = &bench {
+        let of = |b: &Option<(Vec<BenchRow>, Value, CpuUse)>, r: &BenchRow| {
+            b.as_ref()
+                .and_then(|(rows, _, _)| {
+                    rows.iter().find(|x| {
+                        (x.n_prompt, x.n_gen, x.n_depth) == (r.n_prompt, r.n_gen, r.n_depth)
+                    })
+                })
+                .map_or("-".into(), |x| {
+                    format!("{:.2} ± {:.2}", x.avg_ts, x.stddev_ts)
+                })
+        };
         println!();
-        println!("| llama-bench test | t/s (avg ± stddev over 5) |");
-        println!("|---|---:|");
+        println!("| llama-bench test | before: t/s (avg ± sd of 5) | after | all 10 samples |");
+        println!("|---|---:|---:|---:|");
         for r in bench_rows {
-            println!("| {} | {:.2} ± {:.2} |", r.test, r.avg_ts, r.stddev_ts);
+            println!(
+                "| {} | {} | {} | {:.2} ± {:.2} |",
+                r.test,
+                of(&bench_before, r),
+                of(&bench_after, r),
+                r.avg_ts,
+                r.stddev_ts
+            );
         }
     }
     println!();
@@ -995,6 +1187,36 @@ async fn fidelity(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
     );
     println!("  (medians [exact 95% order-statistic interval of the median])");
     println!();
+    println!("| CPU used, per | wall s | bench process (agent / direct client) s | llama-server s | nats-server s | other processes (cores busy) |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let cpu_rows = [
+        ("agent job (warmup + measured)", &agent_cpu),
+        ("direct pair (warmup + measured)", &direct_cpu),
+    ];
+    for (what, v) in cpu_rows {
+        let mut t = CpuUse::default();
+        v.iter().for_each(|c| t.add(c));
+        let n = v.len().max(1) as f64;
+        println!(
+            "| {what} | {:.2} | {:.3} | {:.2} | {:.3} | {:.3} |",
+            t.wall_s / n,
+            t.bench_s / n,
+            t.engine_s / n,
+            t.nats_s / n,
+            t.others_cores()
+        );
+    }
+    for (when, b) in [("before", &bench_before), ("after", &bench_after)] {
+        if let Some((_, _, c)) = b {
+            println!(
+                "| llama-bench ({when}) | {:.2} | - | {:.2} | - | {:.3} |",
+                c.wall_s,
+                c.engine_s,
+                c.others_cores()
+            );
+        }
+    }
+    println!();
     println!("| comparison | figure | value | target | verdict |");
     println!("|---|---|---|---|---|");
     for r in &rows {
@@ -1024,22 +1246,25 @@ async fn fidelity(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
         "seconds": elapsed.as_secs_f64(),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
-        "llama_bench": bench.as_ref().map(|(rows, raw)| json!({
+        "llama_bench": bench.as_ref().map(|rows| json!({
             "args": ["-p", "512", "-n", "128", "-d", "0,512", "-r", "5", "-t", threads, "-o", "json"],
-            "tests": rows.iter().map(|r| json!({"test": r.test, "n_prompt": r.n_prompt, "n_gen": r.n_gen,
+            "pooled": rows.iter().map(|r| json!({"test": r.test, "n_prompt": r.n_prompt, "n_gen": r.n_gen,
                 "n_depth": r.n_depth, "avg_ts": r.avg_ts, "stddev_ts": r.stddev_ts,
                 "samples_ts": r.samples_ts})).collect::<Vec<_>>(),
-            "raw": raw,
+            "before": bench_before.as_ref().map(|(_, raw, cpu)| json!({"raw": raw, "cpu": cpu})),
+            "after": bench_after.as_ref().map(|(_, raw, cpu)| json!({"raw": raw, "cpu": cpu})),
         })),
         "agent": {
             "ttft_ms": stats_json(&a_ttft), "tg_tokens_per_s": stats_json(&a_tg),
             "pp_tokens_per_s": stats_json(&a_pp), "prompt_tokens_per_s": stats_json(&a_client_pp),
             "engine_gen_tokens_per_s": stats_json(&a_engine_tg),
             "runs": agent_runs,
+            "cpu": agent_cpu,
         },
         "direct": {
             "ttft_ms": stats_json(&d_ttft), "decode_tokens_per_s": stats_json(&d_tg),
             "runs": direct_runs,
+            "cpu": direct_cpu,
         },
         "figures": rows.iter().map(|r| {
             let mut j = r.json.clone();
