@@ -39,35 +39,44 @@ impl RaceWatch {
                 let Ok(ev) = serde_json::from_slice::<Event>(&msg.payload) else {
                     continue;
                 };
-                let EventKind::RepeatDone(m) = &ev.kind else {
-                    continue;
-                };
-                if ev.machine_id == me || m.warmup || m.cold || (m.short_output && !include_short) {
-                    continue;
+                if ev.machine_id == me || ev.seq == 0 {
+                    continue; // our own events, and refusals (no run)
                 }
-                let Some(rate) = m.gen_tokens_per_s else {
-                    continue;
-                };
                 let mut seen = store.lock().expect("race lock");
-                if !seen.contains_key(&ev.machine_id) && seen.len() >= MAX_MACHINES {
-                    continue;
+                match &ev.kind {
+                    // Out of the race: nothing to wait for.
+                    EventKind::JobError(_) | EventKind::JobCancelled(_) => {
+                        seen.remove(&ev.machine_id);
+                        continue;
+                    }
+                    _ if !seen.contains_key(&ev.machine_id) && seen.len() >= MAX_MACHINES => {
+                        continue;
+                    }
+                    _ => {}
                 }
+                // Any event names a racer, so one that has not finished a run yet is waited for.
                 let entry = seen
                     .entry(ev.machine_id.clone())
                     .or_insert_with(|| (ev.run_id.clone(), Vec::new()));
                 if entry.0 != ev.run_id {
                     *entry = (ev.run_id.clone(), Vec::new());
                 }
-                if entry.1.len() < MAX_SAMPLES {
-                    entry.1.push(rate);
+                if let EventKind::RepeatDone(m) = &ev.kind {
+                    let counted = !m.warmup && !m.cold && (include_short || !m.short_output);
+                    if let (true, Some(rate)) = (counted, m.gen_tokens_per_s) {
+                        if entry.1.len() < MAX_SAMPLES {
+                            entry.1.push(rate);
+                        }
+                    }
                 }
             }
         });
         Ok(Self { seen, task })
     }
 
-    /// Whether `own` (this machine's decode-rate stats) is apart from every other racer seen:
-    /// each has a 95% interval and none touches this one. False with no other racer.
+    /// Whether `own` (this machine's decode-rate stats) is apart from every other racer seen (a
+    /// machine that sent any event of this job, until it fails or is cancelled): each has a 95%
+    /// interval and none touches this one. False with no other racer.
     pub fn decided(&self, own: &Stats) -> bool {
         let seen = self.seen.lock().expect("race lock");
         !seen.is_empty()

@@ -135,6 +135,31 @@ async fn run_repeats(
             }
         }
     }
+    // Follow the race from the start, so that every racer that shows up is waited for.
+    let race = match job.repeat {
+        Repeat::Auto => Some(
+            RaceWatch::start(
+                &shared.client,
+                &ctx.job_id,
+                &ctx.machine_id,
+                job.include_short,
+            )
+            .await
+            .map_err(|e| {
+                Early::at(
+                    Stop::Failed(ErrorBody::new(
+                        ErrorCode::Internal,
+                        format!(
+                            "cannot follow the race on {}: {e}",
+                            bench_schemas::subjects::events(&ctx.job_id)
+                        ),
+                    )),
+                    None,
+                )
+            })?,
+        ),
+        Repeat::Count(_) => None,
+    };
     let idle = shared.cfg.engine_idle_timeout;
     // Unmeasured preparation (tokenizer calls, probes, the depth prefix), bounded and
     // cancellable like a run.
@@ -163,30 +188,6 @@ async fn run_repeats(
     let cold = match loaded {
         Some(loaded) => !loaded,
         None => shared.last_model.lock().expect("last model lock").as_ref() != Some(&engine_key),
-    };
-    let race = match job.repeat {
-        Repeat::Auto => Some(
-            RaceWatch::start(
-                &shared.client,
-                &ctx.job_id,
-                &ctx.machine_id,
-                job.include_short,
-            )
-            .await
-            .map_err(|e| {
-                Early::at(
-                    Stop::Failed(ErrorBody::new(
-                        ErrorCode::Internal,
-                        format!(
-                            "cannot follow the race on {}: {e}",
-                            bench_schemas::subjects::events(&ctx.job_id)
-                        ),
-                    )),
-                    None,
-                )
-            })?,
-        ),
-        Repeat::Count(_) => None,
     };
     let shape = job.shape();
     // The cold request is extra when the job has no warmup to absorb it.

@@ -10,8 +10,8 @@ use bench_schemas::{subjects, EventKind};
 use common::*;
 use serde_json::json;
 
-fn mock(id: &str, rate: f64) -> String {
-    format!("machine_id: {id}\nengine: mock\nmock: {{tokens_per_s: {rate}, ttft_ms: 2}}\nllm_models: [mock-7b]\n")
+fn mock(id: &str, rate: f64, ttft_ms: f64) -> String {
+    format!("machine_id: {id}\nengine: mock\nmock: {{tokens_per_s: {rate}, ttft_ms: {ttft_ms}}}\nllm_models: [mock-7b]\n")
 }
 
 /// Waits until every machine in `ids` has finished; returns their job_done in that order.
@@ -36,23 +36,46 @@ fn measured(d: &Done) -> usize {
 #[tokio::test]
 async fn auto_repeat_stops_on_precision_on_a_decided_race_or_at_max() {
     let nats = NatsServer::start();
-    let _fast = start_agent(config(&mock("fast", 400.0), &nats.url()), &nats.url()).await;
-    let _slow = start_agent(config(&mock("slow", 100.0), &nats.url()), &nats.url()).await;
+    let _fast = start_agent(config(&mock("fast", 150.0, 2.0), &nats.url()), &nats.url()).await;
+    let _slow = start_agent(config(&mock("slow", 100.0, 2.0), &nats.url()), &nats.url()).await;
+    let _crawl = start_agent(config(&mock("crawl", 50.0, 800.0), &nats.url()), &nats.url()).await;
     let c = client(&nats.url()).await;
 
-    // Two machines 4x apart, a precision target no run can reach: both stop as soon as their
-    // 95% intervals (6 runs at least) are apart.
+    // Three machines apart in decode rate, a precision target no run can reach: each stops once
+    // its 95% interval (6 runs at least) is apart from both others'. "crawl" takes 800 ms to
+    // its first token, so fast and slow have 6 runs each before crawl finishes one: they must
+    // wait for it (it has sent events), not decide between the two of them.
     let mut ev = Events::watch(&c, "auto-race").await;
     let job = job_json(
         "mock-7b",
-        json!({"job_id": "auto-race", "max_tokens": 12, "repeat": "auto", "target_ci_pct": 1e-9, "max_repeat": 20}),
+        json!({"job_id": "auto-race", "max_tokens": 12, "repeat": "auto", "target_ci_pct": 1e-9, "max_repeat": 90}),
     );
     c.publish(subjects::JOBS_ALL, job.into()).await.unwrap();
-    let done = all_done(&mut ev, &["fast", "slow"]).await;
+    let done = all_done(&mut ev, &["fast", "slow", "crawl"]).await;
+    let sixth_of_crawl = ev
+        .seen
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| {
+            e.machine_id == "crawl"
+                && matches!(&e.kind, EventKind::RepeatDone(m) if !m.warmup && !m.cold)
+        })
+        .nth(5)
+        .map(|(i, _)| i)
+        .expect("crawl ran 6 times");
+    let fast_done = ev
+        .seen
+        .iter()
+        .position(|e| e.machine_id == "fast" && e.kind.is_terminal())
+        .unwrap();
+    assert!(
+        fast_done > sixth_of_crawl,
+        "fast decided before crawl had an interval"
+    );
     for d in &done {
         assert_eq!(d.stop_reason, StopReason::Decided, "{:?}", d.summary);
         let n = measured(d);
-        assert!((6..20).contains(&n), "decided after {n} runs");
+        assert!((6..90).contains(&n), "decided after {n} runs");
         let s = d.summary.gen_tokens_per_s.unwrap();
         assert!(s.ci_low.is_some() && s.ci_high.is_some());
     }
