@@ -676,21 +676,10 @@ fn pass(ok: bool) -> &'static str {
 }
 
 fn write_json(label: &str, doc: &Value) -> anyhow::Result<PathBuf> {
-    let dir = workspace_root().join("results/bench");
-    std::fs::create_dir_all(&dir)?;
-    let safe: String = label
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let path = dir.join(format!("fidelity-{safe}-{}.json", unix_ms() / 1000));
-    std::fs::write(&path, serde_json::to_string_pretty(doc)? + "\n")?;
-    Ok(path)
+    let json = serde_json::to_string_pretty(doc)?;
+    Ok(bench_nats::harness::write_bench_result(
+        "fidelity", label, &json,
+    )?)
 }
 
 fn git_describe() -> String {

@@ -1302,21 +1302,8 @@ fn source_label(o: &Opts) -> String {
 }
 
 fn write_json(mode: &str, label: &str, doc: &Value) -> anyhow::Result<PathBuf> {
-    let dir = workspace_root().join("results/bench");
-    std::fs::create_dir_all(&dir)?;
-    let safe: String = label
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let path = dir.join(format!("{mode}-{safe}-{}.json", unix_ms() / 1000));
-    std::fs::write(&path, serde_json::to_string_pretty(doc)? + "\n")?;
-    Ok(path)
+    let json = serde_json::to_string_pretty(doc)?;
+    Ok(bench_nats::harness::write_bench_result(mode, label, &json)?)
 }
 
 fn fmt_ms(v: Option<f64>) -> String {

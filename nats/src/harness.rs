@@ -12,6 +12,29 @@ use std::time::{Duration, Instant};
 /// Where `scripts/nats install` puts the server, relative to the workspace root.
 pub const TOOLS_NATS_SERVER: &str = ".tools/nats-server/nats-server";
 
+/// Writes a benchmark's JSON document to `results/bench/<mode>-<label>-<unix s>.json` (the label
+/// made filename-safe) and returns the path.
+pub fn write_bench_result(mode: &str, label: &str, json: &str) -> std::io::Result<PathBuf> {
+    let dir = workspace_root().join("results/bench");
+    std::fs::create_dir_all(&dir)?;
+    let safe: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let path = dir.join(format!("{mode}-{safe}-{secs}.json"));
+    std::fs::write(&path, format!("{json}\n"))?;
+    Ok(path)
+}
+
 /// The workspace root (the folder holding the top-level Cargo.toml).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
