@@ -38,7 +38,11 @@ async fn auto_repeat_stops_on_precision_on_a_decided_race_or_at_max() {
     let nats = NatsServer::start();
     let _fast = start_agent(config(&mock("fast", 150.0, 2.0), &nats.url()), &nats.url()).await;
     let _slow = start_agent(config(&mock("slow", 100.0, 2.0), &nats.url()), &nats.url()).await;
-    let _crawl = start_agent(config(&mock("crawl", 50.0, 800.0), &nats.url()), &nats.url()).await;
+    let _crawl = start_agent(
+        config(&mock("crawl", 50.0, 800.0), &nats.url()),
+        &nats.url(),
+    )
+    .await;
     let c = client(&nats.url()).await;
 
     // Three machines apart in decode rate, a precision target no run can reach: each stops once
