@@ -1,9 +1,13 @@
 //! What the other machines of a race have measured so far, for `repeat: "auto"`: the agent
-//! reads the job's own event subject (`bench.events.<job_id>`, as any `nats sub` would), keeps
-//! each other machine's warm decode rates, and says when this machine's interval is apart from
-//! every other's. No central is involved.
+//! reads the job's events (`bench.events.<job_id>`) from the start of the stream with an
+//! ordered consumer, so every racer that accepted the job is known even if it did so before
+//! this agent started its run; it keeps each other machine's warm decode rates and says when
+//! this machine's interval is apart from every other's. No central is involved. Where the
+//! stream cannot be read (no JetStream), it follows the live subject as `nats sub` would.
 
+use async_nats::jetstream::{self, consumer::push};
 use bench_schemas::{subjects, Event, EventKind, Separation, Stats};
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,8 +17,17 @@ const MAX_SAMPLES: usize = 1000;
 /// Most other machines followed.
 const MAX_MACHINES: usize = 1000;
 
-/// Per other machine: its run, and the decode rates of its counted repeats.
-type Seen = HashMap<String, (String, Vec<f64>)>;
+/// One other machine of the race.
+struct Racer {
+    /// Its run.
+    run_id: String,
+    /// Decode rates of its counted repeats.
+    rates: Vec<f64>,
+    /// It finished before this machine's run was accepted: an earlier race of the same job id.
+    finished: bool,
+}
+
+type Seen = HashMap<String, Racer>;
 
 /// A running watch of one job's other racers; stops when dropped.
 pub struct RaceWatch {
@@ -23,26 +36,37 @@ pub struct RaceWatch {
 }
 
 impl RaceWatch {
-    /// Starts watching `job_id` for machines other than `me`. Runs flagged short count only
-    /// with `include_short`, as in the summary.
+    /// Starts watching `job_id` for machines other than `me`, whose run is `my_run`. Runs
+    /// flagged short count only with `include_short`, as in the summary.
     pub async fn start(
         client: &async_nats::Client,
         job_id: &str,
         me: &str,
+        my_run: &str,
         include_short: bool,
     ) -> Result<Self, async_nats::SubscribeError> {
-        let mut sub = client.subscribe(subjects::events(job_id)).await?;
+        let mut sub = event_source(client, job_id).await?;
         let seen: Arc<Mutex<Seen>> = Arc::default();
-        let (me, store) = (me.to_string(), seen.clone());
+        let (me, my_run, store) = (me.to_string(), my_run.to_string(), seen.clone());
         let task = tokio::spawn(async move {
-            while let Some(msg) = sub.next().await {
-                let Ok(ev) = serde_json::from_slice::<Event>(&msg.payload) else {
+            // Until this machine's own job_accepted goes by in the stream, a run that ends
+            // belongs to an earlier race of the same job id (a re-run).
+            let mut ours_accepted = false;
+            while let Some(payload) = sub.next().await {
+                let Ok(ev) = serde_json::from_slice::<Event>(&payload) else {
                     continue;
                 };
-                if ev.machine_id == me || ev.seq == 0 {
-                    continue; // our own events, and refusals (no run)
-                }
                 let mut seen = store.lock().expect("race lock");
+                if ev.machine_id == me {
+                    if ev.run_id == my_run && matches!(ev.kind, EventKind::JobAccepted(_)) {
+                        ours_accepted = true;
+                        seen.retain(|_, r| !r.finished);
+                    }
+                    continue;
+                }
+                if ev.seq == 0 {
+                    continue; // a refusal: no run
+                }
                 match &ev.kind {
                     // Out of the race: nothing to wait for.
                     EventKind::JobError(_) | EventKind::JobCancelled(_) => {
@@ -55,19 +79,26 @@ impl RaceWatch {
                     _ => {}
                 }
                 // Any event names a racer, so one that has not finished a run yet is waited for.
-                let entry = seen
-                    .entry(ev.machine_id.clone())
-                    .or_insert_with(|| (ev.run_id.clone(), Vec::new()));
-                if entry.0 != ev.run_id {
-                    *entry = (ev.run_id.clone(), Vec::new());
+                let fresh = || Racer {
+                    run_id: ev.run_id.clone(),
+                    rates: Vec::new(),
+                    finished: false,
+                };
+                let racer = seen.entry(ev.machine_id.clone()).or_insert_with(fresh);
+                if racer.run_id != ev.run_id {
+                    *racer = fresh();
                 }
-                if let EventKind::RepeatDone(m) = &ev.kind {
-                    let counted = !m.warmup && !m.cold && (include_short || !m.short_output);
-                    if let (true, Some(rate)) = (counted, m.gen_tokens_per_s) {
-                        if entry.1.len() < MAX_SAMPLES {
-                            entry.1.push(rate);
+                match &ev.kind {
+                    EventKind::RepeatDone(m) => {
+                        let counted = !m.warmup && !m.cold && (include_short || !m.short_output);
+                        if let (true, Some(rate)) = (counted, m.gen_tokens_per_s) {
+                            if racer.rates.len() < MAX_SAMPLES {
+                                racer.rates.push(rate);
+                            }
                         }
                     }
+                    EventKind::JobDone(_) => racer.finished = !ours_accepted,
+                    _ => {}
                 }
             }
         });
@@ -80,11 +111,41 @@ impl RaceWatch {
     pub fn decided(&self, own: &Stats) -> bool {
         let seen = self.seen.lock().expect("race lock");
         !seen.is_empty()
-            && seen.values().all(|(_, rates)| {
-                Stats::from_samples(rates.iter().copied())
+            && seen.values().all(|r| {
+                Stats::from_samples(r.rates.iter().copied())
                     .is_some_and(|other| Separation::of(own, &other).separated)
             })
     }
+}
+
+/// The job's events from the first one stored (an ordered consumer on the events stream), or
+/// live ones only where the stream cannot be read.
+async fn event_source(
+    client: &async_nats::Client,
+    job_id: &str,
+) -> Result<BoxStream<'static, bytes::Bytes>, async_nats::SubscribeError> {
+    let subject = subjects::events(job_id);
+    let ordered = async {
+        let js = jetstream::new(client.clone());
+        let stream = js.get_stream(subjects::EVENTS_STREAM).await.ok()?;
+        let consumer = stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: client.new_inbox(),
+                filter_subject: subject.clone(),
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        consumer.messages().await.ok()
+    };
+    if let Some(messages) = ordered.await {
+        return Ok(messages
+            .filter_map(|m| async move { m.ok().map(|m| m.payload.clone()) })
+            .boxed());
+    }
+    tracing::warn!(%subject, "cannot read the race from the events stream; following live events only");
+    let sub = client.subscribe(subject).await?;
+    Ok(sub.map(|m| m.payload).boxed())
 }
 
 impl Drop for RaceWatch {

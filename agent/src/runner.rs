@@ -142,6 +142,7 @@ async fn run_repeats(
                 &shared.client,
                 &ctx.job_id,
                 &ctx.machine_id,
+                &ctx.run_id,
                 job.include_short,
             )
             .await

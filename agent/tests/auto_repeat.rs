@@ -48,11 +48,12 @@ async fn auto_repeat_stops_on_precision_on_a_decided_race_or_at_max() {
     // Three machines apart in decode rate, a precision target no run can reach: each stops once
     // its 95% interval (6 runs at least) is apart from both others'. "crawl" takes 800 ms to
     // its first token, so fast and slow have 6 runs each before crawl finishes one: they must
-    // wait for it (it has sent events), not decide between the two of them.
+    // wait for it (it accepted the job: every agent reads the race from the stream's start),
+    // not decide between the two of them.
     let mut ev = Events::watch(&c, "auto-race").await;
     let job = job_json(
         "mock-7b",
-        json!({"job_id": "auto-race", "max_tokens": 12, "repeat": "auto", "target_ci_pct": 1e-9, "max_repeat": 90}),
+        json!({"job_id": "auto-race", "max_tokens": 16, "repeat": "auto", "target_ci_pct": 1e-9, "max_repeat": 90}),
     );
     c.publish(subjects::JOBS_ALL, job.into()).await.unwrap();
     let done = all_done(&mut ev, &["fast", "slow", "crawl"]).await;
@@ -88,6 +89,19 @@ async fn auto_repeat_stops_on_precision_on_a_decided_race_or_at_max() {
         done[1].summary.gen_tokens_per_s.unwrap(),
     );
     assert!(f.ci_low.unwrap() > s.ci_high.unwrap(), "{f:?} {s:?}");
+
+    // The same job id again, on fast alone: the first race's results are an earlier race, not
+    // racers to decide against, so fast runs on to max_repeat.
+    let job = job_json(
+        "mock-7b",
+        json!({"job_id": "auto-race", "max_tokens": 16, "repeat": "auto", "target_ci_pct": 1e-9, "max_repeat": 8}),
+    );
+    let mut ev = Events::watch(&c, "auto-race").await;
+    let r = request(&c, subjects::jobs("fast"), job).await;
+    assert!(r.accepted, "{r:?}");
+    let d = &all_done(&mut ev, &["fast"]).await[0];
+    assert_eq!(d.stop_reason, StopReason::MaxRepeat);
+    assert_eq!(measured(d), 8);
 
     // One machine, a reachable target: a steady mock is within 50% after the first 6 runs.
     let mut ev = Events::watch(&c, "auto-prec").await;

@@ -60,6 +60,10 @@ pub fn agent_permissions(machine_id: &str) -> String {
         format!("$JS.API.STREAM.INFO.{kv}"),
         format!("$JS.API.STREAM.INFO.{}", subjects::EVENTS_STREAM),
         "$JS.API.INFO".to_string(),
+        // Ephemeral ordered consumers that read a race's events (`repeat: "auto"`): reading
+        // only, never central's durable consumer (no MSG.NEXT, no ACK).
+        format!("$JS.API.CONSUMER.CREATE.{}", subjects::EVENTS_STREAM),
+        format!("$JS.API.CONSUMER.CREATE.{}.>", subjects::EVENTS_STREAM),
     ];
     let subscribe = vec![
         subjects::jobs(machine_id),
