@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 
 /// Most rates kept per other machine (a bound, well above any `max_repeat`).
 const MAX_SAMPLES: usize = 1000;
+/// How long setting up the read of the stream may take before the live subject is used.
+const STREAM_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Most other machines followed.
 const MAX_MACHINES: usize = 1000;
 
@@ -45,7 +47,7 @@ impl RaceWatch {
         my_run: &str,
         include_short: bool,
     ) -> Result<Self, async_nats::SubscribeError> {
-        let mut sub = event_source(client, job_id).await?;
+        let mut sub = event_source(client, job_id, me).await?;
         let seen: Arc<Mutex<Seen>> = Arc::default();
         let (me, my_run, store) = (me.to_string(), my_run.to_string(), seen.clone());
         let task = tokio::spawn(async move {
@@ -123,13 +125,18 @@ impl RaceWatch {
 async fn event_source(
     client: &async_nats::Client,
     job_id: &str,
+    me: &str,
 ) -> Result<BoxStream<'static, bytes::Bytes>, async_nats::SubscribeError> {
     let subject = subjects::events(job_id);
     let ordered = async {
         let js = jetstream::new(client.clone());
         let stream = js.get_stream(subjects::EVENTS_STREAM).await.ok()?;
+        // Named, so the create goes to `CONSUMER.CREATE.<stream>.<name>.<filter>`, the one
+        // form agents may use (see bench_nats::auth).
+        let name = format!("race_{me}_{}", uuid::Uuid::new_v4().simple());
         let consumer = stream
             .create_consumer(push::OrderedConfig {
+                name: Some(name),
                 deliver_subject: client.new_inbox(),
                 filter_subject: subject.clone(),
                 ..Default::default()
@@ -138,7 +145,8 @@ async fn event_source(
             .ok()?;
         consumer.messages().await.ok()
     };
-    if let Some(messages) = ordered.await {
+    // Bounded: a server that refuses the call without answering must not hold up the job.
+    if let Ok(Some(messages)) = tokio::time::timeout(STREAM_READ_TIMEOUT, ordered).await {
         return Ok(messages
             .filter_map(|m| async move { m.ok().map(|m| m.payload.clone()) })
             .boxed());

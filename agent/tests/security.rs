@@ -185,6 +185,54 @@ async fn per_agent_permissions_central_observer_and_no_anonymous() {
         "b's entry is still b's own"
     );
 
+    // ... nor re-create central's consumer to change what it reads: not through the legacy
+    // ephemeral subject (there a `name` in the body updates that consumer), not by name.
+    let es = subjects::EVENTS_STREAM;
+    let rewrite = json!({"stream_name": es, "config": {"name": subjects::INDEXER_CONSUMER,
+        "ack_policy": "explicit", "filter_subject": "bench.events.nothing"}});
+    let legacy = format!("$JS.API.CONSUMER.CREATE.{es}");
+    as_a.publish(legacy.clone(), rewrite.to_string().into())
+        .await
+        .unwrap();
+    violation(&mut a_errs, &legacy).await;
+    let named = format!(
+        "$JS.API.CONSUMER.CREATE.{es}.{}.bench.events.nothing",
+        subjects::INDEXER_CONSUMER
+    );
+    as_a.publish(named.clone(), rewrite.to_string().into())
+        .await
+        .unwrap();
+    violation(&mut a_errs, &named).await;
+
+    // A repeat "auto" job runs under least privilege (the agent reads the race from the stream
+    // with a named ephemeral consumer of its own).
+    let mut auto = observer
+        .subscribe(subjects::events("sec-auto"))
+        .await
+        .unwrap();
+    observer.flush().await.unwrap();
+    let r = request(
+        &central,
+        subjects::jobs("sec-a"),
+        job_json(
+            "mock-7b",
+            json!({"job_id": "sec-auto", "max_tokens": 5, "repeat": "auto", "max_repeat": 6}),
+        ),
+    )
+    .await;
+    assert!(r.accepted, "{r:?}");
+    loop {
+        let msg = within("auto job events", WAIT, auto.next()).await.unwrap();
+        let e: bench_schemas::Event = serde_json::from_slice(&msg.payload).unwrap();
+        if e.kind.is_terminal() {
+            let EventKind::JobDone(d) = e.kind else {
+                panic!("{e:?}")
+            };
+            assert_eq!(d.summary.repeats, 6);
+            break;
+        }
+    }
+
     // The observer is read-only: it cannot submit or cancel.
     observer
         .publish(

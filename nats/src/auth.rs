@@ -60,11 +60,13 @@ pub fn agent_permissions(machine_id: &str) -> String {
         format!("$JS.API.STREAM.INFO.{kv}"),
         format!("$JS.API.STREAM.INFO.{}", subjects::EVENTS_STREAM),
         "$JS.API.INFO".to_string(),
-        // Ephemeral ordered consumers that read a race's events (`repeat: "auto"`): reading
-        // only, never central's durable consumer (no MSG.NEXT, no ACK).
-        format!("$JS.API.CONSUMER.CREATE.{}", subjects::EVENTS_STREAM),
+        // Named ephemeral ordered consumers that read a race's events (`repeat: "auto"`).
+        // Not the legacy `CONSUMER.CREATE.<stream>` subject: a create there with a `name` in the
+        // body updates the consumer of that name, central's included (tried on nats-server
+        // 2.15: it rewrote the indexer's filter). Central's consumer is denied by name below.
         format!("$JS.API.CONSUMER.CREATE.{}.>", subjects::EVENTS_STREAM),
     ];
+    let deny = indexer_consumer_deny();
     let subscribe = vec![
         subjects::jobs(machine_id),
         subjects::JOBS_ALL.to_string(),
@@ -78,10 +80,23 @@ pub fn agent_permissions(machine_id: &str) -> String {
         format!("$SRV.*.{}.*", subjects::SERVICE_NAME),
     ];
     format!(
-        "permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }}, allow_responses: true }}",
+        "permissions: {{ publish: {{ allow: {}, deny: {} }}, subscribe: {{ allow: {} }}, allow_responses: true }}",
         list(&publish),
+        list(&deny),
         list(&subscribe)
     )
+}
+
+/// No JetStream API call on central's durable consumer, and no ack of its messages: pulling
+/// from, acking or re-creating it would take events away from the indexer.
+fn indexer_consumer_deny() -> Vec<String> {
+    let (es, ic) = (subjects::EVENTS_STREAM, subjects::INDEXER_CONSUMER);
+    vec![
+        format!("$JS.API.CONSUMER.*.{es}.{ic}"),
+        format!("$JS.API.CONSUMER.*.{es}.{ic}.>"),
+        format!("$JS.API.CONSUMER.*.*.{es}.{ic}"),
+        format!("$JS.ACK.{es}.{ic}.>"),
+    ]
 }
 
 /// Permissions of central: dispatch, cancel, JetStream, its buckets, discovery.
@@ -129,15 +144,8 @@ pub fn observer_permissions() -> String {
         "$SRV.STATS".to_string(),
         "$SRV.*.>".to_string(),
     ];
-    // Reading the stream must not touch central's durable consumer: pulling from or acking it
-    // would take events away from the indexer.
-    let ic = subjects::INDEXER_CONSUMER;
-    let deny = vec![
-        format!("$JS.API.CONSUMER.*.{es}.{ic}"),
-        format!("$JS.API.CONSUMER.*.{es}.{ic}.>"),
-        format!("$JS.API.CONSUMER.*.*.{es}.{ic}"),
-        format!("$JS.ACK.{es}.{ic}.>"),
-    ];
+    // Reading the stream must not touch central's durable consumer.
+    let deny = indexer_consumer_deny();
     let subscribe = vec![
         "_INBOX.>".to_string(),
         format!("{}.events.>", subjects::PREFIX),
