@@ -274,7 +274,9 @@ describe('bench-race web UI in headless Chromium', () => {
     await shot('03b-profile-auto');
     // the CSV carries the shape
     const csv = await (await fetch(`${BASE}/api/jobs/${id}/export.csv`)).text();
-    const [head, row] = csv.trim().split('\n').map((l) => l.split(','));
+    // RFC 4180 cells: labels such as "llama.cpp, gemma" are quoted and hold commas
+    const cells = (l) => [...l.matchAll(/("(?:[^"]|"")*"|[^,]*)(?:,|$)/g)].map((m) => m[1]).slice(0, -1);
+    const [head, row] = csv.trim().split('\n').map(cells);
     assert.equal(row[head.indexOf('profile')], 'pp32-tg16');
     assert.equal(row[head.indexOf('job_prompt_tokens')], '32');
     // back to the first race for the tests below
