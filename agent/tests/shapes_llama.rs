@@ -29,12 +29,14 @@ async fn exact_shapes_depth_cold_and_agreement_with_llamacpp_timings() {
     let _agent = start_agent(cfg, &nats.url()).await;
     let c = client(&nats.url()).await;
 
-    // pp128-tg48: every run's prompt is exactly 128 tokens as llama.cpp counts them (BOS
-    // included), processed in full (cold), and exactly 48 tokens come back.
+    // pp512-tg32: every run's prompt is exactly 512 tokens as llama.cpp counts them (BOS
+    // included), processed in full (cold), and exactly 32 tokens come back. 512 tokens, as
+    // llama-bench's pp512: the client-side prompt rate (512 / TTFT) also holds ~10 ms of HTTP
+    // and server queueing, about 1% of a 512-token prompt here but 3% of a 128-token one.
     let mut ev = Events::watch(&c, "pp-1").await;
     let job = job_json(
         ENGINE_MODEL,
-        json!({"job_id": "pp-1", "prompt": "", "profile": "pp128-tg48", "repeat": 4, "temperature": 0.0}),
+        json!({"job_id": "pp-1", "prompt": "", "profile": "pp512-tg32", "repeat": 4, "temperature": 0.0}),
     );
     let r = request(&c, subjects::jobs("shape"), job).await;
     assert!(r.accepted, "{r:?}");
@@ -50,17 +52,17 @@ async fn exact_shapes_depth_cold_and_agreement_with_llamacpp_timings() {
     let shape = d.shape.expect("shape");
     assert_eq!(
         (shape.prompt_tokens, shape.max_tokens, shape.ignore_eos),
-        (Some(128), 48, true)
+        (Some(512), 32, true)
     );
     for m in &d.repeats {
-        assert_eq!(m.prompt_tokens, Some(128), "run {}", m.repeat_index);
+        assert_eq!(m.prompt_tokens, Some(512), "run {}", m.repeat_index);
         assert_eq!(
             m.prompt_evaluated,
-            Some(128),
+            Some(512),
             "cold: nothing from the cache"
         );
         assert!(!m.prompt_cache_hit);
-        assert_eq!((m.gen_tokens, m.streamed_tokens), (48, 48));
+        assert_eq!((m.gen_tokens, m.streamed_tokens), (32, 32));
         assert!(!m.short_output);
     }
     let warm: Vec<&Metrics> = d.repeats.iter().filter(|m| !m.cold).collect();
@@ -69,7 +71,7 @@ async fn exact_shapes_depth_cold_and_agreement_with_llamacpp_timings() {
     let pp_ours = median(&warm, |m| m.prompt_tokens_per_s);
     let pp_theirs = median(&warm, |m| m.engine_prompt_tokens_per_s);
     eprintln!(
-        "pp128-tg48: decode {ours:.2} tok/s vs llama.cpp {theirs:.2} ({:+.2}%), prompt {pp_ours:.1} vs {pp_theirs:.1} ({:+.2}%)",
+        "pp512-tg32: decode {ours:.2} tok/s vs llama.cpp {theirs:.2} ({:+.2}%), prompt {pp_ours:.1} vs {pp_theirs:.1} ({:+.2}%)",
         (ours / theirs - 1.0) * 100.0,
         (pp_ours / pp_theirs - 1.0) * 100.0
     );
