@@ -683,16 +683,7 @@ fn write_json(label: &str, doc: &Value) -> anyhow::Result<PathBuf> {
 }
 
 fn git_describe() -> String {
-    Command::new("git")
-        .arg("-C")
-        .arg(workspace_root())
-        .args(["describe", "--always", "--dirty"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".into())
+    bench_nats::harness::git_describe(&workspace_root())
 }
 
 fn loadavg() -> String {

@@ -1287,18 +1287,7 @@ fn source_label(o: &Opts) -> String {
     }
     let bin = std::fs::canonicalize(&o.central_bin).unwrap_or(o.central_bin.clone());
     let tree = bin.ancestors().find(|d| d.join(".git").exists());
-    tree.and_then(|d| {
-        Command::new("git")
-            .arg("-C")
-            .arg(d)
-            .args(["describe", "--always", "--dirty"])
-            .output()
-            .ok()
-    })
-    .and_then(|o| String::from_utf8(o.stdout).ok())
-    .map(|s| s.trim().to_string())
-    .filter(|s| !s.is_empty())
-    .unwrap_or_else(|| "unknown".into())
+    tree.map_or_else(|| "unknown".into(), bench_nats::harness::git_describe)
 }
 
 fn write_json(mode: &str, label: &str, doc: &Value) -> anyhow::Result<PathBuf> {

@@ -12,6 +12,21 @@ use std::time::{Duration, Instant};
 /// Where `scripts/nats install` puts the server, relative to the workspace root.
 pub const TOOLS_NATS_SERVER: &str = ".tools/nats-server/nats-server";
 
+/// `git describe --always --dirty` of the checkout at `dir`, or "unknown": the label a
+/// benchmark's results carry.
+pub fn git_describe(dir: &Path) -> String {
+    Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Writes a benchmark's JSON document to `results/bench/<mode>-<label>-<unix s>.json` (the label
 /// made filename-safe) and returns the path.
 pub fn write_bench_result(mode: &str, label: &str, json: &str) -> std::io::Result<PathBuf> {
