@@ -8,7 +8,7 @@
 //! count the engine reports for every measured run is checked, and a mismatch fails the job
 //! with `prompt_mismatch`: a shape is never silently other than it says.
 
-use crate::backend::{Backend, GenRequest, Item};
+use crate::backend::{Backend, EngineReport, GenRequest, Item};
 use crate::measure::RunSpec;
 use bench_schemas::{CacheMode, ErrorBody, ErrorCode, Job};
 use futures::StreamExt;
@@ -70,29 +70,43 @@ fn mismatch(msg: String) -> ErrorBody {
     ErrorBody::new(ErrorCode::PromptMismatch, msg)
 }
 
-/// The prompt token count the engine reported for a one-token request.
-async fn probe(backend: &dyn Backend, job: &Job, prompt: &str) -> Result<u64, ErrorBody> {
+/// An unmeasured one-token request of `prompt` (raw, no fixed length), and the engine's report:
+/// the probe that counts a prompt and the request that puts the depth in the engine's cache.
+async fn one_token(
+    backend: &dyn Backend,
+    job: &Job,
+    prompt: &str,
+    cache_prompt: bool,
+) -> Result<EngineReport, ErrorBody> {
     let mut req = GenRequest::from(job);
     req.prompt = prompt.to_string();
     req.max_tokens = 1;
     req.ignore_eos = false;
     req.raw = true;
-    req.cache_prompt = Some(false);
+    req.cache_prompt = Some(cache_prompt);
     let mut stream = backend.generate(req).await?;
     while let Some(item) = stream.next().await {
         if let Item::Final(r) = item? {
-            return r.prompt_tokens.ok_or_else(|| {
-                ErrorBody::new(
-                    ErrorCode::Unsupported,
-                    "the engine reports no prompt token count, so prompt_tokens cannot be checked",
-                )
-            });
+            return Ok(r);
         }
     }
     Err(ErrorBody::new(
         ErrorCode::StreamBroken,
-        "the engine's probe stream ended without a final message",
+        "the engine's unmeasured one-token request ended without a final message",
     ))
+}
+
+/// The prompt token count the engine reported for `prompt`.
+async fn probe(backend: &dyn Backend, job: &Job, prompt: &str) -> Result<u64, ErrorBody> {
+    one_token(backend, job, prompt, false)
+        .await?
+        .prompt_tokens
+        .ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::Unsupported,
+                "the engine reports no prompt token count, so prompt_tokens cannot be checked",
+            )
+        })
 }
 
 impl Shaper {
@@ -118,7 +132,7 @@ impl Shaper {
             cold: job.cache == CacheMode::Cold,
             prompt: job.prompt.clone(),
             words: 0,
-            nonce_free_prompt: job.cache == CacheMode::Cold && backend.kind() == "ollama",
+            nonce_free_prompt: job.cache == CacheMode::Cold && !backend.has_cache_switch(),
             nonce_offset: (uuid::Uuid::new_v4().as_u128() % NONCES.len() as u128) as usize,
             last_first_token: None,
         };
@@ -126,14 +140,10 @@ impl Shaper {
             return Ok(s);
         }
         match backend.tokenize(&job.model, "Hello").await? {
-            Some(_) => {
+            Some(one) => {
                 s.tokenizer = true;
                 // The engine's count of a one-word prompt against the tokenizer's tells
                 // whether it adds a BOS token.
-                let one = backend
-                    .tokenize(&job.model, "Hello")
-                    .await?
-                    .unwrap_or_default();
                 let counted = probe(backend, job, "Hello").await?;
                 s.bos = counted.saturating_sub(one.len() as u64);
                 let need = (s.depth + s.measured.unwrap_or(0)) as usize + 64;
@@ -337,24 +347,9 @@ impl Shaper {
 
     /// Fills the engine's cache with the depth prefix (an unmeasured one-token request).
     pub async fn prime(&self, backend: &dyn Backend, job: &Job) -> Result<(), ErrorBody> {
-        if self.depth == 0 {
-            return Ok(());
+        if self.depth > 0 {
+            one_token(backend, job, &self.depth_text, true).await?;
         }
-        let mut req = GenRequest::from(job);
-        req.prompt = self.depth_text.clone();
-        req.max_tokens = 1;
-        req.ignore_eos = false;
-        req.raw = true;
-        req.cache_prompt = Some(true);
-        let mut stream = backend.generate(req).await?;
-        while let Some(item) = stream.next().await {
-            if let Item::Final(_) = item? {
-                return Ok(());
-            }
-        }
-        Err(ErrorBody::new(
-            ErrorCode::StreamBroken,
-            "the engine's priming stream ended without a final message",
-        ))
+        Ok(())
     }
 }

@@ -39,6 +39,11 @@ impl Backend for Mock {
         "mock"
     }
 
+    // Nothing is ever cached.
+    fn has_cache_switch(&self) -> bool {
+        true
+    }
+
     fn base_url(&self) -> &str {
         ""
     }

@@ -140,6 +140,12 @@ pub trait Backend: Send + Sync {
             ))
         })
     }
+    /// Whether a request can keep the engine from serving the prompt from its cache
+    /// ([`GenRequest::cache_prompt`]). Where it cannot (Ollama), a cold job gets a unique first
+    /// word per run instead.
+    fn has_cache_switch(&self) -> bool {
+        false
+    }
     /// Whether the engine has `model` loaded now (Ollama `/api/ps`). `None`: it cannot say,
     /// and the agent goes by what it ran last.
     fn model_loaded<'a>(&'a self, _model: &'a str) -> BoxFuture<'a, Option<bool>> {

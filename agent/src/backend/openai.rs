@@ -209,6 +209,11 @@ impl Backend for OpenAi {
         "openai"
     }
 
+    // llama.cpp `cache_prompt` (vLLM and LM Studio ignore it; their free prompts run as sent).
+    fn has_cache_switch(&self) -> bool {
+        true
+    }
+
     fn base_url(&self) -> &str {
         &self.base_url
     }
