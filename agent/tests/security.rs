@@ -206,11 +206,7 @@ async fn per_agent_permissions_central_observer_and_no_anonymous() {
 
     // A repeat "auto" job runs under least privilege (the agent reads the race from the stream
     // with a named ephemeral consumer of its own).
-    let mut auto = observer
-        .subscribe(subjects::events("sec-auto"))
-        .await
-        .unwrap();
-    observer.flush().await.unwrap();
+    let mut auto = Events::watch(&observer, "sec-auto").await;
     let r = request(
         &central,
         subjects::jobs("sec-a"),
@@ -221,17 +217,10 @@ async fn per_agent_permissions_central_observer_and_no_anonymous() {
     )
     .await;
     assert!(r.accepted, "{r:?}");
-    loop {
-        let msg = within("auto job events", WAIT, auto.next()).await.unwrap();
-        let e: bench_schemas::Event = serde_json::from_slice(&msg.payload).unwrap();
-        if e.kind.is_terminal() {
-            let EventKind::JobDone(d) = e.kind else {
-                panic!("{e:?}")
-            };
-            assert_eq!(d.summary.repeats, 6);
-            break;
-        }
-    }
+    let EventKind::JobDone(d) = auto.terminal("sec-a").await.kind else {
+        panic!("{:?}", auto.types())
+    };
+    assert_eq!(d.summary.repeats, 6);
 
     // The observer is read-only: it cannot submit or cancel.
     observer
