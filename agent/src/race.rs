@@ -19,6 +19,17 @@ const STREAM_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Most other machines followed.
 const MAX_MACHINES: usize = 1000;
 
+/// The envelope of an event without its payload.
+#[derive(serde::Deserialize)]
+struct Head {
+    machine_id: String,
+    #[serde(default)]
+    run_id: String,
+    seq: u64,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
 /// One other machine of the race.
 struct Racer {
     /// Its run.
@@ -55,43 +66,62 @@ impl RaceWatch {
             // belongs to an earlier race of the same job id (a re-run).
             let mut ours_accepted = false;
             while let Some(payload) = sub.next().await {
-                let Ok(ev) = serde_json::from_slice::<Event>(&payload) else {
+                // Token batches (nearly every event) only name a racer: their text is never
+                // parsed; the few events that change the race are read whole.
+                let Ok(head) = serde_json::from_slice::<Head>(&payload) else {
                     continue;
                 };
+                let kind = if head.kind == "llm_token" || head.kind == "job_started" {
+                    None
+                } else {
+                    match serde_json::from_slice::<Event>(&payload) {
+                        Ok(ev) => Some(ev.kind),
+                        Err(_) => continue,
+                    }
+                };
+                let Head {
+                    machine_id,
+                    run_id,
+                    seq,
+                    ..
+                } = head;
                 let mut seen = store.lock().expect("race lock");
-                if ev.machine_id == me {
-                    if ev.run_id == my_run && matches!(ev.kind, EventKind::JobAccepted(_)) {
+                if machine_id == me {
+                    if run_id == my_run && matches!(kind, Some(EventKind::JobAccepted(_))) {
                         ours_accepted = true;
                         seen.retain(|_, r| !r.finished);
                     }
                     continue;
                 }
-                if ev.seq == 0 {
+                if seq == 0 {
                     continue; // a refusal: no run
                 }
-                match &ev.kind {
+                match &kind {
                     // Out of the race: nothing to wait for.
-                    EventKind::JobError(_) | EventKind::JobCancelled(_) => {
-                        seen.remove(&ev.machine_id);
+                    Some(EventKind::JobError(_) | EventKind::JobCancelled(_)) => {
+                        seen.remove(&machine_id);
                         continue;
                     }
-                    _ if !seen.contains_key(&ev.machine_id) && seen.len() >= MAX_MACHINES => {
+                    _ if !seen.contains_key(&machine_id) && seen.len() >= MAX_MACHINES => {
                         continue;
                     }
                     _ => {}
                 }
                 // Any event names a racer, so one that has not finished a run yet is waited for.
-                let fresh = || Racer {
-                    run_id: ev.run_id.clone(),
+                let racer = seen.entry(machine_id).or_insert_with(|| Racer {
+                    run_id: run_id.clone(),
                     rates: Vec::new(),
                     finished: false,
-                };
-                let racer = seen.entry(ev.machine_id.clone()).or_insert_with(fresh);
-                if racer.run_id != ev.run_id {
-                    *racer = fresh();
+                });
+                if racer.run_id != run_id {
+                    *racer = Racer {
+                        run_id,
+                        rates: Vec::new(),
+                        finished: false,
+                    };
                 }
-                match &ev.kind {
-                    EventKind::RepeatDone(m) => {
+                match &kind {
+                    Some(EventKind::RepeatDone(m)) => {
                         let counted = !m.warmup && !m.cold && (include_short || !m.short_output);
                         if let (true, Some(rate)) = (counted, m.gen_tokens_per_s) {
                             if racer.rates.len() < MAX_SAMPLES {
@@ -99,7 +129,7 @@ impl RaceWatch {
                             }
                         }
                     }
-                    EventKind::JobDone(_) => racer.finished = !ours_accepted,
+                    Some(EventKind::JobDone(_)) => racer.finished = !ours_accepted,
                     _ => {}
                 }
             }
