@@ -113,14 +113,26 @@ async fn chat(Json(body): Json<Value>) -> Response {
         .unwrap()
 }
 
-async fn start_fake() -> String {
-    let app = Router::new()
-        .route("/v1/models", get(models))
-        .route("/v1/chat/completions", post(chat));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
+/// Serves the fake from a runtime of its own on its own thread, so that its schedule is never
+/// late because the agent under test is busy on the same threads.
+fn start_fake() -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let app = Router::new()
+                .route("/v1/models", get(models))
+                .route("/v1/chat/completions", post(chat));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(format!("http://{}", listener.local_addr().unwrap()))
+                .unwrap();
+            axum::serve(listener, app).await.unwrap()
+        })
+    });
+    rx.recv().expect("fake server address")
 }
 
 fn within_pct(what: &str, got: Option<f64>, want: f64, pct: f64) {
@@ -181,10 +193,11 @@ async fn run(c: &async_nats::Client, model: &str) -> Metrics {
     m
 }
 
-#[tokio::test]
+// The agent runs on a multi-threaded runtime, as `bench-agent` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttft_decode_rate_and_itl_match_the_scripted_timing() {
     let nats = NatsServer::start();
-    let url = start_fake().await;
+    let url = start_fake();
     let _agent = start_agent(
         config(
             &format!("machine_id: tf\nengine: openai\nopenai_base_url: {url}\n"),
