@@ -105,6 +105,7 @@ mod tests {
             repeat_index: 0,
             warmup: false,
             cold: false,
+            fingerprint: None,
         })
     }
 

@@ -5,39 +5,9 @@
 
 use crate::Shared;
 use async_nats::jetstream;
-use bench_schemas::{AgentInfo, AgentStatus, Hardware};
+use bench_schemas::{AgentInfo, AgentStatus};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-
-/// Facts about this machine.
-pub fn hardware(accelerator: Option<String>) -> Hardware {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|r| r.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let memory_bytes = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or(0);
-    Hardware {
-        cpu,
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(0),
-        memory_bytes,
-        os: std::env::consts::OS.to_string(),
-        arch: std::env::consts::ARCH.to_string(),
-        accelerator,
-    }
-}
 
 /// This agent's registry entry now.
 pub async fn info(shared: &Shared) -> AgentInfo {
@@ -57,6 +27,8 @@ pub async fn info(shared: &Shared) -> AgentInfo {
             .offered(&*backend, &shared.cfg.llm_models)
             .await,
         hardware: shared.hardware.clone(),
+        engine_info: None,
+        telemetry: Default::default(),
         labels: shared.cfg.labels.clone(),
         version: crate::VERSION.to_string(),
         boot_id: shared.boot_id.clone(),

@@ -63,6 +63,7 @@ pub async fn handle_job(
         engine_url: backend.base_url().to_string(),
         label: shared.cfg.label.clone(),
         agent_version: crate::VERSION.to_string(),
+        fingerprint: None,
     };
     // Under the queue lock: job_accepted is always seq 1, ahead of job_started, and a run id
     // is only used by a job that is accepted.

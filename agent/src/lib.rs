@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod config;
 pub mod emit;
+pub mod fingerprint;
 pub mod heartbeat;
 pub mod http;
 pub mod intake;
@@ -24,6 +25,7 @@ pub mod queue;
 pub mod race;
 pub mod runner;
 pub mod shape;
+pub mod telemetry;
 
 use anyhow::Context as _;
 use async_nats::service::ServiceExt;
@@ -175,7 +177,7 @@ pub async fn start(
     }
 
     let shared = Arc::new(Shared {
-        hardware: heartbeat::hardware(cfg.accelerator.clone()),
+        hardware: fingerprint::hardware::hardware(cfg.accelerator.clone()),
         queue: queue::JobQueue::new(cfg.max_queue),
         models: models::ModelCatalog::new(cfg.engine_models_refresh),
         publisher,

@@ -175,6 +175,7 @@ impl Measure {
             chunks: n_chunks,
             output_chars: self.output_chars,
             done_reason: report.done_reason.clone(),
+            telemetry: None,
             short_output,
             null_reason,
         }

@@ -228,6 +228,7 @@ async fn run_repeats(
             repeat_index: index,
             warmup,
             cold: is_cold,
+            fingerprint: None,
         }))
         .map_err(full)?;
         let (metrics, output) = run_once(shared, backend, req, &spec, ctx, cancel, index, warmup)
@@ -290,6 +291,7 @@ async fn run_repeats(
         tg_tokens_per_s: median(summary.tg_tokens_per_s),
         shape: Some(shape),
         stop_reason,
+        fingerprint: None,
         repeats: runs,
         summary,
         output_text: last_output,

@@ -344,6 +344,7 @@ async fn flood_run(
                 repeat_index: 0,
                 warmup: false,
                 cold: false,
+                fingerprint: None,
             }),
         )
         .await?;

@@ -543,6 +543,7 @@ mod tests {
                 engine_url: String::new(),
                 label: "A".into(),
                 agent_version: "0".into(),
+                fingerprint: None,
             }),
         }
     }

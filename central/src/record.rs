@@ -475,6 +475,7 @@ impl JobRecord {
                 m.error = Some(ErrorInfo::new("cancelled", c.reason.clone()));
                 m.keep_cut_text();
             }
+            EventKind::Telemetry(_) => {}
         }
         Applied::Changed
     }
@@ -573,6 +574,7 @@ mod tests {
             tg_tokens_per_s: None,
             shape: None,
             stop_reason: Default::default(),
+            fingerprint: None,
         })
     }
 
@@ -631,6 +633,7 @@ mod tests {
                 repeat_index: i,
                 warmup: false,
                 cold: false,
+                fingerprint: None,
             })
         };
         r.apply(&ev("a", 3, started(1)), 2, 0);
@@ -648,6 +651,7 @@ mod tests {
             engine_url: String::new(),
             label: "A".into(),
             agent_version: "0".into(),
+            fingerprint: None,
         })
     }
 
@@ -662,6 +666,7 @@ mod tests {
                 repeat_index: 0,
                 warmup: false,
                 cold: false,
+                fingerprint: None,
             }),
         );
         let token = ev(
@@ -694,6 +699,7 @@ mod tests {
                 repeat_index: i,
                 warmup,
                 cold,
+                fingerprint: None,
             })
         };
         let token = |i, text: &str| {
@@ -758,6 +764,7 @@ mod tests {
             done_reason: None,
             short_output: false,
             null_reason: None,
+            telemetry: None,
         }
     }
 

@@ -87,6 +87,7 @@ async fn a_silent_machine_is_marked_failed_and_the_job_completes() {
                 repeat_index: 0,
                 warmup: false,
                 cold: false,
+                fingerprint: None,
             }),
         )],
     )

@@ -53,6 +53,7 @@ impl Run {
             repeat_index: m.repeat_index,
             warmup: m.warmup,
             cold: m.cold,
+            fingerprint: None,
         }));
         self.push(EventKind::LlmToken(Token {
             repeat_index: m.repeat_index,
@@ -80,6 +81,7 @@ impl Run {
             output_text: text.into(),
             shape: Some(job.shape()),
             stop_reason: StopReason::Precision,
+            fingerprint: None,
         }));
     }
 }
@@ -106,6 +108,7 @@ async fn cold_and_short_runs_stay_apart_and_intervals_decide_the_winner() {
             engine_url: String::new(),
             label: label.into(),
             agent_version: "0".into(),
+            fingerprint: None,
         })
     };
 

@@ -25,6 +25,7 @@ fn events(job_id: &str, per_machine: u64, text: &str) -> Vec<Event> {
                     repeat_index: 0,
                     warmup: false,
                     cold: false,
+                    fingerprint: None,
                 }),
                 s if s == per_machine => EventKind::JobCancelled(Cancelled {
                     repeat_index: Some(0),

@@ -166,7 +166,10 @@ fn heartbeat(machine_id: &str, boot_id: &str) -> AgentInfo {
             os: "linux".into(),
             arch: "x86_64".into(),
             accelerator: None,
+            ..Hardware::default()
         },
+        engine_info: None,
+        telemetry: Default::default(),
         labels: Default::default(),
         version: "0".into(),
         boot_id: boot_id.into(),
@@ -194,6 +197,7 @@ async fn a_run_of_an_agent_that_restarted_fails_with_a_reason() {
         repeat_index: 0,
         warmup: false,
         cold: false,
+        fingerprint: None,
     });
     publish_events(&js, &[event("lost-1", "ghost", "oldboot-1", 2, started)]).await;
     job_when(&base, "lost-1", "running", |v| {

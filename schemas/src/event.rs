@@ -6,8 +6,10 @@
 //! at 1 per run and has no gaps, so a reader can tell a missing event from a late one.
 
 use crate::error::ErrorBody;
+use crate::fingerprint::Fingerprint;
 use crate::job::{Job, Shape};
 use crate::metrics::{Metrics, Summary, TokenCountSource};
+use crate::telemetry::Sample;
 use serde::{Deserialize, Serialize};
 
 /// One event.
@@ -50,6 +52,8 @@ pub enum EventKind {
     JobError(Failed),
     /// The job was cancelled; no more events follow for this machine.
     JobCancelled(Cancelled),
+    /// One sample of the machine while the job runs.
+    Telemetry(Sample),
 }
 
 impl EventKind {
@@ -63,6 +67,7 @@ impl EventKind {
             Self::JobDone(_) => "job_done",
             Self::JobError(_) => "job_error",
             Self::JobCancelled(_) => "job_cancelled",
+            Self::Telemetry(_) => "telemetry",
         }
     }
 
@@ -91,6 +96,9 @@ pub struct Accepted {
     pub label: String,
     /// Agent version.
     pub agent_version: String,
+    /// What the job runs on: machine, engine, model, effective settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// `job_started`.
@@ -103,6 +111,10 @@ pub struct Started {
     /// Whether this is the first request after a model load (reported apart).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cold: bool,
+    /// On the first run only: the fingerprint as asked of the engine right before it (the
+    /// one in `job_accepted` came from the agent's cache and may be absent or older).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// `llm_token`: a batch of generated text.
@@ -159,6 +171,9 @@ pub struct Done {
     /// Why the repeats stopped.
     #[serde(default)]
     pub stop_reason: StopReason,
+    /// What the runs were measured on (as in the first `job_started`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fingerprint>,
 }
 
 /// Why a machine stopped repeating.

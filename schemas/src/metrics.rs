@@ -126,6 +126,9 @@ pub struct Metrics {
     pub output_chars: u64,
     /// Why generation stopped (`stop`, `length`, ...), as the engine said.
     pub done_reason: Option<String>,
+    /// What the machine did during this run, and its energy over the decode window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<crate::telemetry::TelemetrySummary>,
 }
 
 /// median, mean, stdev (sample), min, max over the measured repeats.
@@ -333,6 +336,15 @@ pub struct Summary {
     /// Over `tg_tokens_per_s` (llama-bench's tg).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tg_tokens_per_s: Option<Stats>,
+    /// Over the runs' `telemetry.joules_per_token`, where a power source exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joules_per_token: Option<Stats>,
+    /// Over the runs' `telemetry.tokens_per_joule`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_joule: Option<Stats>,
+    /// Over the runs' mean total power, watts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_w: Option<Stats>,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -368,6 +380,9 @@ impl Summary {
             tpot_ms: over(&|m| m.tpot_ms),
             gen_tokens: over(&|m| Some(m.gen_tokens as f64)),
             prompt_tokens_per_s: over(&|m| m.prompt_tokens_per_s),
+            joules_per_token: over(&|m| m.telemetry.as_ref()?.joules_per_token),
+            tokens_per_joule: over(&|m| m.telemetry.as_ref()?.tokens_per_joule),
+            power_w: over(&|m| Some(m.telemetry.as_ref()?.power_w?.mean)),
         }
     }
 }
@@ -476,6 +491,7 @@ mod tests {
             done_reason: None,
             short_output: false,
             null_reason: None,
+            telemetry: None,
         };
         let mut runs = vec![
             run(0, 1.0),

@@ -16,22 +16,40 @@ pub enum AgentStatus {
     Offline,
 }
 
-/// The machine an agent runs on.
+/// The machine an agent runs on (see [`crate::fingerprint`]).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 pub struct Hardware {
-    /// CPU model name.
+    /// CPU model name (Apple: `machdep.cpu.brand_string`).
     pub cpu: String,
     /// Logical CPUs.
     pub cores: u32,
+    /// Physical cores, where the OS says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical_cores: Option<u32>,
     /// Physical memory in bytes.
     pub memory_bytes: u64,
-    /// `linux`, `macos`, ...
+    /// `linux`, `macos`, `windows`, ...
     pub os: String,
+    /// OS name and version (`Debian GNU/Linux 12`, `macOS 15.1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_version: Option<String>,
+    /// Kernel version (`6.1.0-27-amd64`, Darwin `24.1.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_version: Option<String>,
     /// `x86_64`, `aarch64`, ...
     pub arch: String,
     /// Free text from config (`RTX 4090`, `M4 Max`), if given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accelerator: Option<String>,
+    /// Apple Silicon chip (`Apple M4 Max`), from `system_profiler`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chip: Option<String>,
+    /// GPUs found (NVML, `system_profiler`, `amd-smi`/`rocm-smi`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<crate::fingerprint::Gpu>,
+    /// Sources that did not answer, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<crate::fingerprint::Missing>,
 }
 
 /// One heartbeat.
@@ -49,6 +67,13 @@ pub struct AgentInfo {
     pub models: Vec<String>,
     /// Machine facts.
     pub hardware: Hardware,
+    /// The default backend's engine (kind, server, version, build), once it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_info: Option<crate::fingerprint::EngineInfo>,
+    /// Telemetry sources this agent samples during jobs (`cpu` -> `sysinfo`, `gpu` -> `nvml`);
+    /// no `power` key means no power sensor.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub telemetry: BTreeMap<String, String>,
     /// Selector labels from config.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,

@@ -199,6 +199,7 @@ pub fn accepted_kind(job_id: &str, model: &str, label: &str) -> bench_schemas::E
         engine_url: String::new(),
         label: label.into(),
         agent_version: "0".into(),
+        fingerprint: None,
     })
 }
 

@@ -1,0 +1,62 @@
+//! One source of telemetry. Each probe adds what it can read to a [`Reading`]; a probe that
+//! cannot read at all is never built (it is reported as `missing` instead).
+
+use bench_schemas::GpuSample;
+use std::time::Instant;
+
+/// One GPU's numbers in a reading.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuReading {
+    /// What goes on the wire.
+    pub sample: GpuSample,
+    /// Cumulative energy counter, joules, where the source has one (NVML
+    /// `total_energy_consumption`): preferred to integrating `power_w`.
+    pub energy_j: Option<f64>,
+}
+
+/// Every source's numbers at one instant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// When it was taken.
+    pub at: Instant,
+    /// CPU busy % over all logical CPUs since the previous reading.
+    pub cpu_pct: Option<f64>,
+    /// Memory in use, bytes.
+    pub mem_used_bytes: Option<u64>,
+    /// CPU package energy, joules, cumulative (RAPL `energy_uj`, wrap-around already undone
+    /// by the probe).
+    pub cpu_energy_j: Option<f64>,
+    /// CPU package power, watts, from sources that give power rather than energy.
+    pub cpu_power_w: Option<f64>,
+    /// Per GPU.
+    pub gpus: Vec<GpuReading>,
+    /// A whole-machine power figure (Apple's combined CPU+GPU+ANE), watts, when a source gives
+    /// one instead of parts.
+    pub combined_power_w: Option<f64>,
+}
+
+impl Reading {
+    /// An empty reading at `at`.
+    pub fn new(at: Instant) -> Self {
+        Self {
+            at,
+            cpu_pct: None,
+            mem_used_bytes: None,
+            cpu_energy_j: None,
+            cpu_power_w: None,
+            gpus: Vec::new(),
+            combined_power_w: None,
+        }
+    }
+}
+
+/// A telemetry source.
+pub trait Probe: Send {
+    /// What it reads, as (group, source): `("cpu", "sysinfo")`, `("cpu_power", "rapl")`,
+    /// `("gpu", "nvml")`, `("power", "macmon")`.
+    fn sources(&self) -> Vec<(&'static str, String)>;
+    /// Adds its numbers to `r`. Must be cheap (it runs at the sampling rate) and must not
+    /// block for long: a source that produces its numbers slowly (a child process) reads them
+    /// on its own thread and hands over the latest here.
+    fn read(&mut self, r: &mut Reading);
+}

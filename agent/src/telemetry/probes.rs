@@ -1,0 +1,1 @@
+//! The real probes (to be written).

@@ -1,0 +1,1 @@
+//! The sampling thread (to be written).
