@@ -1,6 +1,7 @@
 //! Agent configuration: YAML into [`RawConfig`], environment overrides, then a validated
 //! [`Config`] whose errors name the file, the key and the fix.
 
+use crate::telemetry::{ApplePower, TelemetryConfig};
 pub use bench_nats::settings::{process_env, ConfigError, Env};
 use bench_nats::NatsConfig;
 use bench_schemas::{validate_machine_id, JobLimits};
@@ -35,6 +36,16 @@ pub const DEFAULT_MAX_EVENT_QUEUE: usize = 10_000;
 pub const DEFAULT_PUBLISH_WINDOW: usize = 256;
 /// How long the engine's model list is trusted while the engine is idle.
 pub const DEFAULT_ENGINE_MODELS_REFRESH_S: f64 = 30.0;
+/// Telemetry sampling period: 4 Hz resolves a decode of a second or two without costing a
+/// measurable share of a core.
+pub const DEFAULT_TELEMETRY_INTERVAL_MS: u64 = 250;
+/// Shortest sampling period: below it the probes' own reads (sysinfo walks /proc) start to be
+/// a load of their own.
+pub const MIN_TELEMETRY_INTERVAL_MS: u64 = 50;
+/// Longest sampling period: a slower sampler would leave most runs with no sample at all.
+pub const MAX_TELEMETRY_INTERVAL_MS: u64 = 10_000;
+/// Linux powercap root where RAPL zones live.
+pub const DEFAULT_RAPL_ROOT: &str = "/sys/class/powercap";
 
 /// Which engine a backend talks to.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +116,22 @@ pub struct RawLimits {
     pub max_event_queue: Option<usize>,
 }
 
+/// `telemetry:` as YAML.
+#[derive(Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    /// Sample during jobs at all (default true).
+    pub enabled: Option<bool>,
+    /// Between samples, ms (default 250).
+    pub interval_ms: Option<u64>,
+    /// Linux powercap root for RAPL.
+    pub rapl_root: Option<PathBuf>,
+    /// Ask NVML for NVIDIA GPUs.
+    pub nvml: Option<bool>,
+    /// auto | macmon | powermetrics | off.
+    pub apple_power: Option<ApplePower>,
+}
+
 /// The YAML as written. Unknown keys are errors, so a typo never silently does nothing.
 #[derive(Deserialize, Debug, Clone, Default)]
 #[serde(deny_unknown_fields)]
@@ -166,6 +193,9 @@ pub struct RawConfig {
     pub engine_models_refresh_s: Option<f64>,
     /// JetStream acks in flight at once.
     pub publish_window: Option<usize>,
+    /// Machine sampling during jobs.
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
 }
 
 /// The validated configuration.
@@ -225,6 +255,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Engine silence that fails a run.
     pub engine_idle_timeout: Duration,
+    /// Machine sampling during jobs.
+    pub telemetry: TelemetryConfig,
 }
 
 impl Config {
@@ -455,6 +487,26 @@ impl Config {
             ));
         }
 
+        let t = &raw.telemetry;
+        let interval_ms = t.interval_ms.unwrap_or(DEFAULT_TELEMETRY_INTERVAL_MS);
+        if !(MIN_TELEMETRY_INTERVAL_MS..=MAX_TELEMETRY_INTERVAL_MS).contains(&interval_ms) {
+            return Err(err(
+                "telemetry.interval_ms",
+                format!("{interval_ms} is out of range"),
+                "use 50..10000 ms (default 250 = 4 Hz), or `telemetry: {enabled: false}` for none",
+            ));
+        }
+        let telemetry = TelemetryConfig {
+            enabled: t.enabled.unwrap_or(true),
+            interval: Duration::from_millis(interval_ms),
+            rapl_root: t
+                .rapl_root
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_RAPL_ROOT)),
+            nvml: t.nvml.unwrap_or(true),
+            apple_power: t.apple_power.unwrap_or_default(),
+        };
+
         let mut nats = raw.nats.clone();
         if let Some(url) = get("NATS_URL") {
             nats.url = Some(url);
@@ -495,6 +547,7 @@ impl Config {
             flush_interval: Duration::from_secs_f64(flush_s),
             heartbeat: Duration::from_secs_f64(heartbeat_s),
             engine_idle_timeout: Duration::from_secs_f64(idle),
+            telemetry,
         })
     }
 }
@@ -585,5 +638,67 @@ mod tests {
         }
         let e = parse("machine_id: a\nengine: gpt\n", &[]).unwrap_err();
         assert!(e.problem.contains("gpt"), "{e}");
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let c = parse(include_str!("../config/agent.example.yaml"), &[]).unwrap();
+        assert_eq!(c.telemetry, TelemetryConfig::default());
+    }
+
+    #[test]
+    fn telemetry_section() {
+        let c = parse("machine_id: a\n", &[]).unwrap();
+        assert_eq!(c.telemetry, TelemetryConfig::default());
+        assert_eq!(c.telemetry.interval, Duration::from_millis(250));
+        let c = parse(
+            "machine_id: a\ntelemetry: {enabled: false, interval_ms: 50, rapl_root: /tmp/pc, nvml: false, apple_power: off}\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.telemetry,
+            TelemetryConfig {
+                enabled: false,
+                interval: Duration::from_millis(50),
+                rapl_root: PathBuf::from("/tmp/pc"),
+                nvml: false,
+                apple_power: ApplePower::Off,
+            }
+        );
+        for (yaml, want) in [
+            ("macmon", ApplePower::Macmon),
+            ("powermetrics", ApplePower::Powermetrics),
+            ("auto", ApplePower::Auto),
+        ] {
+            let c = parse(
+                &format!("machine_id: a\ntelemetry: {{apple_power: {yaml}}}\n"),
+                &[],
+            )
+            .unwrap();
+            assert_eq!(c.telemetry.apple_power, want);
+        }
+        assert_eq!(
+            parse("machine_id: a\ntelemetry: {interval_ms: 10000}\n", &[])
+                .unwrap()
+                .telemetry
+                .interval,
+            Duration::from_secs(10)
+        );
+        for bad in ["interval_ms: 49", "interval_ms: 10001", "interval_ms: 0"] {
+            let e = parse(&format!("machine_id: a\ntelemetry: {{{bad}}}\n"), &[]).unwrap_err();
+            assert_eq!(e.key, "telemetry.interval_ms", "{bad}");
+            assert!(e.fix.contains("50..10000"), "{e}");
+        }
+        for bad in [
+            "apple_power: always",
+            "intervall_ms: 100",
+            "interval_ms: -5",
+        ] {
+            assert!(
+                parse(&format!("machine_id: a\ntelemetry: {{{bad}}}\n"), &[]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }
