@@ -5,7 +5,10 @@
 //! returned as a [`Missing`] with the reason, and no probe is built for it.
 
 use super::probe::{Probe, Reading};
-use super::TelemetryConfig;
+use super::{ApplePower, TelemetryConfig};
+use crate::fingerprint::apple::{ApplePowerProbe, PowerTool};
+use crate::fingerprint::hardware::{find_on_path, output_of};
+use crate::fingerprint::nvidia::NvmlProbe;
 use bench_schemas::Missing;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -22,7 +25,59 @@ pub fn build(cfg: &TelemetryConfig) -> (Vec<Box<dyn Probe>>, Vec<Missing>) {
             Err(m) => missing.push(m),
         }
     }
+    if cfg.nvml {
+        match NvmlProbe::open() {
+            Ok(p) => probes.push(Box::new(p)),
+            Err(m) => missing.push(m),
+        }
+    }
+    if cfg!(target_os = "macos") {
+        match apple_power(cfg) {
+            Ok(Some(p)) => probes.push(Box::new(p)),
+            Ok(None) => {}
+            Err(m) => missing.push(m),
+        }
+    }
     (probes, missing)
+}
+
+/// Whether the agent runs as root (`id -u` says 0), which `powermetrics` needs.
+fn is_root() -> bool {
+    output_of("id", &["-u"]).is_ok_and(|s| s.trim() == "0")
+}
+
+/// The Apple power tool `cfg.apple_power` asks for, started; None when it is off.
+fn apple_power(cfg: &TelemetryConfig) -> Result<Option<ApplePowerProbe>, Missing> {
+    let tool = match choose_apple_tool(cfg.apple_power, find_on_path("macmon").is_some(), is_root)?
+    {
+        Some(t) => t,
+        None => return Ok(None),
+    };
+    ApplePowerProbe::spawn(tool, cfg.interval).map(Some)
+}
+
+/// Which Apple power tool to run: `Auto` takes macmon when installed, else powermetrics when
+/// root, else says how to get either.
+fn choose_apple_tool(
+    want: ApplePower,
+    has_macmon: bool,
+    root: impl Fn() -> bool,
+) -> Result<Option<PowerTool>, Missing> {
+    const NO_MACMON: &str = "macmon is not on PATH (install it: `brew install macmon`)";
+    const NOT_ROOT: &str = "powermetrics needs root and the agent is not running as root";
+    match want {
+        ApplePower::Off => Ok(None),
+        ApplePower::Macmon if has_macmon => Ok(Some(PowerTool::Macmon)),
+        ApplePower::Macmon => Err(missing("macmon", NO_MACMON)),
+        ApplePower::Powermetrics if root() => Ok(Some(PowerTool::Powermetrics)),
+        ApplePower::Powermetrics => Err(missing("powermetrics", NOT_ROOT)),
+        ApplePower::Auto if has_macmon => Ok(Some(PowerTool::Macmon)),
+        ApplePower::Auto if root() => Ok(Some(PowerTool::Powermetrics)),
+        ApplePower::Auto => Err(missing(
+            "apple_power",
+            format!("{NO_MACMON}, and {NOT_ROOT}"),
+        )),
+    }
 }
 
 fn missing(source: &str, reason: impl Into<String>) -> Missing {
@@ -359,6 +414,38 @@ mod tests {
         let pct = r.cpu_pct.expect("cpu %");
         assert!((0.0..=100.0).contains(&pct), "{pct}");
         assert!(r.mem_used_bytes.expect("memory") > 0);
+    }
+
+    #[test]
+    fn apple_tool_choice() {
+        let yes = || true;
+        let no = || false;
+        let pick = |w, m, r: &dyn Fn() -> bool| choose_apple_tool(w, m, r);
+        assert_eq!(pick(ApplePower::Off, true, &yes), Ok(None));
+        assert_eq!(
+            pick(ApplePower::Auto, true, &no),
+            Ok(Some(PowerTool::Macmon))
+        );
+        assert_eq!(
+            pick(ApplePower::Auto, false, &yes),
+            Ok(Some(PowerTool::Powermetrics))
+        );
+        let m = pick(ApplePower::Auto, false, &no).unwrap_err();
+        assert!(m.reason.contains("brew install macmon") && m.reason.contains("root"));
+        assert_eq!(
+            pick(ApplePower::Macmon, false, &yes).unwrap_err().source,
+            "macmon"
+        );
+        assert_eq!(
+            pick(ApplePower::Powermetrics, true, &no)
+                .unwrap_err()
+                .source,
+            "powermetrics"
+        );
+        assert_eq!(
+            pick(ApplePower::Powermetrics, false, &yes),
+            Ok(Some(PowerTool::Powermetrics))
+        );
     }
 
     #[test]
