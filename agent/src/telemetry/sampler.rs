@@ -106,6 +106,7 @@ impl Telemetry {
             shared: Arc::clone(&shared),
             sink,
             acc: Accounting::default(),
+            seen: Seen::default(),
             spare: None,
             start: Instant::now(),
         };
@@ -454,6 +455,7 @@ struct Sampler {
     shared: Arc<Shared>,
     sink: Box<dyn FnMut(Sample) + Send>,
     acc: Accounting,
+    seen: Seen,
     /// The reading dropped from a full ring, reused so a long job allocates no readings.
     spare: Option<Reading>,
     start: Instant,
@@ -507,8 +509,7 @@ impl Sampler {
         for p in probes.iter_mut() {
             p.read(&mut r);
         }
-        let mut seen = self.shared.ring().seen;
-        let d = self.acc.add(&r, &mut seen);
+        let d = self.acc.add(&r, &mut self.seen);
         let repeat = self.shared.repeat.load(Ordering::Relaxed);
         let sample = Sample {
             repeat_index: u32::try_from(repeat).ok(),
@@ -522,7 +523,7 @@ impl Sampler {
         };
         {
             let mut ring = self.shared.ring();
-            ring.seen = seen;
+            ring.seen = self.seen;
             if ring.entries.len() >= self.ring_capacity {
                 self.spare = ring.entries.pop_front().map(|e| e.reading);
             }
