@@ -159,14 +159,14 @@ pub async fn get_job(
 ) -> Result<Json<compare::JobDetail>, ApiError> {
     let job_id = path_id(job_id)?;
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    Ok(Json(
-        detail_of(
-            &state,
-            &job_id,
-            p.baseline.as_deref().filter(|b| !b.is_empty()),
-        )
-        .await?,
-    ))
+    let mut d = detail_of(
+        &state,
+        &job_id,
+        p.baseline.as_deref().filter(|b| !b.is_empty()),
+    )
+    .await?;
+    crate::fingerprints::previous(&state, &mut d).await;
+    Ok(Json(d))
 }
 
 /// `POST /api/jobs/{id}/cancel`.
@@ -263,9 +263,10 @@ pub async fn export(
             )))
         }
     };
-    let detail = detail_of(&state, &job_id, None).await?;
+    let mut detail = detail_of(&state, &job_id, None).await?;
     Ok(match ext {
         "json" => {
+            crate::fingerprints::previous(&state, &mut detail).await;
             let body = serde_json::to_vec_pretty(&detail)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             attachment(&job_id, ext, "application/json", body)

@@ -5,9 +5,55 @@ use crate::error::{ApiError, ErrorInfo};
 use crate::record::{JobRecord, JobStatus, RunStatus, Source};
 use crate::registry::Registry;
 use bench_schemas::event::StopReason;
+use bench_schemas::fingerprint::{Change, Fingerprint};
 use bench_schemas::metrics::MIN_CI_SAMPLES;
+use bench_schemas::telemetry::MeanPeak;
 use bench_schemas::{Job, Metrics, Separation, Shape, Stats, Summary};
 use serde::Serialize;
+
+/// This machine's fingerprint against the one of its previous job (`GET /api/jobs/{id}` only).
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Previous {
+    /// The newest earlier job that ran on the machine with a fingerprint.
+    pub job_id: String,
+    /// When it was created (unix ms).
+    pub created_ms: u64,
+    /// Its fingerprint id.
+    pub fingerprint_id: String,
+    /// Same fingerprint id.
+    pub same: bool,
+    /// What differs from that job to this one (`before` is that job's value).
+    pub changes: Vec<Change>,
+}
+
+/// One energy ranking row (lower joules per token first).
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct EnergyRank {
+    /// 1 = least energy per generated token.
+    pub rank: u32,
+    /// The machine.
+    pub machine_id: String,
+    /// Over the measured repeats.
+    pub joules_per_token: Stats,
+    /// Over the measured repeats.
+    pub tokens_per_joule: Option<Stats>,
+    /// Mean total power per run, over the measured repeats.
+    pub power_w: Option<Stats>,
+    /// Where the power came from (the last measured run's `telemetry.power_source`).
+    pub power_source: Option<String>,
+}
+
+/// Energy per token across the racers: ranked only when every racer measured it.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Energy {
+    /// Every machine with a decode rate has `summary.joules_per_token`.
+    pub available: bool,
+    /// Why not, when not (`no sensor on <labels>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Least energy per token first (empty when not available).
+    pub ranking: Vec<EnergyRank>,
+}
 
 /// One machine in `GET /api/jobs/{id}`.
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -48,6 +94,12 @@ pub struct MachineDetail {
     /// The last such refusal.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<ErrorInfo>,
+    /// What the run measured on (machine, engine, model, settings), newest seen.
+    pub fingerprint: Option<Fingerprint>,
+    /// Against the machine's previous job with a fingerprint (`GET /api/jobs/{id}` and
+    /// `export.json`; null when there is none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Previous>,
 }
 
 /// Percent differences against the baseline's medians, each with whether it exceeds the 95%
@@ -114,6 +166,8 @@ pub struct JobDetail {
     pub machines: Vec<MachineDetail>,
     /// Fastest first.
     pub ranking: Vec<Rank>,
+    /// Energy per token, where every racer has a power sensor.
+    pub energy: Energy,
     /// The baseline, if chosen.
     pub baseline: Option<String>,
 }
@@ -231,6 +285,71 @@ pub fn ranking(machines: &[MachineDetail], baseline: Option<&str>) -> Vec<Rank> 
     rows
 }
 
+/// The last measured run's power source.
+fn power_source(m: &MachineDetail) -> Option<String> {
+    m.repeats
+        .iter()
+        .rev()
+        .filter(|r| !r.warmup && !r.cold)
+        .find_map(|r| r.telemetry.as_ref()?.power_source.clone())
+}
+
+/// Energy per token of the machines in `ranking` (the racers with a decode rate).
+pub fn energy(machines: &[MachineDetail], ranking: &[Rank]) -> Energy {
+    let racers: Vec<&MachineDetail> = ranking
+        .iter()
+        .filter_map(|r| machines.iter().find(|m| m.machine_id == r.machine_id))
+        .collect();
+    if racers.is_empty() {
+        return Energy {
+            available: false,
+            reason: Some("no measured runs yet".into()),
+            ranking: Vec::new(),
+        };
+    }
+    let jpt = |m: &MachineDetail| m.summary.as_ref().and_then(|s| s.joules_per_token);
+    let missing: Vec<&str> = racers
+        .iter()
+        .filter(|m| jpt(m).is_none())
+        .map(|m| m.label.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Energy {
+            available: false,
+            reason: Some(format!("no sensor on {}", missing.join(", "))),
+            ranking: Vec::new(),
+        };
+    }
+    let mut rows: Vec<EnergyRank> = racers
+        .iter()
+        .filter_map(|m| {
+            let s = m.summary.as_ref()?;
+            Some(EnergyRank {
+                rank: 0,
+                machine_id: m.machine_id.clone(),
+                joules_per_token: s.joules_per_token?,
+                tokens_per_joule: s.tokens_per_joule,
+                power_w: s.power_w,
+                power_source: power_source(m),
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        a.joules_per_token
+            .median
+            .total_cmp(&b.joules_per_token.median)
+            .then_with(|| a.machine_id.cmp(&b.machine_id))
+    });
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.rank = i as u32 + 1;
+    }
+    Energy {
+        available: true,
+        reason: None,
+        ranking: rows,
+    }
+}
+
 /// The document for `GET /api/jobs/{id}?baseline=`.
 pub fn detail(
     r: &JobRecord,
@@ -265,23 +384,28 @@ pub fn detail(
             earlier_runs: m.earlier_runs.clone(),
             refusals: m.refusals,
             refused: m.refused.clone(),
+            fingerprint: m.fingerprint.clone(),
+            previous: None,
         })
         .collect();
+    let ranking = ranking(&machines, baseline);
     Ok(JobDetail {
         job_id: r.job_id.clone(),
         created_ms: r.created_ms,
         status: r.status,
         source: r.source,
         job: r.job.clone(),
-        ranking: ranking(&machines, baseline),
+        energy: energy(&machines, &ranking),
+        ranking,
         machines,
         baseline: baseline.map(str::to_string),
     })
 }
 
 /// Header of the CSV export: the original columns first (their places unchanged), then the
-/// fidelity ones and the job's shape.
-pub const CSV_HEADER: &str = "job_id,machine_id,label,engine,model,repeat_index,warmup,ttft_ms,total_ms,gen_tokens,gen_tokens_per_s,tpot_ms,prompt_tokens,token_count_source,cold,ttfot_ms,streamed_tokens,pp_tokens_per_s,tg_tokens_per_s,prompt_evaluated,prompt_cache_hit,short_output,null_reason,profile,job_prompt_tokens,depth";
+/// fidelity ones and the job's shape, then the machine's fingerprint (the same on each of its
+/// rows) and the run's telemetry.
+pub const CSV_HEADER: &str = "job_id,machine_id,label,engine,model,repeat_index,warmup,ttft_ms,total_ms,gen_tokens,gen_tokens_per_s,tpot_ms,prompt_tokens,token_count_source,cold,ttfot_ms,streamed_tokens,pp_tokens_per_s,tg_tokens_per_s,prompt_evaluated,prompt_cache_hit,short_output,null_reason,profile,job_prompt_tokens,depth,fingerprint_id,cpu,gpu,memory_bytes,os_version,kernel_version,engine_server,engine_version,engine_build,model_digest,model_quantization,model_parameter_count,cpu_pct_mean,cpu_pct_peak,gpu_util_pct_mean,power_w_mean,power_w_peak,energy_j,joules_per_token,tokens_per_joule,power_source";
 
 /// A number as a CSV cell: empty when it is not finite (NaN, infinity) or missing.
 fn num_cell(v: Option<f64>) -> String {
@@ -302,6 +426,30 @@ fn csv_field(s: &str) -> String {
     }
 }
 
+/// The fingerprint columns of a machine's rows (empty cells without one).
+fn fingerprint_cells(fp: Option<&Fingerprint>) -> [String; 12] {
+    let Some(f) = fp else {
+        return Default::default();
+    };
+    let (h, e, m) = (&f.hardware, &f.engine, &f.model);
+    let text = |v: &Option<String>| csv_field(v.as_deref().unwrap_or(""));
+    let gpus: Vec<&str> = h.gpus.iter().map(|g| g.name.as_str()).collect();
+    [
+        csv_field(&f.fingerprint_id),
+        csv_field(&h.cpu),
+        csv_field(&gpus.join("+")),
+        h.memory_bytes.to_string(),
+        text(&h.os_version),
+        text(&h.kernel_version),
+        text(&e.server),
+        text(&e.version),
+        text(&e.build),
+        text(&m.digest),
+        text(&m.quantization),
+        m.parameter_count.map(|n| n.to_string()).unwrap_or_default(),
+    ]
+}
+
 /// One row per machine and repeat.
 pub fn csv(d: &JobDetail) -> String {
     let model = d.job.as_ref().map(|j| j.model.as_str()).unwrap_or("");
@@ -320,6 +468,7 @@ pub fn csv(d: &JobDetail) -> String {
     let mut out = String::from(CSV_HEADER);
     out.push('\n');
     for m in &d.machines {
+        let fp = fingerprint_cells(m.fingerprint.as_ref());
         for r in &m.repeats {
             let source = serde_json::to_value(r.token_count_source)
                 .ok()
@@ -353,6 +502,32 @@ pub fn csv(d: &JobDetail) -> String {
                 job_prompt_tokens.clone(),
                 depth.clone(),
             ];
+            let t = r.telemetry.as_ref();
+            let mean_peak =
+                |f: fn(&bench_schemas::telemetry::TelemetrySummary) -> Option<MeanPeak>| {
+                    let v = t.and_then(f);
+                    [num_cell(v.map(|v| v.mean)), num_cell(v.map(|v| v.peak))]
+                };
+            let [cpu_mean, cpu_peak] = mean_peak(|t| t.cpu_pct);
+            let [gpu_mean, _] = mean_peak(|t| t.gpu_util_pct);
+            let [power_mean, power_peak] = mean_peak(|t| t.power_w);
+            let telemetry = [
+                cpu_mean,
+                cpu_peak,
+                gpu_mean,
+                power_mean,
+                power_peak,
+                num_cell(t.and_then(|t| t.energy_j)),
+                num_cell(t.and_then(|t| t.joules_per_token)),
+                num_cell(t.and_then(|t| t.tokens_per_joule)),
+                csv_field(t.and_then(|t| t.power_source.as_deref()).unwrap_or("")),
+            ];
+            let row: Vec<&str> = row
+                .iter()
+                .chain(fp.iter())
+                .chain(telemetry.iter())
+                .map(String::as_str)
+                .collect();
             out.push_str(&row.join(","));
             out.push('\n');
         }
@@ -388,6 +563,8 @@ mod tests {
             earlier_runs: vec![],
             refusals: 0,
             refused: None,
+            fingerprint: None,
+            previous: None,
         }
     }
 
@@ -508,6 +685,7 @@ mod tests {
             job: Some(job),
             machines: vec![m],
             ranking: vec![],
+            energy: energy(&[], &[]),
             baseline: None,
         };
         let text = csv(&d);

@@ -366,7 +366,11 @@ impl Index {
         let machines = r.machines.len();
         let had_job = r.job.is_some();
         let applied = r.apply(ev, stream_seq, published_ms);
-        if applied == Applied::Duplicate {
+        if applied == Applied::Sampled {
+            // Memory only: no new version (nothing to write), no announcement.
+            e.last_stream_seq = r.last_stream_seq;
+        }
+        if matches!(applied, Applied::Duplicate | Applied::Sampled) {
             return Ingested::Applied(
                 applied,
                 Change {

@@ -67,7 +67,7 @@ pub fn announce(hub: &Hub, results: &Results, job_id: &str, change: &Change) {
 
 /// Whether a kind changes what the KV record must say promptly.
 fn is_status(kind: &EventKind) -> bool {
-    !matches!(kind, EventKind::LlmToken(_))
+    !matches!(kind, EventKind::LlmToken(_) | EventKind::Telemetry(_))
 }
 
 impl Ingest<'_> {
@@ -122,6 +122,7 @@ impl Ingest<'_> {
                 Applied::Changed => &self.metrics.events_ingested,
                 Applied::Duplicate => &self.metrics.events_duplicate,
                 Applied::Stale => &self.metrics.events_stale,
+                Applied::Sampled => &self.metrics.events_sampled,
             };
             counter.fetch_add(1, Ordering::Relaxed);
             if applied == Applied::Duplicate {
@@ -131,6 +132,10 @@ impl Ingest<'_> {
                 seq: stream_seq,
                 frame: sse_frame(Some(stream_seq), event.kind.name(), &msg.payload),
             });
+            if applied == Applied::Sampled {
+                // Nothing to persist: acknowledged with the next flush like any event.
+                continue;
+            }
             announce(self.hub, self.results, &event.job_id, &change);
             urgent |= is_status(&event.kind) || change.item.is_some();
             if !touched.contains(&event.job_id) {

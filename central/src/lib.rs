@@ -10,7 +10,8 @@
 //! [`jobs_kv`] (compare-and-set, on status changes and at most once a second, never per token),
 //! fans each one out on the [`hub`] and queues finished jobs for [`results`]
 //! (`results/runs/<job_id>/`); [`stall`] ends runs that can no longer finish (agent restarted
-//! or gone, dispatch interrupted). [`compare`] ranks machines; [`api`] serves the REST
+//! or gone, dispatch interrupted). [`compare`] ranks machines (and energy per token);
+//! [`fingerprints`] says what changed between two runs' machines, engines and models; [`api`] serves the REST
 //! endpoints (guarded by [`auth`]: bearer token, CORS) and [`sse`] the event streams,
 //! replaying from the stream via [`replay`]. [`metrics`] renders `/metrics`; [`error`] maps
 //! failures to HTTP. Nothing here calls an agent directly: everything goes through NATS.
@@ -21,6 +22,7 @@ pub mod compare;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod fingerprints;
 pub mod hub;
 pub mod index;
 pub mod ingest;
@@ -200,6 +202,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/jobs/{id}/events", get(sse::job_events))
         .route("/api/jobs/{id}/{file}", get(api::export))
         .route("/api/events", get(sse::all_events))
+        .route("/api/fingerprints/diff", get(fingerprints::diff))
         .route("/api", any(api::not_found))
         .route("/api/", any(api::not_found))
         .route("/api/{*rest}", any(api::not_found))

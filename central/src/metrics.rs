@@ -14,6 +14,8 @@ pub struct Metrics {
     pub events_duplicate: AtomicU64,
     /// Events of a run its machine had already moved past.
     pub events_stale: AtomicU64,
+    /// `telemetry` samples applied (counted and forwarded; never a record write of their own).
+    pub events_sampled: AtomicU64,
     /// Messages on the stream that were not events.
     pub events_invalid: AtomicU64,
     /// Batches persisted.
@@ -113,6 +115,12 @@ pub fn render(shared: &crate::Shared) -> String {
         "counter",
         "Events of a run its machine had already moved past (not applied).",
         &[("", load(&m.events_stale))],
+    );
+    metric(
+        "bench_central_events_sampled_total",
+        "counter",
+        "Telemetry samples applied in memory and forwarded (no record write of their own).",
+        &[("", load(&m.events_sampled))],
     );
     metric(
         "bench_central_kv_writes_total",

@@ -12,6 +12,7 @@
 
 use crate::error::ErrorInfo;
 use bench_schemas::event::StopReason;
+use bench_schemas::fingerprint::Fingerprint;
 use bench_schemas::{Event, EventKind, Job, Metrics, Shape, Summary};
 use serde::{Deserialize, Serialize};
 
@@ -152,6 +153,10 @@ pub struct MachineRun {
     /// The last such refusal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<ErrorInfo>,
+    /// What this run measured on: the newest of `job_accepted`, the first `job_started` and
+    /// `job_done` that carried one (in stream order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fingerprint>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -179,6 +184,9 @@ pub struct EarlierRun {
     pub repeats: Vec<Metrics>,
     /// Server time (unix ms) of its last event.
     pub last_event_ms: Option<u64>,
+    /// Its fingerprint's id (the whole fingerprint stays with the current run only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint_id: Option<String>,
 }
 
 impl MachineRun {
@@ -209,6 +217,7 @@ impl MachineRun {
             earlier_runs: Vec::new(),
             refusals: 0,
             refused: None,
+            fingerprint: None,
         }
     }
 
@@ -230,6 +239,7 @@ impl MachineRun {
                 summary: self.summary.take(),
                 repeats: std::mem::take(&mut self.repeats),
                 last_event_ms: self.last_event_ms,
+                fingerprint_id: self.fingerprint.take().map(|f| f.fingerprint_id),
             });
             if self.earlier_runs.len() > EARLIER_RUNS_KEPT {
                 self.earlier_runs.remove(0);
@@ -310,6 +320,11 @@ pub enum Applied {
     Duplicate,
     /// An event of a run this machine has already moved past (counted, not applied).
     Stale,
+    /// A `telemetry` sample: counted in the run's sequence (it holds a `seq`) and in memory,
+    /// but nothing the stored record shows changed, so it is no reason to write the record
+    /// (at ~4 per second per machine that would be most of the KV traffic). The counts reach
+    /// KV with the run's next real change.
+    Sampled,
 }
 
 impl JobRecord {
@@ -384,7 +399,9 @@ impl JobRecord {
                 self.job = Some(a.job.clone());
             }
         }
+        let known = self.machine(&ev.machine_id).is_some();
         let m = self.machine_mut(&ev.machine_id);
+        let mut new_run = false;
         if ev.seq == 0 {
             // A refusal belongs to no run. Before any run it fails the machine (unless something
             // already ended it: dispatch saw the same refusal); after one, it is a refused
@@ -405,6 +422,7 @@ impl JobRecord {
                     return Applied::Stale;
                 }
                 m.begin_run(&ev.run_id);
+                new_run = true;
             }
             m.events += 1;
             m.last_seq = m.last_seq.max(ev.seq);
@@ -416,8 +434,14 @@ impl JobRecord {
                 m.label = Some(a.label.clone());
                 m.engine = Some(a.engine.clone());
                 m.position = Some(a.position);
+                if a.fingerprint.is_some() {
+                    m.fingerprint = a.fingerprint.clone();
+                }
             }
             EventKind::JobStarted(s) => {
+                if s.fingerprint.is_some() {
+                    m.fingerprint = s.fingerprint.clone();
+                }
                 m.status = RunStatus::Running;
                 m.current_repeat = Some(s.repeat_index);
                 m.current_warmup = s.warmup;
@@ -464,6 +488,9 @@ impl JobRecord {
                 m.error = None;
                 m.stop_reason = Some(d.stop_reason);
                 m.shape = d.shape;
+                if d.fingerprint.is_some() {
+                    m.fingerprint = d.fingerprint.clone();
+                }
             }
             EventKind::JobError(f) => {
                 m.status = RunStatus::Failed;
@@ -475,7 +502,9 @@ impl JobRecord {
                 m.error = Some(ErrorInfo::new("cancelled", c.reason.clone()));
                 m.keep_cut_text();
             }
-            EventKind::Telemetry(_) => {}
+            // A sample that opened the machine or its run changed what the record shows.
+            EventKind::Telemetry(_) if new_run || !known => {}
+            EventKind::Telemetry(_) => return Applied::Sampled,
         }
         Applied::Changed
     }

@@ -51,8 +51,15 @@ pub struct MachineView {
     pub models: Vec<String>,
     /// Default backend kind.
     pub engine: Option<String>,
-    /// Machine facts.
+    /// Machine facts (CPU, memory, OS and kernel, GPUs).
     pub hardware: Option<Hardware>,
+    /// The default backend's engine (kind, server, version, build), once it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_info: Option<bench_schemas::fingerprint::EngineInfo>,
+    /// Telemetry sources the agent samples (`cpu` -> `sysinfo`, ...); no `power` key means no
+    /// power sensor.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub telemetry: BTreeMap<String, String>,
     /// Selector labels.
     pub labels: BTreeMap<String, String>,
     /// From machines.yaml.
@@ -169,6 +176,8 @@ impl Registry {
                 models: info.map(|i| i.models.clone()).unwrap_or_default(),
                 engine: info.map(|i| i.engine.clone()),
                 hardware: info.map(|i| i.hardware.clone()),
+                engine_info: info.and_then(|i| i.engine_info.clone()),
+                telemetry: info.map(|i| i.telemetry.clone()).unwrap_or_default(),
                 labels: info.map(|i| i.labels.clone()).unwrap_or_default(),
                 notes: cfg.and_then(|c| c.notes.clone()),
                 current_job: info
