@@ -600,6 +600,31 @@ mod tests {
         }
     }
 
+    /// Apple-like: CPU and GPU parts and a combined figure that already holds them; the GPU
+    /// also has an NVML-like counter, which must not be added on top of the combined figure.
+    struct FakeApple {
+        t0: Instant,
+    }
+
+    impl Probe for FakeApple {
+        fn sources(&self) -> Vec<(&'static str, String)> {
+            let n = "fake-macmon".to_string();
+            vec![("power", n.clone()), ("cpu_power", n.clone()), ("gpu", n)]
+        }
+        fn read(&mut self, r: &mut Reading) {
+            r.cpu_power_w = Some(10.0);
+            r.combined_power_w = Some(16.0);
+            r.gpus.push(GpuReading {
+                sample: GpuSample {
+                    index: 0,
+                    power_w: Some(5.0),
+                    ..GpuSample::default()
+                },
+                energy_j: Some(5.0 * r.at.duration_since(self.t0).as_secs_f64()),
+            });
+        }
+    }
+
     fn cfg(interval_ms: u64) -> TelemetryConfig {
         TelemetryConfig {
             interval: Duration::from_millis(interval_ms),
@@ -767,6 +792,29 @@ mod tests {
         let last = samples[49].t_ms;
         assert!(last < 980.0 + 200.0, "sample 49 at {last} ms");
         session.stop();
+    }
+
+    #[test]
+    fn a_combined_figure_is_not_added_to_its_parts() {
+        let t0 = Instant::now();
+        let t = Telemetry::with_probes(&cfg(20), vec![Box::new(FakeApple { t0 })], Vec::new());
+        let (session, rx) = start(&t);
+        next(&rx);
+        let a = Instant::now();
+        let samples: Vec<Sample> = (0..5).map(|_| next(&rx)).collect();
+        let b = Instant::now();
+        assert!(
+            samples.iter().all(|s| s.power_w == Some(16.0)),
+            "{samples:?}"
+        );
+        assert!(samples.iter().all(|s| s.cpu_power_w == Some(10.0)));
+        let s = session.summary((a, b), Some((a, b)), 1);
+        let secs = (b - a).as_secs_f64();
+        assert!(
+            close(s.energy_j.unwrap(), 16.0 * secs, 0.01),
+            "{s:?} over {secs} s"
+        );
+        assert_eq!(s.power_source.as_deref(), Some("fake-macmon"));
     }
 
     #[test]
