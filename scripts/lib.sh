@@ -36,7 +36,8 @@ die() { printf '[%s] error: %s\n' "$(basename "$0")" "$*" >&2; exit 1; }
 # version_ge A B: true when version A >= B.
 version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
 
-sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+# sha256sum on Linux, shasum on macOS.
+sha256_of() { if command -v sha256sum >/dev/null; then sha256sum "$1"; else shasum -a 256 "$1"; fi | cut -d' ' -f1; }
 
 # pip_fetch SPEC DEST: download one file from PyPI without dependencies.
 pip_fetch() {

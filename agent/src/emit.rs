@@ -70,6 +70,16 @@ impl JobCtx {
         Ok(*seq)
     }
 
+    /// Queues a best-effort event (a telemetry sample) only while the queue is more than half
+    /// free; otherwise [`QueueFull`], no seq used, and the caller drops the event. The run's
+    /// own events always find the room it leaves.
+    pub fn emit_spare(&self, kind: EventKind) -> Result<u64, QueueFull> {
+        if !self.publisher.has_room() {
+            return Err(QueueFull);
+        }
+        self.emit(kind)
+    }
+
     /// Queues the run's final event (job_done, job_error or job_cancelled) in the slot held
     /// for it since acceptance, so it never waits and never finds the queue full.
     pub fn finish(&self, kind: EventKind) {

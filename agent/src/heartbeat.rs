@@ -27,8 +27,8 @@ pub async fn info(shared: &Shared) -> AgentInfo {
             .offered(&*backend, &shared.cfg.llm_models)
             .await,
         hardware: shared.hardware.clone(),
-        engine_info: None,
-        telemetry: Default::default(),
+        engine_info: shared.described.engine(&*backend),
+        telemetry: shared.telemetry.sources(),
         labels: shared.cfg.labels.clone(),
         version: crate::VERSION.to_string(),
         boot_id: shared.boot_id.clone(),

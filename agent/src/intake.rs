@@ -63,7 +63,14 @@ pub async fn handle_job(
         engine_url: backend.base_url().to_string(),
         label: shared.cfg.label.clone(),
         agent_version: crate::VERSION.to_string(),
-        fingerprint: None,
+        // From what the engine said last (an engine is never asked at intake: it may be
+        // running another job); the first job_started carries the fresh one.
+        fingerprint: shared
+            .described
+            .cached(&*backend, &job.model)
+            .map(|(engine, model)| {
+                crate::fingerprint::fingerprint(&shared.hardware, engine, model, &job)
+            }),
     };
     // Under the queue lock: job_accepted is always seq 1, ahead of job_started, and a run id
     // is only used by a job that is accepted.

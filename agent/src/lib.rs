@@ -58,6 +58,10 @@ pub struct Shared {
     pub models: models::ModelCatalog,
     /// Machine facts.
     pub hardware: Hardware,
+    /// What each engine and model said about itself last.
+    pub described: fingerprint::Described,
+    /// Samples the machine during jobs.
+    pub telemetry: telemetry::sampler::Telemetry,
     /// Random per process (12 hex digits): run ids are `<boot_id>-<n>`, and the heartbeat
     /// carries it so that central can tell a restarted agent (whose runs are lost) from a
     /// busy one.
@@ -176,8 +180,24 @@ pub async fn start(
         ),
     }
 
+    // Probing GPUs may load a driver library or run a tool: off the async threads.
+    let accelerator = cfg.accelerator.clone();
+    let telemetry_cfg = cfg.telemetry.clone();
+    let (hardware, telemetry) = tokio::task::spawn_blocking(move || {
+        (
+            fingerprint::hardware::hardware(accelerator),
+            telemetry::sampler::Telemetry::new(&telemetry_cfg),
+        )
+    })
+    .await
+    .context("reading the machine's facts")?;
+    for m in telemetry.missing() {
+        tracing::info!(source = %m.source, reason = %m.reason, "telemetry source not available");
+    }
     let shared = Arc::new(Shared {
-        hardware: fingerprint::hardware::hardware(cfg.accelerator.clone()),
+        hardware,
+        telemetry,
+        described: fingerprint::Described::default(),
         queue: queue::JobQueue::new(cfg.max_queue),
         models: models::ModelCatalog::new(cfg.engine_models_refresh),
         publisher,
@@ -234,6 +254,16 @@ pub async fn start(
     let http_addr = listener.local_addr()?;
 
     let worker = tokio::spawn(runner::worker(shared.clone(), shutdown.clone()));
+    // The registry shows each engine's identity from the start (asked while no job holds it).
+    {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            for b in shared.backends.clone() {
+                let _engine = shared.models.lease(b.kind()).await;
+                shared.described.refresh_engine(&*b).await;
+            }
+        });
+    }
     let beat = tokio::spawn(heartbeat::run(shared.clone(), shutdown.clone()));
     let http = {
         let app = http::app(shared.clone());

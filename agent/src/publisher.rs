@@ -181,6 +181,12 @@ impl Publisher {
             .map_err(|_| self.overflow())
     }
 
+    /// Whether more than half the queue is free: best-effort events (telemetry) are only
+    /// queued then, so they can never be what fills the queue and stops a run.
+    pub fn has_room(&self) -> bool {
+        self.tx.capacity() * 2 > self.tx.max_capacity()
+    }
+
     fn overflow(&self) -> QueueFull {
         self.stats.overflowed.fetch_add(1, Relaxed);
         QueueFull

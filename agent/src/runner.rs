@@ -10,6 +10,7 @@ use crate::measure::{Measure, RunSpec};
 use crate::publisher::{now_ms, QueueFull};
 use crate::race::RaceWatch;
 use crate::shape::Shaper;
+use crate::telemetry::sampler::Session;
 use crate::Shared;
 use bench_schemas::event::{Cancelled, Done, Failed, Started, StopReason, Token};
 use bench_schemas::{
@@ -80,10 +81,29 @@ async fn run_job(
     shared: &Shared,
     backend: &dyn crate::backend::Backend,
     job: &Job,
-    ctx: &JobCtx,
+    ctx: &Arc<JobCtx>,
     cancel: &CancellationToken,
 ) {
-    let end = match run_repeats(shared, backend, job, ctx, cancel).await {
+    // The machine is sampled for as long as the job runs; samples that find the event queue
+    // more than half full are dropped (counted), never a reason to stop the run.
+    let session = {
+        let ctx = ctx.clone();
+        let mut dropped = 0u64;
+        shared.telemetry.start(Box::new(move |sample| {
+            if ctx.emit_spare(EventKind::Telemetry(sample)).is_err() {
+                dropped += 1;
+                if dropped.is_power_of_two() {
+                    tracing::warn!(job_id = %ctx.job_id, dropped, "event queue busy: telemetry samples dropped");
+                }
+            }
+        }))
+    };
+    let result = run_repeats(shared, backend, job, ctx, cancel, session.as_ref()).await;
+    // Stopped (and its thread joined) before the final event: nothing follows job_done.
+    if let Some(session) = session {
+        session.stop();
+    }
+    let end = match result {
         Ok(done) => {
             tracing::info!(job_id = %ctx.job_id, run_id = %ctx.run_id, "job done");
             EventKind::JobDone(done)
@@ -115,12 +135,23 @@ async fn run_repeats(
     job: &Job,
     ctx: &JobCtx,
     cancel: &CancellationToken,
+    session: Option<&Session>,
 ) -> Result<Done, Early> {
     let expired =
         |what: &str| Early::at(Stop::Failed(ErrorBody::new(ErrorCode::Expired, what)), None);
     if job.expires_at.is_some_and(|t| t < now_ms()) {
         return Err(expired("the job expired while it waited in the queue"));
     }
+    // What the runs are measured on, asked now that the engine is leased to this job and idle
+    // (before a `together` start, so the start time is kept).
+    let described = tokio::select! {
+        _ = cancel.cancelled() => {
+            return Err(Early::at(Stop::Cancelled("cancelled before start".into()), None));
+        }
+        d = shared.described.refresh(backend, &job.model) => d,
+    };
+    let fingerprint =
+        crate::fingerprint::fingerprint(&shared.hardware, described.0, described.1, job);
     if job.start == StartMode::Together {
         if let Some(at) = job.start_at_ms {
             let wait = Duration::from_millis(at.saturating_sub(now_ms()));
@@ -228,12 +259,35 @@ async fn run_repeats(
             repeat_index: index,
             warmup,
             cold: is_cold,
-            fingerprint: None,
+            fingerprint: (index == 0).then(|| fingerprint.clone()),
         }))
         .map_err(full)?;
-        let (metrics, output) = run_once(shared, backend, req, &spec, ctx, cancel, index, warmup)
-            .await
-            .map_err(|stop| Early::at(stop, index))?;
+        if let Some(s) = session {
+            s.set_repeat(Some(index));
+        }
+        let run = run_once(shared, backend, req, &spec, ctx, cancel, index, warmup).await;
+        if let Some(s) = session {
+            s.set_repeat(None);
+        }
+        let RunOut {
+            mut metrics,
+            output,
+            started,
+            ended,
+            decode,
+        } = run.map_err(|stop| Early::at(stop, index))?;
+        if let Some(s) = session {
+            // The tokens of the decode window are those the decode rate counts.
+            let tokens = match (decode, metrics.gen_tokens_per_s) {
+                (Some((a, b)), Some(rate)) => (rate * (b - a).as_secs_f64()).round() as u64,
+                _ => 0,
+            };
+            metrics.telemetry = Some(s.summary(
+                (started.into_std(), ended.into_std()),
+                decode.map(|(a, b)| (a.into_std(), b.into_std())),
+                tokens,
+            ));
+        }
         // A prompt the engine served partly from its cache is flagged (`prompt_cache_hit`),
         // not refused: engines that count only evaluated tokens (Ollama) report it that way.
         if !metrics.prompt_cache_hit {
@@ -291,7 +345,7 @@ async fn run_repeats(
         tg_tokens_per_s: median(summary.tg_tokens_per_s),
         shape: Some(shape),
         stop_reason,
-        fingerprint: None,
+        fingerprint: Some(fingerprint),
         repeats: runs,
         summary,
         output_text: last_output,
@@ -342,7 +396,7 @@ async fn run_once(
     cancel: &CancellationToken,
     index: u32,
     warmup: bool,
-) -> Result<(Metrics, String), Stop> {
+) -> Result<RunOut, Stop> {
     let idle = shared.cfg.engine_idle_timeout;
     let cancelled = || Stop::Cancelled("cancel requested".into());
     let t0 = Instant::now();
@@ -357,6 +411,8 @@ async fn run_once(
     };
     let mut measure = Measure::default();
     let mut output = String::new();
+    let mut first_chunk: Option<Instant> = None;
+    let mut last_chunk: Option<Instant> = None;
     let mut batch = Batch {
         text: String::new(),
         tokens: Some(0),
@@ -393,6 +449,8 @@ async fn run_once(
                             continue;
                         }
                         let t = ms(now);
+                        first_chunk.get_or_insert(now);
+                        last_chunk = Some(now);
                         measure.chunk(t, &text, tokens, reasoning);
                         output.push_str(&text);
                         batch.text.push_str(&text);
@@ -418,8 +476,23 @@ async fn run_once(
         .flush(ctx, index)
         .map_err(|_| event_queue_full(shared))?;
     let (report, total_ms) = report;
-    Ok((
-        measure.finish(index, warmup, total_ms, &report, spec),
+    Ok(RunOut {
+        metrics: measure.finish(index, warmup, total_ms, &report, spec),
         output,
-    ))
+        started: t0,
+        ended: Instant::now(),
+        decode: first_chunk.zip(last_chunk).filter(|(a, b)| b > a),
+    })
+}
+
+/// One finished run.
+struct RunOut {
+    metrics: Metrics,
+    output: String,
+    /// Request sent.
+    started: Instant,
+    /// Final message read.
+    ended: Instant,
+    /// First to last content chunk, when they differ.
+    decode: Option<(Instant, Instant)>,
 }

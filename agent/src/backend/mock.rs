@@ -3,7 +3,7 @@
 
 use super::{Backend, EngineReport, GenRequest, Item, ItemStream};
 use crate::config::MockConfig;
-use bench_schemas::{ErrorBody, TokenCountSource};
+use bench_schemas::{EngineInfo, ErrorBody, ModelInfo, TokenCountSource};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use std::time::Duration;
@@ -42,6 +42,27 @@ impl Backend for Mock {
     // Nothing is ever cached.
     fn has_cache_switch(&self) -> bool {
         true
+    }
+
+    fn engine_info(&self) -> BoxFuture<'_, EngineInfo> {
+        Box::pin(async {
+            EngineInfo {
+                kind: "mock".into(),
+                server: Some("mock".into()),
+                version: Some(crate::VERSION.to_string()),
+                ..EngineInfo::default()
+            }
+        })
+    }
+
+    fn model_info<'a>(&'a self, model: &'a str) -> BoxFuture<'a, ModelInfo> {
+        Box::pin(async move {
+            ModelInfo {
+                name: model.to_string(),
+                missing: vec![super::missing("mock", "the mock engine has no weights")],
+                ..ModelInfo::default()
+            }
+        })
     }
 
     fn base_url(&self) -> &str {

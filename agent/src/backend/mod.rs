@@ -7,6 +7,7 @@ pub mod mock;
 pub mod ollama;
 pub mod openai;
 
+use bench_schemas::{EngineInfo, Missing, ModelInfo};
 use bench_schemas::{ErrorBody, ErrorCode, Job, Mode, TokenCountSource};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -151,6 +152,59 @@ pub trait Backend: Send + Sync {
     fn model_loaded<'a>(&'a self, _model: &'a str) -> BoxFuture<'a, Option<bool>> {
         Box::pin(async { None })
     }
+    /// The engine's identity (server, version, build), asked before a job's first run. What
+    /// it cannot say is listed in `missing`.
+    fn engine_info(&self) -> BoxFuture<'_, EngineInfo> {
+        Box::pin(async {
+            EngineInfo {
+                kind: self.kind().to_string(),
+                missing: vec![missing(
+                    self.kind(),
+                    "this backend reports no engine version",
+                )],
+                ..EngineInfo::default()
+            }
+        })
+    }
+    /// What the engine says about `model`: digest, parameters, quantisation, context length.
+    fn model_info<'a>(&'a self, model: &'a str) -> BoxFuture<'a, ModelInfo> {
+        Box::pin(async move {
+            ModelInfo {
+                name: model.to_string(),
+                missing: vec![missing(self.kind(), "this backend describes no model")],
+                ..ModelInfo::default()
+            }
+        })
+    }
+}
+
+/// A source that gave nothing, and why.
+pub(crate) fn missing(source: &str, reason: impl std::fmt::Display) -> Missing {
+    Missing {
+        source: source.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// How long a fingerprint question may take: the engine is idle between runs, so a slower
+/// answer means the source is not there.
+pub(crate) const INFO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// GETs (or POSTs `body` to) `url` for a JSON answer, bounded by [`INFO_TIMEOUT`]; the error is
+/// a reason for `missing`.
+pub(crate) async fn info_json(rb: reqwest::RequestBuilder) -> Result<serde_json::Value, String> {
+    let resp = rb
+        .timeout(INFO_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| e.without_url().to_string())?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(format!("answered {status}"));
+    }
+    resp.json()
+        .await
+        .map_err(|e| format!("not JSON: {}", e.without_url()))
 }
 
 /// A shared backend.

@@ -3,9 +3,10 @@
 
 use super::lines::parse_lines;
 use super::{
-    read_json, request_error, status_error, Backend, EngineReport, GenRequest, Item, ItemStream,
+    info_json, missing, read_json, request_error, status_error, Backend, EngineReport, GenRequest,
+    Item, ItemStream,
 };
-use bench_schemas::{ErrorBody, ErrorCode, Mode, TokenCountSource};
+use bench_schemas::{EngineInfo, ErrorBody, ErrorCode, Mode, ModelInfo, TokenCountSource};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
@@ -50,6 +51,32 @@ impl Ollama {
                 }),
             ),
         }
+    }
+}
+
+/// Ollama's `/api/show`: `details` (format, family, parameter_size, quantization_level) and
+/// `model_info` (GGUF metadata: `general.parameter_count`, `<arch>.context_length`).
+fn read_show(v: &Value, info: &mut ModelInfo) {
+    let text = |o: Option<&Value>, k: &str| {
+        o.and_then(|o| o.get(k))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let details = v.get("details");
+    info.format = text(details, "format");
+    info.family = text(details, "family");
+    info.parameter_size = text(details, "parameter_size");
+    info.quantization = text(details, "quantization_level");
+    let meta = v.get("model_info");
+    info.parameter_count = meta
+        .and_then(|m| m.get("general.parameter_count"))
+        .and_then(Value::as_u64);
+    if let Some(arch) = text(meta, "general.architecture") {
+        info.family = info.family.take().or(Some(arch.clone()));
+        info.context_length = meta
+            .and_then(|m| m.get(format!("{arch}.context_length")))
+            .and_then(Value::as_u64);
     }
 }
 
@@ -185,6 +212,68 @@ impl Backend for Ollama {
         })
     }
 
+    fn engine_info(&self) -> BoxFuture<'_, EngineInfo> {
+        Box::pin(async move {
+            let mut info = EngineInfo {
+                kind: self.kind().to_string(),
+                server: Some("ollama".into()),
+                ..EngineInfo::default()
+            };
+            let url = format!("{}/api/version", self.base_url);
+            match info_json(self.http.get(&url)).await {
+                Ok(v) => {
+                    info.version = v.get("version").and_then(Value::as_str).map(str::to_string)
+                }
+                Err(e) => info.missing.push(missing("/api/version", e)),
+            }
+            info
+        })
+    }
+
+    fn model_info<'a>(&'a self, model: &'a str) -> BoxFuture<'a, ModelInfo> {
+        Box::pin(async move {
+            let mut info = ModelInfo {
+                name: model.to_string(),
+                ..ModelInfo::default()
+            };
+            let url = format!("{}/api/show", self.base_url);
+            match info_json(self.http.post(&url).json(&json!({ "model": model }))).await {
+                Ok(v) => read_show(&v, &mut info),
+                Err(e) => info.missing.push(missing("/api/show", e)),
+            }
+            let url = format!("{}/api/tags", self.base_url);
+            match info_json(self.http.get(&url)).await {
+                Ok(v) => {
+                    let listed = v.get("models").and_then(Value::as_array).and_then(|ms| {
+                        ms.iter().find(|m| {
+                            ["name", "model"]
+                                .iter()
+                                .filter_map(|k| m.get(*k).and_then(Value::as_str))
+                                .any(|l| self.same_model(model, l))
+                        })
+                    });
+                    match listed {
+                        Some(m) => {
+                            info.digest = m.get("digest").and_then(Value::as_str).map(|d| {
+                                if d.contains(':') {
+                                    d.to_string()
+                                } else {
+                                    format!("sha256:{d}")
+                                }
+                            });
+                            info.size_bytes = m.get("size").and_then(Value::as_u64);
+                        }
+                        None => info
+                            .missing
+                            .push(missing("/api/tags", format!("{model} is not listed"))),
+                    }
+                }
+                Err(e) => info.missing.push(missing("/api/tags", e)),
+            }
+            info
+        })
+    }
+
     fn generate(&self, req: GenRequest) -> BoxFuture<'_, Result<ItemStream, ErrorBody>> {
         Box::pin(async move {
             let (path, body) = Self::body(&req);
@@ -207,6 +296,22 @@ impl Backend for Ollama {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn show_answer_fills_the_model() {
+        // The `/api/show` answer as Ollama's API documentation shows it (abridged).
+        let v: Value = serde_json::from_str(r#"{"modelfile":"","parameters":"","template":"","details":{"parent_model":"","format":"gguf","family":"llama","families":["llama"],"parameter_size":"8.0B","quantization_level":"Q4_0"},"model_info":{"general.architecture":"llama","general.file_type":2,"general.parameter_count":8030261248,"general.quantization_version":2,"llama.context_length":8192,"llama.embedding_length":4096}}"#).unwrap();
+        let mut m = ModelInfo::default();
+        read_show(&v, &mut m);
+        assert_eq!(m.quantization.as_deref(), Some("Q4_0"));
+        assert_eq!(m.parameter_size.as_deref(), Some("8.0B"));
+        assert_eq!(m.parameter_count, Some(8_030_261_248));
+        assert_eq!(m.context_length, Some(8192));
+        assert_eq!(
+            (m.family.as_deref(), m.format.as_deref()),
+            (Some("llama"), Some("gguf"))
+        );
+    }
 
     #[test]
     fn final_line_units() {

@@ -4,9 +4,10 @@
 
 use super::lines::parse_lines;
 use super::{
-    read_json, request_error, status_error, Backend, EngineReport, GenRequest, Item, ItemStream,
+    info_json, missing, read_json, request_error, status_error, Backend, EngineReport, GenRequest,
+    Item, ItemStream,
 };
-use bench_schemas::{ErrorBody, ErrorCode, Mode, TokenCountSource};
+use bench_schemas::{EngineInfo, ErrorBody, ErrorCode, Mode, ModelInfo, TokenCountSource};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
@@ -204,9 +205,138 @@ impl SseParser {
     }
 }
 
+/// llama.cpp's file type name (`llama_model_ftype_name`: `Q4_K - Medium`, `IQ4_XS - 4.25 bpw`,
+/// `Q8_0`) in the short form Ollama and file names use (`Q4_K_M`, `IQ4_XS`, `Q8_0`), so that
+/// quantisations compare across engines.
+pub fn short_quant(ftype: &str) -> String {
+    match ftype.split_once(" - ") {
+        None => ftype.trim().to_string(),
+        Some((q, size)) => match size.trim() {
+            "Small" => format!("{}_S", q.trim()),
+            "Medium" => format!("{}_M", q.trim()),
+            "Large" => format!("{}_L", q.trim()),
+            _ => q.trim().to_string(),
+        },
+    }
+}
+
+/// One `/v1/models` entry: llama.cpp's `meta` (n_params, n_ctx_train, size, ftype), vLLM's
+/// `max_model_len`.
+fn read_listed(e: &Value, info: &mut ModelInfo) {
+    if let Some(meta) = e.get("meta") {
+        info.parameter_count = meta.get("n_params").and_then(Value::as_u64);
+        info.context_length = meta.get("n_ctx_train").and_then(Value::as_u64);
+        info.size_bytes = meta.get("size").and_then(Value::as_u64);
+        if let Some(f) = meta.get("ftype").and_then(Value::as_str) {
+            info.quantization = Some(short_quant(f));
+        }
+    }
+    if let Some(n) = e.get("max_model_len").and_then(Value::as_u64) {
+        info.context_length = Some(n);
+    }
+}
+
+impl OpenAi {
+    async fn get(&self, path: &str) -> Result<Value, String> {
+        let url = format!("{}{path}", self.base_url);
+        info_json(self.authorize(self.http.get(&url))).await
+    }
+
+    /// llama.cpp's `/props`: the loaded model's file and type, and the build.
+    async fn props(&self) -> Option<Value> {
+        self.get("/props")
+            .await
+            .ok()
+            .filter(|v| v.get("build_info").is_some() || v.get("model_path").is_some())
+    }
+}
+
 impl Backend for OpenAi {
     fn kind(&self) -> &'static str {
         "openai"
+    }
+
+    fn engine_info(&self) -> BoxFuture<'_, EngineInfo> {
+        Box::pin(async move {
+            let mut info = EngineInfo {
+                kind: self.kind().to_string(),
+                ..EngineInfo::default()
+            };
+            let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+            if let Some(p) = self.props().await {
+                info.server = Some("llama.cpp".into());
+                info.build = text(&p, "build_info");
+                return info;
+            }
+            info.missing
+                .push(missing("/props", "not a llama.cpp server (no build_info)"));
+            match self.get("/version").await {
+                Ok(v) if v.get("version").is_some() => {
+                    info.server = Some("vllm".into());
+                    info.version = text(&v, "version");
+                    return info;
+                }
+                Ok(_) => info.missing.push(missing("/version", "no version field")),
+                Err(e) => info.missing.push(missing("/version", e)),
+            }
+            match self.get("/api/v0/models").await {
+                Ok(_) => info.server = Some("lm-studio".into()),
+                Err(e) => info.missing.push(missing("/api/v0/models", e)),
+            }
+            info
+        })
+    }
+
+    fn model_info<'a>(&'a self, model: &'a str) -> BoxFuture<'a, ModelInfo> {
+        Box::pin(async move {
+            let mut info = ModelInfo {
+                name: model.to_string(),
+                ..ModelInfo::default()
+            };
+            match self.get("/v1/models").await {
+                Ok(v) => {
+                    let entry = v.get("data").and_then(Value::as_array).and_then(|d| {
+                        d.iter()
+                            .find(|m| m.get("id").and_then(Value::as_str) == Some(model))
+                    });
+                    match entry {
+                        Some(e) => read_listed(e, &mut info),
+                        None => info
+                            .missing
+                            .push(missing("/v1/models", format!("{model} is not listed"))),
+                    }
+                }
+                Err(e) => info.missing.push(missing("/v1/models", e)),
+            }
+            if let Some(p) = self.props().await {
+                if let Some(ftype) = p.get("model_ftype").and_then(Value::as_str) {
+                    info.quantization = Some(short_quant(ftype));
+                }
+                if let Some(path) = p.get("model_path").and_then(Value::as_str) {
+                    if path.ends_with(".gguf") {
+                        info.format = Some("gguf".into());
+                    }
+                    match crate::fingerprint::digest::file_sha256(path.into()).await {
+                        Ok(d) => info.digest = Some(d),
+                        Err(e) => info.missing.push(missing("model file digest", e)),
+                    }
+                }
+            } else if info.quantization.is_none() {
+                match self.get(&format!("/api/v0/models/{model}")).await {
+                    Ok(v) => {
+                        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+                        info.quantization = text("quantization");
+                        info.family = text("arch");
+                        info.context_length = v.get("max_context_length").and_then(Value::as_u64);
+                    }
+                    Err(e) => info.missing.push(missing(
+                        "quantization",
+                        format!("the engine does not say (/props absent, /api/v0/models: {e})"),
+                    )),
+                }
+            }
+            info
+        })
     }
 
     // llama.cpp `cache_prompt` (vLLM and LM Studio ignore it; their free prompts run as sent).
@@ -334,6 +464,32 @@ impl Backend for OpenAi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantisation_names_match_ollama_s() {
+        for (ftype, short) in [
+            ("Q4_K - Medium", "Q4_K_M"),
+            ("Q3_K - Small", "Q3_K_S"),
+            ("Q3_K - Large", "Q3_K_L"),
+            ("IQ4_XS - 4.25 bpw", "IQ4_XS"),
+            ("Q8_0", "Q8_0"),
+            ("BF16", "BF16"),
+        ] {
+            assert_eq!(short_quant(ftype), short, "{ftype}");
+        }
+    }
+
+    #[test]
+    fn llamacpp_models_entry() {
+        // llama-server's `/v1/models` entry (recorded from the demo engine, build b0-unknown).
+        let e: Value = serde_json::from_str(r#"{"id":"gemma-3-270m","aliases":["gemma-3-270m"],"object":"model","owned_by":"llamacpp","meta":{"vocab_type":1,"n_vocab":262144,"n_ctx":4096,"n_ctx_train":32768,"n_embd":640,"n_params":268098176,"size":246587904,"ftype":"Q4_K - Medium"}}"#).unwrap();
+        let mut m = ModelInfo::default();
+        read_listed(&e, &mut m);
+        assert_eq!(m.parameter_count, Some(268_098_176));
+        assert_eq!(m.context_length, Some(32768));
+        assert_eq!(m.size_bytes, Some(246_587_904));
+        assert_eq!(m.quantization.as_deref(), Some("Q4_K_M"));
+    }
 
     #[test]
     fn llamacpp_stream() {

@@ -6,6 +6,120 @@
 
 pub mod amd;
 pub mod apple;
-pub mod gguf;
+pub mod digest;
 pub mod hardware;
 pub mod nvidia;
+
+use crate::backend::Backend;
+use bench_schemas::{CacheMode, EngineInfo, Fingerprint, Hardware, Job, Mode, ModelInfo, Settings};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// The job's settings once defaults and its profile are applied.
+pub fn settings(job: &Job) -> Settings {
+    let shape = job.shape();
+    Settings {
+        mode: match job.mode {
+            Mode::Generate => "generate",
+            Mode::Chat => "chat",
+        }
+        .into(),
+        num_ctx: job.num_ctx,
+        max_tokens: shape.max_tokens,
+        prompt_tokens: shape.prompt_tokens,
+        depth: shape.depth,
+        ignore_eos: shape.ignore_eos,
+        cache: match job.cache {
+            CacheMode::Cold => "cold",
+            CacheMode::Warm => "warm",
+        }
+        .into(),
+        temperature: job.temperature,
+        seed: job.seed,
+    }
+}
+
+/// The fingerprint of `job` on this machine with this engine and model, its id set.
+pub fn fingerprint(
+    hardware: &Hardware,
+    engine: EngineInfo,
+    model: ModelInfo,
+    job: &Job,
+) -> Fingerprint {
+    Fingerprint {
+        fingerprint_id: String::new(),
+        hardware: hardware.clone(),
+        engine,
+        model,
+        settings: settings(job),
+    }
+    .with_id()
+}
+
+/// The latest description of each engine and model this agent ran: `job_accepted` and the
+/// registry entry read it (they never ask an engine), and the runner refreshes it before a
+/// job's first run, when the engine is idle and leased to that job.
+#[derive(Default)]
+pub struct Described {
+    engines: Mutex<HashMap<String, EngineInfo>>,
+    models: Mutex<HashMap<(String, String), ModelInfo>>,
+}
+
+fn engine_key(b: &dyn Backend) -> String {
+    format!("{} {}", b.kind(), b.base_url())
+}
+
+impl Described {
+    /// Asks the engine now (engine and model), and keeps the answers.
+    pub async fn refresh(&self, backend: &dyn Backend, model: &str) -> (EngineInfo, ModelInfo) {
+        let engine = backend.engine_info().await;
+        let described = backend.model_info(model).await;
+        let key = engine_key(backend);
+        self.engines
+            .lock()
+            .expect("described lock")
+            .insert(key.clone(), engine.clone());
+        self.models
+            .lock()
+            .expect("described lock")
+            .insert((key, model.to_string()), described.clone());
+        (engine, described)
+    }
+
+    /// Asks the engine for its identity only, and keeps it.
+    pub async fn refresh_engine(&self, backend: &dyn Backend) -> EngineInfo {
+        let engine = backend.engine_info().await;
+        self.engines
+            .lock()
+            .expect("described lock")
+            .insert(engine_key(backend), engine.clone());
+        engine
+    }
+
+    /// The last answers for this engine and model, if it was described before.
+    pub fn cached(&self, backend: &dyn Backend, model: &str) -> Option<(EngineInfo, ModelInfo)> {
+        let key = engine_key(backend);
+        let engine = self
+            .engines
+            .lock()
+            .expect("described lock")
+            .get(&key)?
+            .clone();
+        let model = self
+            .models
+            .lock()
+            .expect("described lock")
+            .get(&(key, model.to_string()))?
+            .clone();
+        Some((engine, model))
+    }
+
+    /// The last answer of this engine about itself.
+    pub fn engine(&self, backend: &dyn Backend) -> Option<EngineInfo> {
+        self.engines
+            .lock()
+            .expect("described lock")
+            .get(&engine_key(backend))
+            .cloned()
+    }
+}
