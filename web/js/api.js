@@ -57,6 +57,7 @@ export const api = {
   cancel: (id) => call('POST', '/api/jobs/' + enc(id) + '/cancel', {}),
   remove: (id) => call('DELETE', '/api/jobs/' + enc(id)),
   health: () => call('GET', '/health'),
+  fingerprintDiff: (a, b) => call('GET', '/api/fingerprints/diff?a=' + enc(a) + '&b=' + enc(b)),
   exportUrl: (id, ext) => '/api/jobs/' + enc(id) + '/export.' + ext,
   jobEventsUrl: (id) => '/api/jobs/' + enc(id) + '/events',
 };

@@ -5,6 +5,8 @@ import { api, ApiError, Stream } from './api.js';
 import { h, s, replace, $ } from './dom.js';
 import { num, ms, rate, int, pct, when } from './format.js';
 import { barChart, fitLabels } from './chart.js';
+import { renderFingerprint, diffView } from './fingerprint.js';
+import { renderTelemetry, energyText, energyVerdict } from './telemetry.js';
 import {
   newJob, machine, applySnapshot, applyEvent, liveRate, liveTokens, CHARS_PER_TOKEN, machineStats, deltaPct, clearWinner, allTerminal, TERMINAL,
   MIN_CI_SAMPLES, hasCi, ciHalfWidthPct, isMeasured,
@@ -15,7 +17,7 @@ const LS = {
   baseline: 'bench-race.baseline',
   current: 'bench-race.current-job',
 };
-const EVENT_TYPES = ['job_accepted', 'job_started', 'llm_token', 'repeat_done', 'job_done', 'job_error', 'job_cancelled'];
+const EVENT_TYPES = ['job_accepted', 'job_started', 'llm_token', 'repeat_done', 'job_done', 'job_error', 'job_cancelled', 'telemetry'];
 const FINISHED = new Set(['done', 'failed', 'cancelled', 'partial']);
 const PALETTE = ['#2f6fdf', '#e0702a', '#1f9d6b', '#b23fbf', '#c9a400', '#d6374f', '#2aa7b8', '#6b7a8f'];
 
@@ -562,6 +564,8 @@ function createPane(id) {
   const metrics = h('dl', { class: 'metrics' });
   const notes = h('ul', { class: 'pane-notes', hidden: true });
   const info = h('dl', { class: 'fleet-info' });
+  const fp = h('div', { class: 'pane-fp' });
+  const tele = h('div', { class: 'pane-tele', hidden: true, 'aria-label': `Live telemetry of ${id}` });
   const err = h('p', { class: 'pane-error', role: 'alert', hidden: true });
   const el = h('article', { class: 'pane', 'data-machine': id, 'aria-label': `Machine ${id}` },
     h('header', { class: 'pane-head' },
@@ -571,11 +575,13 @@ function createPane(id) {
       fleetBadge, pin),
     h('div', { class: 'pane-bar' }, jobState, h('span', { class: 'spacer' }), live),
     info,
+    fp,
+    tele,
     h('div', { class: 'output-wrap' }, out, jump),
     err,
     metrics,
     notes);
-  return { id, el, title, fleetBadge, pin, jobState, live, out, jump, metrics, notes, info, err, shownRun: null, shownLen: 0 };
+  return { id, el, title, fleetBadge, pin, jobState, live, out, jump, metrics, notes, info, fp, tele, err, shownRun: null, shownLen: 0 };
 }
 
 function atBottom(el) {
@@ -609,8 +615,12 @@ function updatePane(p) {
     p.notes.hidden = true;
     p.err.hidden = true;
     renderFleetInfo(p, fm);
+    replace(p.fp);
+    p.tele.hidden = true;
     return;
   }
+  renderFingerprint(p.fp, m);
+  renderTelemetry(p.tele, m, ui.fleet.get(id));
   // state line
   const j = ui.job.job;
   let state = m.status;
@@ -730,7 +740,13 @@ function renderPaneMetrics(p, m) {
     item('tokens', int(med(st.gen_tokens)), tokenSource(m)),
     shaped ? item('pp tok/s', rate(med(st.pp_tokens_per_s)), spreadText(st.pp_tokens_per_s, (v) => num(v, 0)), base ? deltaEl(deltaPct(med(st.pp_tokens_per_s), med(base.pp_tokens_per_s)), true) : null) : null,
     shaped ? item('tg tok/s', rate(med(st.tg_tokens_per_s)), spreadText(st.tg_tokens_per_s, (v) => num(v, 1)), base ? deltaEl(deltaPct(med(st.tg_tokens_per_s), med(base.tg_tokens_per_s)), true) : null) : null,
+    energyItem(item, st),
     item('engine', m.engine ?? '–', st.n > 1 ? `median of ${st.n}` : null, null, 'text'));
+}
+
+function energyItem(item, st) {
+  const e = energyText(st);
+  return item('energy/token', e.value, e.sub, null, 'energy' + (st.joules_per_token ? '' : ' no-sensor'));
 }
 
 /** Most flagged runs listed per pane (the rest are counted). */
@@ -811,6 +827,7 @@ function compareRows() {
       dTps: base && ui.baseline !== m.machine_id ? deltaPct(tps?.median, base.gen_tokens_per_s?.median) : null,
       dTtft: base && ui.baseline !== m.machine_id ? deltaPct(ttft?.median, base.ttft_ms?.median) : null,
       rank: serverRank.get(m.machine_id)?.rank ?? null,
+      energy: st.joules_per_token,
     };
   });
 }
@@ -839,7 +856,8 @@ function renderCompare() {
   const running = !job.ended && !allTerminal(job);
   replace($('#verdict'),
     verdictItem('Decode', tpsW, 'tok/s', true, (v) => num(v, 1), running),
-    verdictItem('TTFT', ttftW, 'ms', false, (v) => num(v, v >= 100 ? 0 : 1), running));
+    verdictItem('TTFT', ttftW, 'ms', false, (v) => num(v, v >= 100 ? 0 : 1), running),
+    energyVerdict(rows));
   const winners = new Set([tpsW.clear && tpsW.winner].filter(Boolean));
 
   // chart
@@ -976,11 +994,46 @@ function renderHistory() {
       h('span', { class: 'hist-prompt' }, (j.prompt || (j.profile ? `profile ${j.profile}` : '')).replace(/\s+/g, ' ').slice(0, 120)));
     btn.setAttribute('aria-label', `${j.status} job ${when(j.created_ms)}, ${j.model ?? ''}: ${(j.prompt ?? '').slice(0, 60)}`);
     btn.addEventListener('click', () => openJob(j.job_id));
-    return h('li', {}, btn);
+    const diff = h('button', { type: 'button', class: 'hist-diff small', 'data-diff': j.job_id, title: 'Fingerprint differences between this job and the one open', 'aria-label': `Compare fingerprints of job ${j.job_id} with the open job` }, '⇄');
+    diff.addEventListener('click', () => showFingerprintDiff(j));
+    return h('li', { class: 'hist-row' }, btn, diff);
   }));
   $('#hist-empty').hidden = items.length > 0;
   $('#hist-more').hidden = !ui.historyNext;
   markHistoryCurrent();
+}
+
+/**
+ * The fingerprint differences between a job from the history and the one open, per machine the two
+ * share (else their first machines), from GET /api/fingerprints/diff.
+ */
+async function showFingerprintDiff(other) {
+  const sec = $('#fp-diff');
+  const body = $('#fp-diff-body');
+  sec.hidden = false;
+  const job = ui.job;
+  if (!job) {
+    replace(body, h('p', { class: 'note' }, 'Open a job first: its machines are compared with the same machines in the job chosen here.'));
+    return;
+  }
+  if (other.job_id === job.job_id) {
+    replace(body, h('p', { class: 'note' }, 'Choose another job than the one open.'));
+    return;
+  }
+  const theirs = other.machines ?? [];
+  const ours = [...job.machines.keys()];
+  let pairs = ours.filter((id) => theirs.includes(id)).map((id) => [id, id]);
+  if (!pairs.length && theirs.length && ours.length) pairs = [[theirs[0], ours[0]]];
+  replace(body, h('p', { class: 'note' }, `Comparing ${other.job_id} → ${job.job_id}…`));
+  const parts = await Promise.all(pairs.map(async ([a, b]) => {
+    try {
+      return diffView(await api.fingerprintDiff(`${other.job_id}:${a}`, `${job.job_id}:${b}`), labelOf);
+    } catch (e) {
+      return h('p', { class: 'form-msg', 'data-kind': 'warn' }, `${labelOf(b)}: ${e.message}`);
+    }
+  }));
+  if (ui.job !== job) return;
+  replace(body, parts.length ? parts : h('p', { class: 'note' }, 'The two jobs have no machines to compare.'));
 }
 
 function markHistoryCurrent() {
@@ -1057,6 +1110,7 @@ function init() {
   $('#close-job').addEventListener('click', closeJob);
   $('#hist-refresh').addEventListener('click', () => loadHistory());
   $('#hist-more').addEventListener('click', () => loadHistory(true));
+  $('#fp-diff-close').addEventListener('click', () => { $('#fp-diff').hidden = true; });
   window.addEventListener('hashchange', () => {
     const id = hashJob();
     if (id && id !== ui.job?.job_id) openJob(id);

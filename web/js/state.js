@@ -20,6 +20,7 @@ export function newJob(jobId) {
     job: null, // the schemas Job
     machines: new Map(), // machine_id -> machine state
     ranking: null, // from central, when it has one
+    energy: null, // central's energy comparison ({available, reason, ranking}), when it has one
     ended: false,
   };
 }
@@ -42,7 +43,19 @@ export function newMachine(id) {
     stopReason: null, // job_done's stop_reason: count | precision | decided | max_repeat
     shape: null, // job_done's shape: {prompt_tokens, depth, max_tokens, ignore_eos}
     error: null, // {code, message}
+    fingerprint: null, // schemas Fingerprint: newest of job_accepted, the first job_started, job_done
+    previous: null, // central's comparison with this machine's previous job ({job_id, same, changes})
+    samples: [], // the last TELEMETRY_KEPT telemetry samples of this run, oldest first
   };
+}
+
+/** Telemetry samples kept per machine for the sparklines (60 s at 4 Hz). */
+export const TELEMETRY_KEPT = 240;
+
+/** Keeps one telemetry sample (bounded: the oldest go). */
+export function pushSample(m, sample) {
+  m.samples.push(sample);
+  if (m.samples.length > TELEMETRY_KEPT) m.samples.splice(0, m.samples.length - TELEMETRY_KEPT);
 }
 
 export function machine(state, id) {
@@ -72,6 +85,7 @@ export function applySnapshot(state, doc, { withText = false } = {}) {
   state.created_ms = doc.created_ms ?? state.created_ms;
   if (doc.job) state.job = doc.job;
   if (Array.isArray(doc.ranking)) state.ranking = doc.ranking;
+  if (doc.energy) state.energy = doc.energy;
   for (const dm of doc.machines ?? []) {
     const m = machine(state, dm.machine_id);
     if (dm.label) m.label = dm.label;
@@ -80,6 +94,8 @@ export function applySnapshot(state, doc, { withText = false } = {}) {
       for (const r of dm.earlier_runs) if (r?.run_id && !m.earlierRuns.includes(r.run_id)) m.earlierRuns.push(r.run_id);
     }
     if (dm.refused) m.refused = dm.refused;
+    if (dm.fingerprint && (!m.fingerprint || withText || m.lastSeq === 0)) m.fingerprint = dm.fingerprint;
+    if (dm.previous !== undefined) m.previous = dm.previous;
     if (dm.run_id && dm.run_id !== m.runId && m.lastSeq === 0) m.runId = dm.run_id;
     if (withText || m.lastSeq === 0) {
       if (dm.status) m.status = dm.status;
@@ -134,6 +150,7 @@ export function applyEvent(state, ev) {
   }
   if (!(ev.seq > m.lastSeq)) return null;
   m.lastSeq = ev.seq;
+  if (p.fingerprint && ['job_accepted', 'job_started', 'job_done'].includes(ev.type)) m.fingerprint = p.fingerprint;
   switch (ev.type) {
     case 'job_accepted':
       if (p.label) m.label = p.label;
@@ -173,6 +190,9 @@ export function applyEvent(state, ev) {
     }
     case 'repeat_done':
       upsertRepeat(m, p);
+      break;
+    case 'telemetry':
+      pushSample(m, p);
       break;
     case 'job_done':
       m.status = 'done';
@@ -305,6 +325,9 @@ export function machineStats(m, includeShort = false) {
     tpot_ms: over('tpot_ms'),
     pp_tokens_per_s: over('pp_tokens_per_s'),
     tg_tokens_per_s: over('tg_tokens_per_s'),
+    joules_per_token: stats(measured.map((r) => r.telemetry?.joules_per_token)),
+    tokens_per_joule: stats(measured.map((r) => r.telemetry?.tokens_per_joule)),
+    power_w: stats(measured.map((r) => r.telemetry?.power_w?.mean)),
   };
 }
 

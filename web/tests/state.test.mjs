@@ -2,7 +2,7 @@
 //   node --test web/tests/state.test.mjs
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { newJob, applyEvent, applySnapshot, liveRate, liveTokens, stats, clearWinner, machineStats, allTerminal, medianCi, separation, ciHalfWidthPct, MIN_CI_SAMPLES } from '../js/state.js';
+import { newJob, applyEvent, applySnapshot, liveRate, liveTokens, stats, clearWinner, machineStats, allTerminal, medianCi, separation, ciHalfWidthPct, MIN_CI_SAMPLES, TELEMETRY_KEPT } from '../js/state.js';
 
 const ev = (machine_id, seq, type, payload) => ({ job_id: 'j1', machine_id, seq, ts_ms: 0, type, payload });
 const metrics = (i, tps, ttft, warmup = false) => ({ repeat_index: i, warmup, ttft_ms: ttft, total_ms: 1000, gen_tokens: 10, token_count_source: 'mock', gen_tokens_per_s: tps });
@@ -174,4 +174,25 @@ test('the cold run, warmups and short runs stay out of the measured stats', () =
   applyEvent(s, ev('a', 20, 'job_done', { engine: 'mock', repeats: m.repeats, summary: {}, output_text: 'x', stop_reason: 'precision', shape: { prompt_tokens: 512, depth: 0, max_tokens: 128, ignore_eos: true } }));
   assert.equal(m.stopReason, 'precision');
   assert.equal(m.shape.prompt_tokens, 512);
+});
+
+test('the newest fingerprint wins; telemetry samples are kept bounded, once each, and energy per token is summarised', () => {
+  const s = newJob('j1');
+  const fp = (id) => ({ fingerprint_id: id, hardware: {}, engine: {}, model: {}, settings: {} });
+  applyEvent(s, { ...ev('a', 1, 'job_accepted', { label: 'A', fingerprint: fp('fp-cached') }), run_id: 'r1' });
+  assert.equal(s.machines.get('a').fingerprint.fingerprint_id, 'fp-cached');
+  applyEvent(s, { ...ev('a', 2, 'job_started', { repeat_index: 0, fingerprint: fp('fp-fresh') }), run_id: 'r1' });
+  applyEvent(s, { ...ev('a', 3, 'job_started', { repeat_index: 1 }), run_id: 'r1' });
+  assert.equal(s.machines.get('a').fingerprint.fingerprint_id, 'fp-fresh', 'a started event without one keeps it');
+  for (let i = 0; i < TELEMETRY_KEPT + 10; i++) applyEvent(s, { ...ev('a', 4 + i, 'telemetry', { t_ms: i * 250, cpu_pct: i % 100 }), run_id: 'r1' });
+  // a replay does not add them again
+  applyEvent(s, { ...ev('a', 5, 'telemetry', { t_ms: 250, cpu_pct: 1 }), run_id: 'r1' });
+  const m = s.machines.get('a');
+  assert.equal(m.samples.length, TELEMETRY_KEPT);
+  assert.equal(m.samples[m.samples.length - 1].t_ms, (TELEMETRY_KEPT + 9) * 250);
+  const withEnergy = (i, jpt) => ({ ...metrics(i, 50, 10), telemetry: jpt === null ? undefined : { samples: 4, joules_per_token: jpt, tokens_per_joule: 1 / jpt, power_w: { mean: 100, peak: 120 } } });
+  m.repeats = [withEnergy(0, 0.5), withEnergy(1, 0.25)];
+  assert.equal(machineStats(m).joules_per_token.median, 0.375);
+  m.repeats = [withEnergy(0, null)];
+  assert.equal(machineStats(m).joules_per_token, null, 'no sensor: no energy stats, never 0');
 });
