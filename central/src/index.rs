@@ -367,7 +367,10 @@ impl Index {
         let had_job = r.job.is_some();
         let applied = r.apply(ev, stream_seq, published_ms);
         if applied == Applied::Sampled {
-            // Memory only: no new version (nothing to write), no announcement.
+            // No announcement, but the run's counters (seq, gaps) changed: written with the
+            // next regular flush, before its ack, so a crash cannot turn acknowledged samples
+            // into a gap. At most one write per flush, however many samples arrive.
+            e.version += 1;
             e.last_stream_seq = r.last_stream_seq;
         }
         if matches!(applied, Applied::Duplicate | Applied::Sampled) {

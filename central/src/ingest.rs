@@ -133,7 +133,10 @@ impl Ingest<'_> {
                 frame: sse_frame(Some(stream_seq), event.kind.name(), &msg.payload),
             });
             if applied == Applied::Sampled {
-                // Nothing to persist: acknowledged with the next flush like any event.
+                // Persisted with the next regular flush (never urgent, never announced).
+                if !touched.contains(&event.job_id) {
+                    touched.insert(event.job_id);
+                }
                 continue;
             }
             announce(self.hub, self.results, &event.job_id, &change);

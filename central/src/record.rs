@@ -320,10 +320,10 @@ pub enum Applied {
     Duplicate,
     /// An event of a run this machine has already moved past (counted, not applied).
     Stale,
-    /// A `telemetry` sample: counted in the run's sequence (it holds a `seq`) and in memory,
-    /// but nothing the stored record shows changed, so it is no reason to write the record
-    /// (at ~4 per second per machine that would be most of the KV traffic). The counts reach
-    /// KV with the run's next real change.
+    /// A `telemetry` sample: counted in the run's sequence (it holds a `seq`), nothing else
+    /// the record shows changes. Never announced nor urgent: its counts are written with the
+    /// next regular flush (at most one write per flush, however many samples), before the ack,
+    /// so a crash never turns acknowledged samples into a gap.
     Sampled,
 }
 
