@@ -85,8 +85,9 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let label = label.unwrap_or_else(|| git_describe(&workspace_root()));
-    let window = Duration::from_secs_f64(secs);
     let cfg = TelemetryConfig::default();
+    // Half an interval past the last tick, so counting samples never races a tick.
+    let window = Duration::from_secs_f64(secs) + cfg.interval / 2;
 
     let telemetry = Telemetry::new(&cfg);
     println!(
@@ -128,12 +129,15 @@ fn main() -> anyhow::Result<()> {
     let run_wall = run_t0.elapsed();
     // Before the summary, whose own reading is off the schedule.
     let samples = count.load(Ordering::Relaxed);
-    let summary = session.summary((run_t0, run_t0 + window), None, 0);
+    let last_t_ms = f64::from_bits(last_t_ms.load(Ordering::Relaxed));
+    // Energy over the whole run (where this machine has a power source): the decode-window
+    // path of a real job, over a window of known length.
+    let run = (run_t0, run_t0 + window);
+    let summary = session.summary(run, Some(run), 0);
     session.stop();
     let run_cpu = process_cpu_s().zip(run_cpu0).map(|(b, a)| b - a);
 
     let expected = (run_wall.as_secs_f64() / cfg.interval.as_secs_f64()).floor() as u64 + 1;
-    let last_t_ms = f64::from_bits(last_t_ms.load(Ordering::Relaxed));
 
     // One read of every probe, back to back (wall time; includes the syscalls).
     let (mut probes, _) = probes::build(&cfg);
@@ -203,6 +207,18 @@ fn main() -> anyhow::Result<()> {
         "{:<44} {:>12}   cpu {:?}",
         "summary over the run: samples", summary.samples, summary.cpu_pct
     );
+    println!(
+        "{:<44} {:>12}   {} J over {:.1} s",
+        "power over the run: mean W",
+        fmt_opt(summary.power_w.map(|p| p.mean), 2),
+        fmt_opt(summary.energy_j, 1),
+        window.as_secs_f64()
+    );
+    println!(
+        "{:<44} {:>12}",
+        "power source",
+        summary.power_source.as_deref().unwrap_or("none")
+    );
     println!();
     println!(
         "{verdict}: sampler CPU {}% of one core, ceiling {CEILING_PCT}%",
@@ -224,6 +240,9 @@ fn main() -> anyhow::Result<()> {
         "last_sample_t_ms": last_t_ms,
         "per_read_us_thread_cpu": per_read_us,
         "per_read_us_direct": direct_read_us,
+        "power_source": summary.power_source,
+        "power_w_mean": summary.power_w.map(|p| p.mean),
+        "energy_j_run": summary.energy_j,
     });
     let path = write_bench_result("telemetry", &label, &serde_json::to_string_pretty(&doc)?)?;
     println!("wrote {}", path.display());
