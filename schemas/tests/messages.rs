@@ -67,6 +67,8 @@ fn events() {
         ("event_job_done.json", "job_done"),
         ("event_job_error.json", "job_error"),
         ("event_job_cancelled.json", "job_cancelled"),
+        ("event_job_started_first.json", "job_started"),
+        ("event_telemetry.json", "telemetry"),
     ];
     for (file, ty) in names {
         let e: Event = load(file);
@@ -81,6 +83,20 @@ fn events() {
         panic!()
     };
     assert_eq!(d.summary.repeats, d.repeats.len() as u32);
+    // The first job_started's fingerprint (recorded from the demo engine): its id is the hash of
+    // its parts.
+    let first: Event = load("event_job_started_first.json");
+    let EventKind::JobStarted(s) = first.kind else {
+        panic!()
+    };
+    let fp = s.fingerprint.expect("fingerprint");
+    assert_eq!(fp.clone().with_id().fingerprint_id, fp.fingerprint_id);
+    assert_eq!(fp.model.quantization.as_deref(), Some("Q4_K_M"));
+    let t: Event = load("event_telemetry.json");
+    let EventKind::Telemetry(t) = t.kind else {
+        panic!()
+    };
+    assert_eq!(t.gpus[0].power_w, Some(323.2));
 }
 
 #[test]
@@ -89,4 +105,7 @@ fn metrics_and_registry() {
     assert!(m.ttft_ms < m.total_ms);
     let a: AgentInfo = load("agent_info.json");
     assert_eq!(a.machine_id, "macbook");
+    assert_eq!(a.hardware.gpus[0].cores, Some(40));
+    let t = m.telemetry.expect("telemetry summary");
+    assert_eq!(t.power_source.as_deref(), Some("rapl+nvml"));
 }
