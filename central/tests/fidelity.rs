@@ -6,8 +6,8 @@
 mod common;
 
 use async_nats::jetstream;
-use bench_schemas::event::{Done, Started, StopReason, Token};
-use bench_schemas::{Event, EventKind, Job, Metrics, Repeat, Summary};
+use bench_schemas::event::{Started, StopReason, Token};
+use bench_schemas::{EventKind, Job, Metrics, Repeat};
 use common::*;
 
 fn metrics(i: u32, rate: f64) -> Metrics {
@@ -20,34 +20,14 @@ fn metrics(i: u32, rate: f64) -> Metrics {
     m
 }
 
-struct Run {
-    machine: &'static str,
-    seq: u64,
-    events: Vec<Event>,
+/// The fidelity race's events of one machine.
+trait FidelityRun {
+    /// One repeat: started, one token batch, repeat_done.
+    fn repeat(&mut self, m: Metrics, text: &str);
+    fn done(&mut self, repeats: Vec<Metrics>, job: &Job, text: &str);
 }
 
-impl Run {
-    fn new(machine: &'static str) -> Self {
-        Self {
-            machine,
-            seq: 0,
-            events: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, kind: EventKind) {
-        self.seq += 1;
-        self.events.push(Event {
-            job_id: "fid-1".into(),
-            machine_id: self.machine.into(),
-            run_id: format!("{}boot-1", self.machine),
-            seq: self.seq,
-            ts_ms: 1,
-            kind,
-        });
-    }
-
-    /// One repeat: started, one token batch, repeat_done.
+impl FidelityRun for RunEvents {
     fn repeat(&mut self, m: Metrics, text: &str) {
         self.push(EventKind::JobStarted(Started {
             repeat_index: m.repeat_index,
@@ -65,24 +45,11 @@ impl Run {
     }
 
     fn done(&mut self, repeats: Vec<Metrics>, job: &Job, text: &str) {
-        let summary = Summary::of(&repeats, job.include_short);
-        self.push(EventKind::JobDone(Done {
-            model: "m".into(),
-            engine: "mock".into(),
-            ttft_ms: 1.0,
-            gen_tokens: 1,
-            gen_tokens_per_s: summary.gen_tokens_per_s.map(|s| s.median),
-            total_ms: 1.0,
-            token_count_source: bench_schemas::TokenCountSource::Mock,
-            pp_tokens_per_s: summary.pp_tokens_per_s.map(|s| s.median),
-            tg_tokens_per_s: summary.tg_tokens_per_s.map(|s| s.median),
-            repeats,
-            summary,
-            output_text: text.into(),
-            shape: Some(job.shape()),
-            stop_reason: StopReason::Precision,
-            fingerprint: None,
-        }));
+        self.done_with(repeats, job.include_short, |d| {
+            d.output_text = text.into();
+            d.shape = Some(job.shape());
+            d.stop_reason = StopReason::Precision;
+        });
     }
 }
 
@@ -114,7 +81,7 @@ async fn cold_and_short_runs_stay_apart_and_intervals_decide_the_winner() {
 
     // Machine a: a cold run at index 0 (warmup 0, model not loaded), then a short run, then
     // six measured ones around 100 tok/s.
-    let mut a = Run::new("a");
+    let mut a = RunEvents::new("fid-1", "a");
     a.push(accepted("A"));
     let mut cold = metrics(0, 5.0);
     cold.cold = true;
@@ -169,7 +136,7 @@ async fn cold_and_short_runs_stay_apart_and_intervals_decide_the_winner() {
     assert_eq!(v["machines"][0]["output_text"], "warm 5");
 
     // Machine b: three measured runs only, well below a. Ranges apart, but no interval yet.
-    let mut b = Run::new("b");
+    let mut b = RunEvents::new("fid-1", "b");
     b.push(accepted("B"));
     let mut runs_b = Vec::new();
     for (i, rate) in [50.0, 51.0, 52.0].into_iter().enumerate() {

@@ -7,10 +7,10 @@
 mod common;
 
 use async_nats::jetstream;
-use bench_schemas::event::{Done, Started, StopReason};
+use bench_schemas::event::Started;
 use bench_schemas::fingerprint::{EngineInfo, Fingerprint, Gpu, ModelInfo, Settings};
 use bench_schemas::telemetry::{GpuSample, MeanPeak, Sample, TelemetrySummary};
-use bench_schemas::{Event, EventKind, Hardware, Job, Metrics, Summary};
+use bench_schemas::{EventKind, Hardware, Job, Metrics};
 use common::*;
 use serde_json::Value;
 
@@ -67,41 +67,16 @@ fn fingerprint(build: &str, quant: &str) -> Fingerprint {
     .with_id()
 }
 
-/// One machine's events of one job, seq counted.
-struct Run {
-    job: String,
-    machine: String,
-    seq: u64,
-    events: Vec<Event>,
+/// The fingerprint tests' events of one machine.
+trait FingerprintRun {
+    fn accepted(&mut self, label: &str, fp: Option<Fingerprint>) -> &mut Self;
+    fn started(&mut self, i: u32, fp: Option<Fingerprint>) -> &mut Self;
+    fn sample(&mut self, t_ms: f64, power: bool) -> &mut Self;
+    fn repeat_done(&mut self, i: u32, jpt: Option<f64>) -> Metrics;
+    fn done(&mut self, repeats: Vec<Metrics>, fp: Option<Fingerprint>) -> &mut Self;
 }
 
-impl Run {
-    fn new(job: &str, machine: &str) -> Self {
-        Self {
-            job: job.into(),
-            machine: machine.into(),
-            seq: 0,
-            events: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, kind: EventKind) -> &mut Self {
-        self.seq += 1;
-        self.events.push(Event {
-            job_id: self.job.clone(),
-            machine_id: self.machine.clone(),
-            run_id: format!("{}boot-1", self.machine),
-            seq: self.seq,
-            ts_ms: 1,
-            kind,
-        });
-        self
-    }
-
-    fn take(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.events)
-    }
-
+impl FingerprintRun for RunEvents {
     fn accepted(&mut self, label: &str, fp: Option<Fingerprint>) -> &mut Self {
         let mut job = Job::new("m", "p");
         job.job_id = Some(self.job.clone());
@@ -170,24 +145,14 @@ impl Run {
     }
 
     fn done(&mut self, repeats: Vec<Metrics>, fp: Option<Fingerprint>) -> &mut Self {
-        let summary = Summary::of(&repeats, false);
-        self.push(EventKind::JobDone(Done {
-            model: "m".into(),
-            engine: "openai".into(),
-            ttft_ms: 1.0,
-            gen_tokens: 156,
-            gen_tokens_per_s: summary.gen_tokens_per_s.map(|s| s.median),
-            total_ms: 1.0,
-            token_count_source: bench_schemas::TokenCountSource::Mock,
-            pp_tokens_per_s: None,
-            tg_tokens_per_s: None,
-            repeats,
-            summary,
-            output_text: "out".into(),
-            shape: None,
-            stop_reason: StopReason::Count,
-            fingerprint: fp,
-        }))
+        self.done_with(repeats, false, |d| {
+            d.engine = "openai".into();
+            d.gen_tokens = 156;
+            d.pp_tokens_per_s = None;
+            d.tg_tokens_per_s = None;
+            d.output_text = "out".into();
+            d.fingerprint = fp;
+        })
     }
 }
 
@@ -235,7 +200,7 @@ async fn newest_fingerprint_is_kept_and_telemetry_is_forwarded_without_a_record_
     assert_ne!(cached.fingerprint_id, fresh.fingerprint_id);
 
     // The agent's cached fingerprint in job_accepted is shown first...
-    let mut a = Run::new("fp-1", "a");
+    let mut a = RunEvents::new("fp-1", "a");
     a.accepted("A", Some(cached.clone()));
     publish_events(&js, &a.take()).await;
     job_when(&base, "fp-1", "the accepted fingerprint", |v| {
@@ -408,17 +373,17 @@ async fn the_diff_lists_what_changed_and_each_machine_is_compared_with_its_previ
     after.hardware.gpus[0].driver_version = Some("575.51".into());
     let after = after.with_id();
 
-    let mut one = Run::new("diff-1", "a");
+    let mut one = RunEvents::new("diff-1", "a");
     one.accepted("A", Some(before.clone()));
     publish_events(&js, &one.take()).await;
-    let mut other = Run::new("diff-1", "nofp");
+    let mut other = RunEvents::new("diff-1", "nofp");
     other.accepted("No FP", None);
     publish_events(&js, &other.take()).await;
     job_when(&base, "diff-1", "job 1", |v| {
         v["machines"].as_array().map(Vec::len) == Some(2)
     })
     .await;
-    let mut two = Run::new("diff-2", "a");
+    let mut two = RunEvents::new("diff-2", "a");
     two.accepted("A", Some(after.clone()));
     publish_events(&js, &two.take()).await;
     job_when(&base, "diff-2", "job 2", |v| {
@@ -503,7 +468,7 @@ async fn energy_per_token_is_ranked_only_where_every_racer_has_a_sensor() {
     let race = |job: &str, jpts: &[(&str, Option<f64>)]| {
         let mut evs = Vec::new();
         for (machine, jpt) in jpts {
-            let mut r = Run::new(job, machine);
+            let mut r = RunEvents::new(job, machine);
             r.accepted(&format!("Label {machine}"), None);
             r.started(0, None).sample(0.0, jpt.is_some());
             let m = r.repeat_done(0, *jpt);

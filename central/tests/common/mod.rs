@@ -381,3 +381,72 @@ pub fn assert_exactly_once(
     }
     counts
 }
+
+/// One machine's events of one run of a job, as an agent numbers them (seq from 1, no gaps).
+pub struct RunEvents {
+    pub job: String,
+    pub machine: String,
+    pub seq: u64,
+    pub events: Vec<bench_schemas::Event>,
+}
+
+impl RunEvents {
+    pub fn new(job: &str, machine: &str) -> Self {
+        Self {
+            job: job.into(),
+            machine: machine.into(),
+            seq: 0,
+            events: Vec::new(),
+        }
+    }
+
+    /// Appends the next event of the run.
+    pub fn push(&mut self, kind: bench_schemas::EventKind) -> &mut Self {
+        self.seq += 1;
+        self.events.push(bench_schemas::Event {
+            job_id: self.job.clone(),
+            machine_id: self.machine.clone(),
+            run_id: format!("{}boot-1", self.machine),
+            seq: self.seq,
+            ts_ms: 1,
+            kind,
+        });
+        self
+    }
+
+    /// The events pushed since the last take.
+    pub fn take(&mut self) -> Vec<bench_schemas::Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Appends a `job_done` over `repeats` (their summary and its medians); `edit` sets the
+    /// rest (shape, stop reason, fingerprint, text).
+    pub fn done_with(
+        &mut self,
+        repeats: Vec<bench_schemas::Metrics>,
+        include_short: bool,
+        edit: impl FnOnce(&mut bench_schemas::event::Done),
+    ) -> &mut Self {
+        let summary = bench_schemas::Summary::of(&repeats, include_short);
+        let median = |s: Option<bench_schemas::Stats>| s.map(|s| s.median);
+        let mut d = bench_schemas::event::Done {
+            model: "m".into(),
+            engine: "mock".into(),
+            ttft_ms: 1.0,
+            gen_tokens: 1,
+            gen_tokens_per_s: median(summary.gen_tokens_per_s),
+            total_ms: 1.0,
+            token_count_source: bench_schemas::TokenCountSource::Mock,
+            pp_tokens_per_s: median(summary.pp_tokens_per_s),
+            tg_tokens_per_s: median(summary.tg_tokens_per_s),
+            repeats,
+            summary,
+            output_text: String::new(),
+            shape: None,
+            stop_reason: bench_schemas::event::StopReason::Count,
+            fingerprint: None,
+        };
+        edit(&mut d);
+        self.push(bench_schemas::EventKind::JobDone(d))
+    }
+}
