@@ -39,6 +39,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Models of each engine described at start (more are described at their first job).
+const MAX_DESCRIBED_AT_START: usize = 16;
+
 /// This agent's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -254,13 +257,20 @@ pub async fn start(
     let http_addr = listener.local_addr()?;
 
     let worker = tokio::spawn(runner::worker(shared.clone(), shutdown.clone()));
-    // The registry shows each engine's identity from the start (asked while no job holds it).
+    // The registry shows each engine's identity from the start, and the first job of an
+    // offered model already has its fingerprint in job_accepted: asked once here, while the
+    // engine is leased (no job runs meanwhile; a job arriving now waits for it).
     {
         let shared = shared.clone();
         tokio::spawn(async move {
             for b in shared.backends.clone() {
+                let models = shared.models.offered(&*b, &shared.cfg.llm_models).await;
                 let _engine = shared.models.lease(b.kind()).await;
-                shared.described.refresh_engine(&*b).await;
+                let budget = shared.cfg.engine_idle_timeout;
+                shared.described.refresh_engine(&*b, budget).await;
+                for m in models.iter().take(MAX_DESCRIBED_AT_START) {
+                    shared.described.refresh(&*b, m, budget).await;
+                }
             }
         });
     }

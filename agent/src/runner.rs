@@ -148,7 +148,7 @@ async fn run_repeats(
         _ = cancel.cancelled() => {
             return Err(Early::at(Stop::Cancelled("cancelled before start".into()), None));
         }
-        d = shared.described.refresh(backend, &job.model) => d,
+        d = shared.described.refresh(backend, &job.model, shared.cfg.engine_idle_timeout) => d,
     };
     let fingerprint =
         crate::fingerprint::fingerprint(&shared.hardware, described.0, described.1, job);

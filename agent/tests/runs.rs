@@ -82,7 +82,11 @@ async fn a_finished_job_id_sent_again_is_a_new_run_stored_in_full() {
             .filter(|e| e.kind.name() == "llm_token")
             .count();
         assert_eq!(tokens, 4 * 32, "{run_id}");
-        assert_eq!(events.len(), 1 + 4 * (1 + 32 + 1) + 1, "{run_id}");
+        let samples = events
+            .iter()
+            .filter(|e| e.kind.name() == "telemetry")
+            .count();
+        assert_eq!(events.len(), 1 + 4 * (1 + 32 + 1) + 1 + samples, "{run_id}");
     }
     // What live subscribers saw is what was stored, run by run.
     let live: Vec<(String, u64)> = ev.seen.iter().map(|e| (e.run_id.clone(), e.seq)).collect();

@@ -186,8 +186,9 @@ pub(crate) fn missing(source: &str, reason: impl std::fmt::Display) -> Missing {
     }
 }
 
-/// How long a fingerprint question may take: the engine is idle between runs, so a slower
-/// answer means the source is not there.
+/// How long one fingerprint question may take: the engine is idle between runs, so a slower
+/// answer means the source is not there (the whole description is also bounded by the
+/// engine's idle timeout, see [`crate::fingerprint::Described::refresh`]).
 pub(crate) const INFO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// GETs (or POSTs `body` to) `url` for a JSON answer, bounded by [`INFO_TIMEOUT`]; the error is

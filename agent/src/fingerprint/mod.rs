@@ -70,10 +70,42 @@ fn engine_key(b: &dyn Backend) -> String {
 }
 
 impl Described {
-    /// Asks the engine now (engine and model), and keeps the answers.
-    pub async fn refresh(&self, backend: &dyn Backend, model: &str) -> (EngineInfo, ModelInfo) {
-        let engine = backend.engine_info().await;
-        let described = backend.model_info(model).await;
+    /// Asks the engine now (engine and model, at once), and keeps the answers. Bounded by
+    /// `budget` as a whole (each request is bounded too): an engine that does not answer in
+    /// time is described by what it said last, else as missing with the reason.
+    pub async fn refresh(
+        &self,
+        backend: &dyn Backend,
+        model: &str,
+        budget: std::time::Duration,
+    ) -> (EngineInfo, ModelInfo) {
+        let asked = futures::future::join(backend.engine_info(), backend.model_info(model));
+        let (engine, described) = match tokio::time::timeout(budget, asked).await {
+            Ok(answers) => answers,
+            Err(_) => {
+                if let Some(cached) = self.cached(backend, model) {
+                    return cached;
+                }
+                let late = || {
+                    crate::backend::missing(
+                        backend.kind(),
+                        format!("the engine did not describe itself within {budget:?}"),
+                    )
+                };
+                return (
+                    EngineInfo {
+                        kind: backend.kind().to_string(),
+                        missing: vec![late()],
+                        ..EngineInfo::default()
+                    },
+                    ModelInfo {
+                        name: model.to_string(),
+                        missing: vec![late()],
+                        ..ModelInfo::default()
+                    },
+                );
+            }
+        };
         let key = engine_key(backend);
         self.engines
             .lock()
@@ -86,14 +118,15 @@ impl Described {
         (engine, described)
     }
 
-    /// Asks the engine for its identity only, and keeps it.
-    pub async fn refresh_engine(&self, backend: &dyn Backend) -> EngineInfo {
-        let engine = backend.engine_info().await;
+    /// Asks the engine for its identity only (within `budget`), and keeps it.
+    pub async fn refresh_engine(&self, backend: &dyn Backend, budget: std::time::Duration) {
+        let Ok(engine) = tokio::time::timeout(budget, backend.engine_info()).await else {
+            return;
+        };
         self.engines
             .lock()
             .expect("described lock")
-            .insert(engine_key(backend), engine.clone());
-        engine
+            .insert(engine_key(backend), engine);
     }
 
     /// The last answers for this engine and model, if it was described before.

@@ -83,8 +83,14 @@ impl Events {
             .await
     }
 
+    /// The types of the events seen, telemetry samples left out (they come at the sampler's
+    /// pace, between any two events of the run).
     pub fn types(&self) -> Vec<&'static str> {
-        self.seen.iter().map(|e| e.kind.name()).collect()
+        self.seen
+            .iter()
+            .map(|e| e.kind.name())
+            .filter(|t| *t != "telemetry")
+            .collect()
     }
 
     pub fn text(&self, repeat_index: u32) -> String {
