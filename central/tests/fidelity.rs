@@ -202,12 +202,7 @@ async fn cold_and_short_runs_stay_apart_and_intervals_decide_the_winner() {
     assert_eq!(d["gen_tokens_per_s_exceeds_ci"], true, "{d}");
 
     // The CSV: one row per run with the fidelity columns; the JSON export carries the rest.
-    let csv = reqwest::get(format!("{base}/api/jobs/fid-1/export.csv"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let csv = csv_export(&base, "fid-1").await;
     let mut lines = csv.lines();
     let head: Vec<&str> = lines.next().unwrap().split(',').collect();
     for col in [

@@ -318,12 +318,7 @@ async fn newest_fingerprint_is_kept_and_telemetry_is_forwarded_without_a_record_
     assert_eq!(t, (0..40).map(|i| f64::from(i) * 250.0).collect::<Vec<_>>());
 
     // Exports: the CSV's fingerprint and telemetry columns, the whole fingerprint in JSON.
-    let csv = reqwest::get(format!("{base}/api/jobs/fp-1/export.csv"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let csv = csv_export(&base, "fp-1").await;
     let mut lines = csv.lines();
     let head: Vec<&str> = lines.next().unwrap().split(',').collect();
     let row: Vec<&str> = lines.next().unwrap().split(',').collect();

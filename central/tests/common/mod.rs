@@ -122,6 +122,18 @@ pub async fn start_central(cfg: Config) -> TestCentral {
 
 // ---- HTTP ----
 
+/// A job's CSV export, as text (bounded like every request).
+pub async fn csv_export(base: &str, job_id: &str) -> String {
+    let url = format!("{base}/api/jobs/{job_id}/export.csv");
+    let resp = within("CSV export", WAIT, reqwest::get(&url))
+        .await
+        .expect("GET export.csv");
+    assert!(resp.status().is_success(), "{url}: {}", resp.status());
+    within("CSV body", WAIT, resp.text())
+        .await
+        .expect("CSV body")
+}
+
 pub async fn get(base: &str, path: &str) -> (u16, Value) {
     let resp = within(
         path,
