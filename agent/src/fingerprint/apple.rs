@@ -240,13 +240,16 @@ struct Latest {
 }
 
 /// Apple power (CPU, GPU, ANE and combined) from `macmon pipe` or `powermetrics`, run as a
-/// child for the probe's lifetime. A reader thread parses its output and keeps the latest
+/// child while a job is sampled (started once at build to prove it runs, then stopped until a
+/// session resumes it). A reader thread parses its output and keeps the latest
 /// sample; [`Probe::read`] copies that out (a short lock, nothing blocking under it). Values
 /// older than a few intervals (the tool stalled or died) are not reported. The child is
-/// killed when the probe is dropped.
+/// killed when the session pauses the probe, and when it is dropped.
 pub struct ApplePowerProbe {
     tool: PowerTool,
-    child: Child,
+    interval: Duration,
+    /// Runs only while a job is sampled ([`Probe::resume`] .. [`Probe::pause`]).
+    child: Option<Child>,
     latest: Arc<Mutex<Latest>>,
     stale_after: Duration,
 }
@@ -254,6 +257,23 @@ pub struct ApplePowerProbe {
 impl ApplePowerProbe {
     /// Starts `tool` sampling every `interval`; the reason when it cannot be started.
     pub fn spawn(tool: PowerTool, interval: Duration) -> Result<Self, Missing> {
+        let latest = Arc::new(Mutex::new(Latest::default()));
+        let child = Self::start(tool, interval, &latest)?;
+        Ok(Self {
+            tool,
+            interval,
+            child: Some(child),
+            latest,
+            stale_after: (interval * 4).max(Duration::from_secs(2)),
+        })
+    }
+
+    /// Runs the tool with a reader thread that keeps its latest values in `latest`.
+    fn start(
+        tool: PowerTool,
+        interval: Duration,
+        latest: &Arc<Mutex<Latest>>,
+    ) -> Result<Child, Missing> {
         let mut child = tool
             .command(interval)
             .stdin(Stdio::null())
@@ -265,21 +285,33 @@ impl ApplePowerProbe {
                 reason: format!("cannot start {}: {e}", tool.name()),
             })?;
         let stdout = child.stdout.take().expect("stdout was piped");
-        let latest = Arc::new(Mutex::new(Latest::default()));
-        let shared = Arc::clone(&latest);
-        std::thread::Builder::new()
+        let shared = Arc::clone(latest);
+        let reader = std::thread::Builder::new()
             .name(format!("{}-reader", tool.name()))
-            .spawn(move || read_tool(tool, BufReader::new(stdout), &shared))
-            .map_err(|e| Missing {
+            .spawn(move || read_tool(tool, BufReader::new(stdout), &shared));
+        if let Err(e) = reader {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Missing {
                 source: tool.name().into(),
                 reason: format!("cannot start a reader thread: {e}"),
-            })?;
-        Ok(Self {
-            tool,
-            child,
-            latest,
-            stale_after: (interval * 4).max(Duration::from_secs(2)),
-        })
+            });
+        }
+        Ok(child)
+    }
+
+    /// Whether the tool is running now.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn stop_child(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // What it said before is not a reading of the next job.
+        self.latest.lock().unwrap_or_else(|p| p.into_inner()).at = None;
     }
 }
 
@@ -334,12 +366,26 @@ impl Probe for ApplePowerProbe {
             apply(&values, r);
         }
     }
+
+    fn resume(&mut self) {
+        if self.child.is_none() {
+            match Self::start(self.tool, self.interval, &self.latest) {
+                Ok(child) => self.child = Some(child),
+                Err(m) => {
+                    tracing::warn!(source = %m.source, reason = %m.reason, "no Apple power for this job")
+                }
+            }
+        }
+    }
+
+    fn pause(&mut self) {
+        self.stop_child();
+    }
 }
 
 impl Drop for ApplePowerProbe {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop_child();
     }
 }
 
@@ -462,7 +508,8 @@ mod tests {
         std::thread::spawn(move || read_tool(PowerTool::Macmon, BufReader::new(stdout), &shared));
         let mut p = ApplePowerProbe {
             tool: PowerTool::Macmon,
-            child,
+            interval: Duration::from_millis(250),
+            child: Some(child),
             latest,
             stale_after: Duration::from_secs(2),
         };
@@ -475,9 +522,16 @@ mod tests {
         }
         assert_eq!(r.combined_power_w, Some(0.22231553));
         assert_eq!(p.sources()[0], ("power", "macmon".to_string()));
-        let pid = p.child.id();
+        let pid = p.child.as_ref().unwrap().id();
+        // The job's sampling ends: the tool does not run between jobs, and what it said is
+        // not reported any more.
+        p.pause();
+        assert!(!p.running());
+        let mut after = Reading::new(Instant::now());
+        p.read(&mut after);
+        assert_eq!(after.combined_power_w, None);
         drop(p);
-        // Reaped by Drop: the pid no longer names our child.
+        // Reaped by pause: the pid no longer names our child.
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
                 || std::fs::read_to_string(format!("/proc/{pid}/cmdline"))

@@ -59,4 +59,9 @@ pub trait Probe: Send {
     /// block for long: a source that produces its numbers slowly (a child process) reads them
     /// on its own thread and hands over the latest here.
     fn read(&mut self, r: &mut Reading);
+    /// A job's sampling begins: a source that runs something of its own (a child process)
+    /// starts it here.
+    fn resume(&mut self) {}
+    /// The job's sampling ended: nothing of the probe's may keep running between jobs.
+    fn pause(&mut self) {}
 }

@@ -59,6 +59,12 @@ impl Telemetry {
         probes: Vec<Box<dyn Probe>>,
         missing: Vec<Missing>,
     ) -> Self {
+        let mut probes = probes;
+        // Nothing samples between jobs (a probe that had to start something to prove it
+        // works stops it here; each session resumes it).
+        for p in &mut probes {
+            p.pause();
+        }
         let sources = probes
             .iter()
             .flat_map(|p| p.sources())
@@ -115,7 +121,13 @@ impl Telemetry {
             .name("telemetry".into())
             .spawn(move || {
                 let mut probes = probes.lock().unwrap_or_else(PoisonError::into_inner);
+                for p in probes.iter_mut() {
+                    p.resume();
+                }
                 sampler.run(&mut probes, &rx);
+                for p in probes.iter_mut() {
+                    p.pause();
+                }
             });
         match thread {
             Ok(thread) => Some(Session {
@@ -815,6 +827,47 @@ mod tests {
             "{s:?} over {secs} s"
         );
         assert_eq!(s.power_source.as_deref(), Some("fake-macmon"));
+    }
+
+    /// Counts the session hooks; reads only while resumed.
+    struct FakeChild {
+        running: Arc<std::sync::atomic::AtomicBool>,
+        reads_while_paused: Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl Probe for FakeChild {
+        fn sources(&self) -> Vec<(&'static str, String)> {
+            vec![("power", "fake-child".into())]
+        }
+        fn read(&mut self, _r: &mut Reading) {
+            if !self.running.load(Ordering::SeqCst) {
+                self.reads_while_paused.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn resume(&mut self) {
+            self.running.store(true, Ordering::SeqCst);
+        }
+        fn pause(&mut self) {
+            self.running.store(false, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn probes_run_only_while_a_job_is_sampled() {
+        let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let paused_reads = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let probe = FakeChild {
+            running: running.clone(),
+            reads_while_paused: paused_reads.clone(),
+        };
+        let t = Telemetry::with_probes(&cfg(20), vec![Box::new(probe)], Vec::new());
+        assert!(!running.load(Ordering::SeqCst), "paused once built");
+        let (session, rx) = start(&t);
+        next(&rx);
+        assert!(running.load(Ordering::SeqCst), "resumed for the job");
+        session.stop();
+        assert!(!running.load(Ordering::SeqCst), "paused when the job ends");
+        assert_eq!(paused_reads.load(Ordering::SeqCst), 0);
     }
 
     #[test]
