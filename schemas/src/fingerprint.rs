@@ -15,6 +15,16 @@ pub struct Missing {
     pub reason: String,
 }
 
+impl Missing {
+    /// `source` gave nothing, because of `reason`.
+    pub fn new(source: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Self {
+            source: source.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// One GPU.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 pub struct Gpu {

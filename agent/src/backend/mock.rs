@@ -59,7 +59,10 @@ impl Backend for Mock {
         Box::pin(async move {
             ModelInfo {
                 name: model.to_string(),
-                missing: vec![super::missing("mock", "the mock engine has no weights")],
+                missing: vec![bench_schemas::Missing::new(
+                    "mock",
+                    "the mock engine has no weights",
+                )],
                 ..ModelInfo::default()
             }
         })

@@ -158,7 +158,7 @@ pub trait Backend: Send + Sync {
         Box::pin(async {
             EngineInfo {
                 kind: self.kind().to_string(),
-                missing: vec![missing(
+                missing: vec![Missing::new(
                     self.kind(),
                     "this backend reports no engine version",
                 )],
@@ -171,18 +171,10 @@ pub trait Backend: Send + Sync {
         Box::pin(async move {
             ModelInfo {
                 name: model.to_string(),
-                missing: vec![missing(self.kind(), "this backend describes no model")],
+                missing: vec![Missing::new(self.kind(), "this backend describes no model")],
                 ..ModelInfo::default()
             }
         })
-    }
-}
-
-/// A source that gave nothing, and why.
-pub(crate) fn missing(source: &str, reason: impl std::fmt::Display) -> Missing {
-    Missing {
-        source: source.to_string(),
-        reason: reason.to_string(),
     }
 }
 

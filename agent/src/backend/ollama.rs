@@ -3,10 +3,10 @@
 
 use super::lines::parse_lines;
 use super::{
-    info_json, missing, read_json, request_error, status_error, Backend, EngineReport, GenRequest,
-    Item, ItemStream,
+    info_json, read_json, request_error, status_error, Backend, EngineReport, GenRequest, Item,
+    ItemStream,
 };
-use bench_schemas::{EngineInfo, ErrorBody, ErrorCode, Mode, ModelInfo, TokenCountSource};
+use bench_schemas::{EngineInfo, ErrorBody, ErrorCode, Missing, Mode, ModelInfo, TokenCountSource};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
@@ -224,7 +224,7 @@ impl Backend for Ollama {
                 Ok(v) => {
                     info.version = v.get("version").and_then(Value::as_str).map(str::to_string)
                 }
-                Err(e) => info.missing.push(missing("/api/version", e)),
+                Err(e) => info.missing.push(Missing::new("/api/version", e)),
             }
             info
         })
@@ -239,7 +239,7 @@ impl Backend for Ollama {
             let url = format!("{}/api/show", self.base_url);
             match info_json(self.http.post(&url).json(&json!({ "model": model }))).await {
                 Ok(v) => read_show(&v, &mut info),
-                Err(e) => info.missing.push(missing("/api/show", e)),
+                Err(e) => info.missing.push(Missing::new("/api/show", e)),
             }
             let url = format!("{}/api/tags", self.base_url);
             match info_json(self.http.get(&url)).await {
@@ -265,10 +265,10 @@ impl Backend for Ollama {
                         }
                         None => info
                             .missing
-                            .push(missing("/api/tags", format!("{model} is not listed"))),
+                            .push(Missing::new("/api/tags", format!("{model} is not listed"))),
                     }
                 }
-                Err(e) => info.missing.push(missing("/api/tags", e)),
+                Err(e) => info.missing.push(Missing::new("/api/tags", e)),
             }
             info
         })

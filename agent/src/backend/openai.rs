@@ -4,10 +4,10 @@
 
 use super::lines::parse_lines;
 use super::{
-    info_json, missing, read_json, request_error, status_error, Backend, EngineReport, GenRequest,
-    Item, ItemStream,
+    info_json, read_json, request_error, status_error, Backend, EngineReport, GenRequest, Item,
+    ItemStream,
 };
-use bench_schemas::{EngineInfo, ErrorBody, ErrorCode, Mode, ModelInfo, TokenCountSource};
+use bench_schemas::{EngineInfo, ErrorBody, ErrorCode, Missing, Mode, ModelInfo, TokenCountSource};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
@@ -268,20 +268,24 @@ impl Backend for OpenAi {
                 info.build = text(&p, "build_info");
                 return info;
             }
-            info.missing
-                .push(missing("/props", "not a llama.cpp server (no build_info)"));
+            info.missing.push(Missing::new(
+                "/props",
+                "not a llama.cpp server (no build_info)",
+            ));
             match self.get("/version").await {
                 Ok(v) if v.get("version").is_some() => {
                     info.server = Some("vllm".into());
                     info.version = text(&v, "version");
                     return info;
                 }
-                Ok(_) => info.missing.push(missing("/version", "no version field")),
-                Err(e) => info.missing.push(missing("/version", e)),
+                Ok(_) => info
+                    .missing
+                    .push(Missing::new("/version", "no version field")),
+                Err(e) => info.missing.push(Missing::new("/version", e)),
             }
             match self.get("/api/v0/models").await {
                 Ok(_) => info.server = Some("lm-studio".into()),
-                Err(e) => info.missing.push(missing("/api/v0/models", e)),
+                Err(e) => info.missing.push(Missing::new("/api/v0/models", e)),
             }
             info
         })
@@ -303,10 +307,10 @@ impl Backend for OpenAi {
                         Some(e) => read_listed(e, &mut info),
                         None => info
                             .missing
-                            .push(missing("/v1/models", format!("{model} is not listed"))),
+                            .push(Missing::new("/v1/models", format!("{model} is not listed"))),
                     }
                 }
-                Err(e) => info.missing.push(missing("/v1/models", e)),
+                Err(e) => info.missing.push(Missing::new("/v1/models", e)),
             }
             if let Some(p) = self.props().await {
                 if let Some(ftype) = p.get("model_ftype").and_then(Value::as_str) {
@@ -318,7 +322,7 @@ impl Backend for OpenAi {
                     }
                     match crate::fingerprint::digest::file_sha256(path.into()).await {
                         Ok(d) => info.digest = Some(d),
-                        Err(e) => info.missing.push(missing("model file digest", e)),
+                        Err(e) => info.missing.push(Missing::new("model file digest", e)),
                     }
                 }
             } else if info.quantization.is_none() {
@@ -329,7 +333,7 @@ impl Backend for OpenAi {
                         info.family = text("arch");
                         info.context_length = v.get("max_context_length").and_then(Value::as_u64);
                     }
-                    Err(e) => info.missing.push(missing(
+                    Err(e) => info.missing.push(Missing::new(
                         "quantization",
                         format!("the engine does not say (/props absent, /api/v0/models: {e})"),
                     )),

@@ -280,10 +280,7 @@ impl ApplePowerProbe {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| Missing {
-                source: tool.name().into(),
-                reason: format!("cannot start {}: {e}", tool.name()),
-            })?;
+            .map_err(|e| Missing::new(tool.name(), format!("cannot start {}: {e}", tool.name())))?;
         let stdout = child.stdout.take().expect("stdout was piped");
         let shared = Arc::clone(latest);
         let reader = std::thread::Builder::new()
@@ -292,10 +289,10 @@ impl ApplePowerProbe {
         if let Err(e) = reader {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(Missing {
-                source: tool.name().into(),
-                reason: format!("cannot start a reader thread: {e}"),
-            });
+            return Err(Missing::new(
+                tool.name(),
+                format!("cannot start a reader thread: {e}"),
+            ));
         }
         Ok(child)
     }

@@ -32,7 +32,7 @@ pub fn hardware(accelerator: Option<String>) -> Hardware {
         ..Hardware::default()
     };
     if hw.cores == 0 {
-        hw.missing.push(missing("sysinfo", "no CPU listed"));
+        hw.missing.push(Missing::new("sysinfo", "no CPU listed"));
     }
 
     match nvidia::gpus() {
@@ -44,13 +44,6 @@ pub fn hardware(accelerator: Option<String>) -> Hardware {
     }
     amd_gpus(&mut hw);
     hw
-}
-
-fn missing(source: &str, reason: impl Into<String>) -> Missing {
-    Missing {
-        source: source.into(),
-        reason: reason.into(),
-    }
 }
 
 /// The first `name` in a `PATH` directory that is an executable file.
@@ -99,13 +92,13 @@ fn mac(hw: &mut Hardware) {
     if hw.cpu.is_empty() {
         match output_of("sysctl", &["-n", "machdep.cpu.brand_string"]) {
             Ok(s) => hw.cpu = apple::parse_brand_string(&s).unwrap_or_default(),
-            Err(e) => hw.missing.push(missing("sysctl", e)),
+            Err(e) => hw.missing.push(Missing::new("sysctl", e)),
         }
     }
     if hw.memory_bytes == 0 {
         match output_of("sysctl", &["-n", "hw.memsize"]) {
             Ok(s) => hw.memory_bytes = apple::parse_memsize(&s).unwrap_or(0),
-            Err(e) => hw.missing.push(missing("sysctl", e)),
+            Err(e) => hw.missing.push(Missing::new("sysctl", e)),
         }
     }
     let unified = (hw.memory_bytes > 0).then_some(hw.memory_bytes);
@@ -116,11 +109,11 @@ fn mac(hw: &mut Hardware) {
             hw.chip = d.chip;
             hw.gpus.extend(d.gpus);
         }
-        Ok(_) => hw.missing.push(missing(
+        Ok(_) => hw.missing.push(Missing::new(
             "system_profiler",
             "SPDisplaysDataType lists no GPU",
         )),
-        Err(e) => hw.missing.push(missing("system_profiler", e)),
+        Err(e) => hw.missing.push(Missing::new("system_profiler", e)),
     }
 }
 
@@ -142,8 +135,8 @@ fn amd_gpus(hw: &mut Hardware) {
     };
     match result {
         Ok(g) if !g.is_empty() => hw.gpus.extend(g),
-        Ok(_) => hw.missing.push(missing(source, "lists no GPU")),
-        Err(e) => hw.missing.push(missing(source, e)),
+        Ok(_) => hw.missing.push(Missing::new(source, "lists no GPU")),
+        Err(e) => hw.missing.push(Missing::new(source, e)),
     }
 }
 

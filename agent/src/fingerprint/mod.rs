@@ -87,7 +87,7 @@ impl Described {
                     return cached;
                 }
                 let late = || {
-                    crate::backend::missing(
+                    bench_schemas::Missing::new(
                         backend.kind(),
                         format!("the engine did not describe itself within {budget:?}"),
                     )

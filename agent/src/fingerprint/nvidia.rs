@@ -15,14 +15,7 @@ static NVML: OnceLock<Result<Nvml, String>> = OnceLock::new();
 pub fn nvml() -> Result<&'static Nvml, Missing> {
     NVML.get_or_init(|| Nvml::init().map_err(|e| format!("libnvidia-ml not loadable: {e}")))
         .as_ref()
-        .map_err(|reason| missing(reason.clone()))
-}
-
-fn missing(reason: impl Into<String>) -> Missing {
-    Missing {
-        source: "nvml".into(),
-        reason: reason.into(),
-    }
+        .map_err(|reason| Missing::new("nvml", reason.clone()))
 }
 
 /// NVML's CUDA driver version (`1000 * major + 10 * minor`, as `nvmlSystemGetCudaDriverVersion`
@@ -48,9 +41,9 @@ pub fn millijoules_to_j(mj: u64) -> f64 {
 fn devices(nvml: &'static Nvml) -> Result<Vec<(u32, Device<'static>)>, Missing> {
     let n = nvml
         .device_count()
-        .map_err(|e| missing(format!("NVML loaded but cannot count GPUs: {e}")))?;
+        .map_err(|e| Missing::new("nvml", format!("NVML loaded but cannot count GPUs: {e}")))?;
     if n == 0 {
-        return Err(missing("NVML loaded but reports no GPU"));
+        return Err(Missing::new("nvml", "NVML loaded but reports no GPU"));
     }
     let mut out = Vec::new();
     let mut first_err = None;
@@ -64,7 +57,10 @@ fn devices(nvml: &'static Nvml) -> Result<Vec<(u32, Device<'static>)>, Missing> 
         }
     }
     match first_err {
-        Some(e) if out.is_empty() => Err(missing(format!("NVML cannot open any GPU: {e}"))),
+        Some(e) if out.is_empty() => Err(Missing::new(
+            "nvml",
+            format!("NVML cannot open any GPU: {e}"),
+        )),
         _ => Ok(out),
     }
 }

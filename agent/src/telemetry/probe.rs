@@ -48,6 +48,17 @@ impl Reading {
             combined_power_w: None,
         }
     }
+
+    /// Makes this reading an empty one at `at`, keeping its GPU list's allocation (the
+    /// sampler reuses readings dropped from its ring).
+    pub fn reset(&mut self, at: Instant) {
+        let mut gpus = std::mem::take(&mut self.gpus);
+        gpus.clear();
+        *self = Self {
+            gpus,
+            ..Self::new(at)
+        };
+    }
 }
 
 /// A telemetry source.

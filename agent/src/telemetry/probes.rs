@@ -68,22 +68,15 @@ fn choose_apple_tool(
     match want {
         ApplePower::Off => Ok(None),
         ApplePower::Macmon if has_macmon => Ok(Some(PowerTool::Macmon)),
-        ApplePower::Macmon => Err(missing("macmon", NO_MACMON)),
+        ApplePower::Macmon => Err(Missing::new("macmon", NO_MACMON)),
         ApplePower::Powermetrics if root() => Ok(Some(PowerTool::Powermetrics)),
-        ApplePower::Powermetrics => Err(missing("powermetrics", NOT_ROOT)),
+        ApplePower::Powermetrics => Err(Missing::new("powermetrics", NOT_ROOT)),
         ApplePower::Auto if has_macmon => Ok(Some(PowerTool::Macmon)),
         ApplePower::Auto if root() => Ok(Some(PowerTool::Powermetrics)),
-        ApplePower::Auto => Err(missing(
+        ApplePower::Auto => Err(Missing::new(
             "apple_power",
             format!("{NO_MACMON}, and {NOT_ROOT}"),
         )),
-    }
-}
-
-fn missing(source: &str, reason: impl Into<String>) -> Missing {
-    Missing {
-        source: source.to_string(),
-        reason: reason.into(),
     }
 }
 
@@ -211,7 +204,7 @@ impl RaplProbe {
     /// is counted twice. Fails with the reason when there is no zone or one cannot be read.
     pub fn open(root: &Path) -> Result<Self, Missing> {
         let entries = std::fs::read_dir(root).map_err(|e| {
-            missing(
+            Missing::new(
                 "rapl",
                 format!(
                     "no powercap tree at {}: {e} (not Linux, intel_rapl driver not loaded, \
@@ -234,10 +227,10 @@ impl RaplProbe {
             }
             let energy_path = dir.join("energy_uj");
             let last_uj = read_u64(&energy_path)
-                .map_err(|e| missing("rapl", unreadable_reason(&energy_path, &e)))?;
+                .map_err(|e| Missing::new("rapl", unreadable_reason(&energy_path, &e)))?;
             let range_path = dir.join("max_energy_range_uj");
             let max_uj = read_u64(&range_path)
-                .map_err(|e| missing("rapl", unreadable_reason(&range_path, &e)))?;
+                .map_err(|e| Missing::new("rapl", unreadable_reason(&range_path, &e)))?;
             zones.push(Zone {
                 energy_path,
                 max_uj,
@@ -246,7 +239,7 @@ impl RaplProbe {
             });
         }
         if zones.is_empty() {
-            return Err(missing(
+            return Err(Missing::new(
                 "rapl",
                 format!(
                     "no RAPL package zone (<driver>-rapl:<N>) under {}",

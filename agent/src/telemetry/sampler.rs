@@ -223,8 +223,10 @@ impl Session {
         s
     }
 
-    /// Stops sampling and joins the thread.
-    pub fn stop(self) {}
+    /// Stops sampling and joins the thread (what dropping the session does).
+    pub fn stop(self) {
+        drop(self);
+    }
 
     /// Asks the thread for a reading now and waits for it to be in the ring.
     fn fresh_reading(&self) {
@@ -507,13 +509,7 @@ impl Sampler {
         let now = Instant::now();
         let mut r = match self.spare.take() {
             Some(mut r) => {
-                r.at = now;
-                r.cpu_pct = None;
-                r.mem_used_bytes = None;
-                r.cpu_energy_j = None;
-                r.cpu_power_w = None;
-                r.gpus.clear();
-                r.combined_power_w = None;
+                r.reset(now);
                 r
             }
             None => Reading::new(now),
