@@ -20,7 +20,6 @@ export function newJob(jobId) {
     job: null, // the schemas Job
     machines: new Map(), // machine_id -> machine state
     ranking: null, // from central, when it has one
-    energy: null, // central's energy comparison ({available, reason, ranking}), when it has one
     ended: false,
   };
 }
@@ -85,7 +84,6 @@ export function applySnapshot(state, doc, { withText = false } = {}) {
   state.created_ms = doc.created_ms ?? state.created_ms;
   if (doc.job) state.job = doc.job;
   if (Array.isArray(doc.ranking)) state.ranking = doc.ranking;
-  if (doc.energy) state.energy = doc.energy;
   for (const dm of doc.machines ?? []) {
     const m = machine(state, dm.machine_id);
     if (dm.label) m.label = dm.label;
