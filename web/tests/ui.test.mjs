@@ -145,7 +145,10 @@ describe('bench-race web UI in headless Chromium', () => {
     assert.ok(badges.length >= 2);
     for (const b of badges) assert.ok(['idle', 'busy', 'offline'].includes(b), `status badge is idle/busy/offline, got ${b}`);
     assert.ok(badges.filter((b) => b !== 'offline').length >= 2, `two machines online, got ${badges.join(', ')}`);
-    // every form control is labelled
+    // every form control is labelled (once the fleet's machine list has settled: it is re-rendered
+    // as heartbeats arrive; seen once in CI with both machine checkboxes momentarily unlabelled)
+    const SEL = '#run-form input, #run-form select, #run-form textarea';
+    await page.waitForFunction((sel) => [...document.querySelectorAll(sel)].every((e) => e.labels && e.labels.length > 0), SEL, { timeout: 10000, polling: 100 }).catch(() => {});
     const unlabelled = await page.$$eval('#run-form input, #run-form select, #run-form textarea', (els) => els.filter((e) => !e.labels || e.labels.length === 0).map((e) => e.id || e.name || e.outerHTML.slice(0, 60)));
     assert.deepEqual(unlabelled, [], 'every control has a label');
     await shot('01-fleet');
