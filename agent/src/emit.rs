@@ -112,6 +112,8 @@ mod tests {
 
     fn started() -> EventKind {
         EventKind::JobStarted(Started {
+            cell: None,
+            stream: None,
             repeat_index: 0,
             warmup: false,
             cold: false,

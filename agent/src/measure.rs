@@ -176,6 +176,9 @@ impl Measure {
             output_chars: self.output_chars,
             done_reason: report.done_reason.clone(),
             telemetry: None,
+            cell: None,
+            stream: None,
+            start_ms: None,
             short_output,
             null_reason,
         }

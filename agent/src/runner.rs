@@ -260,6 +260,8 @@ async fn run_repeats(
             warmup,
             cold: is_cold,
             fingerprint: (index == 0).then(|| fingerprint.clone()),
+            cell: None,
+            stream: None,
         }))
         .map_err(full)?;
         if let Some(s) = session {
@@ -346,6 +348,7 @@ async fn run_repeats(
         shape: Some(shape),
         stop_reason,
         fingerprint: Some(fingerprint),
+        cells: Vec::new(),
         repeats: runs,
         summary,
         output_text: last_output,

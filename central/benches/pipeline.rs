@@ -341,6 +341,8 @@ async fn flood_run(
         .publish(
             &mut run,
             &EventKind::JobStarted(Started {
+                cell: None,
+                stream: None,
                 repeat_index: 0,
                 warmup: false,
                 cold: false,

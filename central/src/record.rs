@@ -13,7 +13,7 @@
 use crate::error::ErrorInfo;
 use bench_schemas::event::StopReason;
 use bench_schemas::fingerprint::Fingerprint;
-use bench_schemas::{Event, EventKind, Job, Metrics, Shape, Summary};
+use bench_schemas::{CellResult, Event, EventKind, Job, Metrics, Shape, Summary};
 use serde::{Deserialize, Serialize};
 
 /// Who submitted the job.
@@ -157,6 +157,10 @@ pub struct MachineRun {
     /// `job_done` that carried one (in stream order).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<Fingerprint>,
+    /// A matrix job: each cell this run finished or gave up (`cell_done`, then `job_done`),
+    /// in the order they ended; one entry per cell key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cells: Vec<CellResult>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -218,6 +222,7 @@ impl MachineRun {
             refusals: 0,
             refused: None,
             fingerprint: None,
+            cells: Vec::new(),
         }
     }
 
@@ -477,7 +482,20 @@ impl JobRecord {
                 m.repeats.sort_by_key(|r| r.repeat_index);
                 m.summary = Some(Summary::of(&m.repeats, include_short));
             }
+            EventKind::CellDone(c) => {
+                // One entry per cell (a bounded list: the agent runs at most MAX_CELLS).
+                match m.cells.iter().position(|x| x.cell == c.cell) {
+                    Some(i) => m.cells[i] = c.clone(),
+                    None if m.cells.len() < bench_schemas::matrix::MAX_CELLS => {
+                        m.cells.push(c.clone())
+                    }
+                    None => {}
+                }
+            }
             EventKind::JobDone(d) => {
+                if !d.cells.is_empty() {
+                    m.cells = d.cells.clone();
+                }
                 m.status = RunStatus::Done;
                 m.engine = Some(d.engine.clone());
                 m.repeats = d.repeats.clone();
@@ -589,6 +607,7 @@ mod tests {
 
     fn done() -> EventKind {
         EventKind::JobDone(bench_schemas::event::Done {
+            cells: Vec::new(),
             model: "m".into(),
             engine: "mock".into(),
             ttft_ms: 1.0,
@@ -659,6 +678,8 @@ mod tests {
         r.apply(&ev("a", 1, accepted()), 1, 0);
         let started = |i| {
             EventKind::JobStarted(Started {
+                cell: None,
+                stream: None,
                 repeat_index: i,
                 warmup: false,
                 cold: false,
@@ -692,6 +713,8 @@ mod tests {
             "a",
             2,
             EventKind::JobStarted(Started {
+                cell: None,
+                stream: None,
                 repeat_index: 0,
                 warmup: false,
                 cold: false,
@@ -725,6 +748,8 @@ mod tests {
         let mut r = JobRecord::dispatched("j", Job::new("m", "p"), &["a".into()], 0);
         let started = |i, warmup, cold| {
             EventKind::JobStarted(Started {
+                cell: None,
+                stream: None,
                 repeat_index: i,
                 warmup,
                 cold,
@@ -764,6 +789,9 @@ mod tests {
 
     fn metrics_at(i: u32) -> Metrics {
         Metrics {
+            cell: None,
+            start_ms: None,
+            stream: None,
             repeat_index: i,
             warmup: false,
             cold: false,

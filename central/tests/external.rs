@@ -84,6 +84,8 @@ async fn a_silent_machine_is_marked_failed_and_the_job_completes() {
         &[ev(
             2,
             EventKind::JobStarted(Started {
+                cell: None,
+                stream: None,
                 repeat_index: 0,
                 warmup: false,
                 cold: false,

@@ -30,6 +30,8 @@ trait FidelityRun {
 impl FidelityRun for RunEvents {
     fn repeat(&mut self, m: Metrics, text: &str) {
         self.push(EventKind::JobStarted(Started {
+            cell: None,
+            stream: None,
             repeat_index: m.repeat_index,
             warmup: m.warmup,
             cold: m.cold,

@@ -93,6 +93,8 @@ impl FingerprintRun for RunEvents {
 
     fn started(&mut self, i: u32, fp: Option<Fingerprint>) -> &mut Self {
         self.push(EventKind::JobStarted(Started {
+            cell: None,
+            stream: None,
             repeat_index: i,
             warmup: false,
             cold: false,

@@ -22,6 +22,8 @@ fn events(job_id: &str, per_machine: u64, text: &str) -> Vec<Event> {
             let kind = match seq {
                 1 => accepted_kind(job_id, "bulk", &format!("M{m}")),
                 2 => EventKind::JobStarted(Started {
+                    cell: None,
+                    stream: None,
                     repeat_index: 0,
                     warmup: false,
                     cold: false,

@@ -194,6 +194,8 @@ async fn a_run_of_an_agent_that_restarted_fails_with_a_reason() {
     )
     .await;
     let started = EventKind::JobStarted(Started {
+        cell: None,
+        stream: None,
         repeat_index: 0,
         warmup: false,
         cold: false,

@@ -8,6 +8,7 @@
 use crate::error::ErrorBody;
 use crate::fingerprint::Fingerprint;
 use crate::job::{Job, Shape};
+use crate::matrix::CellResult;
 use crate::metrics::{Metrics, Summary, TokenCountSource};
 use crate::telemetry::Sample;
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,8 @@ pub enum EventKind {
     JobCancelled(Cancelled),
     /// One sample of the machine while the job runs.
     Telemetry(Sample),
+    /// One matrix cell finished on this machine (or could not run): its result.
+    CellDone(CellResult),
 }
 
 impl EventKind {
@@ -68,6 +71,7 @@ impl EventKind {
             Self::JobError(_) => "job_error",
             Self::JobCancelled(_) => "job_cancelled",
             Self::Telemetry(_) => "telemetry",
+            Self::CellDone(_) => "cell_done",
         }
     }
 
@@ -115,6 +119,12 @@ pub struct Started {
     /// one in `job_accepted` came from the agent's cache and may be absent or older).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<Fingerprint>,
+    /// The matrix cell this run belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell: Option<String>,
+    /// Load cells: which stream runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<u32>,
 }
 
 /// `llm_token`: a batch of generated text.
@@ -174,6 +184,10 @@ pub struct Done {
     /// What the runs were measured on (as in the first `job_started`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<Fingerprint>,
+    /// A matrix job: every cell's result, in cell order (the top-level fields then describe
+    /// the first cell that finished).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cells: Vec<CellResult>,
 }
 
 /// Why a machine stopped repeating.

@@ -2,6 +2,7 @@
 
 use crate::error::{ErrorBody, ErrorCode};
 use crate::ids::{validate_job_id, validate_machine_id};
+use crate::matrix::{Matrix, Order, Slo, MAX_CONCURRENCY, MAX_DURATION_S};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -251,6 +252,24 @@ pub struct Job {
     /// Unix ms at which a `start: together` job begins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_at_ms: Option<u64>,
+    /// Lists of values to race every combination of ([`crate::matrix`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matrix: Option<Matrix>,
+    /// Cells one after another (default) or `interleaved` per repeat.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub order: Order,
+    /// Concurrent closed-loop streams: makes the job (or cell) a load test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// Load: measured requests per stream (default: `repeat`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u32>,
+    /// Load: streams keep starting requests for this long instead of a count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<u32>,
+    /// The objective a concurrency sweep's capacity is judged against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo: Option<Slo>,
 }
 
 /// What a job measures once its profile is applied.
@@ -320,12 +339,37 @@ impl Job {
             selector: None,
             start: StartMode::Immediate,
             start_at_ms: None,
+            matrix: None,
+            order: Order::Sequential,
+            concurrency: None,
+            requests: None,
+            duration_s: None,
+            slo: None,
         }
     }
 
     /// Checks everything that does not need the engine. The model's existence is the
-    /// backend's to check.
+    /// backend's to check. A matrix job is checked as a whole and then cell by cell (an error
+    /// in a cell names it).
     pub fn validate(&self, limits: &JobLimits) -> Result<(), ErrorBody> {
+        let Some(m) = self.matrix.as_ref().filter(|m| !m.is_empty()) else {
+            return self.validate_cell(limits);
+        };
+        crate::matrix::validate_matrix(self, m)
+            .map_err(|e| ErrorBody::new(ErrorCode::InvalidJob, e))?;
+        if let Some(slo) = &self.slo {
+            validate_slo(slo)?;
+        }
+        for cell in self.cells() {
+            cell.job.validate_cell(limits).map_err(|mut e| {
+                e.message = format!("cell {}: {}", cell.key, e.message);
+                e
+            })?;
+        }
+        Ok(())
+    }
+
+    fn validate_cell(&self, limits: &JobLimits) -> Result<(), ErrorBody> {
         let bad = |code, msg: String| Err(ErrorBody::new(code, msg));
         if let Some(id) = &self.job_id {
             validate_job_id(id).map_err(|e| ErrorBody::new(ErrorCode::InvalidId, e.to_string()))?;
@@ -475,6 +519,12 @@ impl Job {
                     .map_err(|e| ErrorBody::new(ErrorCode::InvalidId, format!("selector: {e}")))?;
             }
         }
+        if self.is_load() {
+            self.validate_load(limits)?;
+        }
+        if let Some(slo) = &self.slo {
+            validate_slo(slo)?;
+        }
         if self.start == StartMode::Together && self.start_at_ms.is_none() {
             return bad(
                 ErrorCode::InvalidJob,
@@ -482,6 +532,45 @@ impl Job {
             );
         }
         Ok(())
+    }
+
+    fn validate_load(&self, limits: &JobLimits) -> Result<(), ErrorBody> {
+        let bad = |msg: String| Err(ErrorBody::new(ErrorCode::InvalidJob, msg));
+        let c = self.concurrency.unwrap_or(1);
+        if c == 0 || c > MAX_CONCURRENCY {
+            return bad(format!(
+                "concurrency must be 1..={MAX_CONCURRENCY}, got {c}"
+            ));
+        }
+        let Repeat::Count(n) = self.repeat else {
+            return bad("repeat \"auto\" stops on a single stream's interval; a load cell (concurrency, requests, duration_s) needs a number of requests".into());
+        };
+        if self.requests.is_some() && self.duration_s.is_some() {
+            return bad("give requests (per stream) or duration_s, not both".into());
+        }
+        if let Some(d) = self.duration_s {
+            if d == 0 || d > MAX_DURATION_S {
+                return bad(format!("duration_s must be 1..={MAX_DURATION_S}, got {d}"));
+            }
+        }
+        let per_stream = self.requests.unwrap_or(n);
+        let total = u64::from(per_stream) * u64::from(c) + u64::from(self.warmup);
+        if per_stream == 0 || total > u64::from(limits.max_runs) {
+            return bad(format!(
+                "concurrency x requests + warmup must be 1..={} (agent config max_runs), got {c} x {per_stream} + {}",
+                limits.max_runs, self.warmup
+            ));
+        }
+        Ok(())
+    }
+
+    /// Load: measured requests each stream runs (`requests`, else `repeat`); with
+    /// `duration_s`, the most the whole cell may run.
+    pub fn requests_per_stream(&self) -> u32 {
+        self.requests.unwrap_or(match self.repeat {
+            Repeat::Count(n) => n,
+            Repeat::Auto => 1,
+        })
     }
 
     /// The shape the job asks for, with its profile applied: call after [`Job::validate`].
@@ -533,6 +622,16 @@ impl Job {
             )),
             _ => Ok(()),
         }
+    }
+}
+
+fn validate_slo(slo: &Slo) -> Result<(), ErrorBody> {
+    match slo.ttft_p99_ms {
+        Some(t) if !(t.is_finite() && t > 0.0) => Err(ErrorBody::new(
+            ErrorCode::InvalidJob,
+            format!("slo.ttft_p99_ms must be > 0, got {t}"),
+        )),
+        _ => Ok(()),
     }
 }
 

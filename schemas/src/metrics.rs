@@ -129,6 +129,15 @@ pub struct Metrics {
     /// What the machine did during this run, and its energy over the decode window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<crate::telemetry::TelemetrySummary>,
+    /// The matrix cell this run belongs to (absent for a job without a matrix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell: Option<String>,
+    /// Load cells: which of the concurrent streams ran it (0-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<u32>,
+    /// Load cells: when it was sent, ms since the cell's load began (monotonic clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_ms: Option<f64>,
 }
 
 /// median, mean, stdev (sample), min, max over the measured repeats.
@@ -492,6 +501,9 @@ mod tests {
             short_output: false,
             null_reason: None,
             telemetry: None,
+            cell: None,
+            stream: None,
+            start_ms: None,
         };
         let mut runs = vec![
             run(0, 1.0),

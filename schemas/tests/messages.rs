@@ -42,6 +42,12 @@ fn jobs() {
     let p: Job = load("job_profile.json");
     p.validate(&JobLimits::default()).unwrap();
     assert_eq!(p.repeat, bench_schemas::Repeat::Auto);
+    let m: Job = load("job_matrix.json");
+    m.validate(&JobLimits::default()).unwrap();
+    let cells = m.cells();
+    assert_eq!(cells.len(), 6);
+    assert_eq!(cells[5].key, "model=gemma-3-270m-q8,concurrency=4");
+    assert!(cells[5].job.is_load());
     let shape = p.shape();
     assert_eq!(
         (shape.prompt_tokens, shape.max_tokens, shape.ignore_eos),
@@ -69,6 +75,7 @@ fn events() {
         ("event_job_cancelled.json", "job_cancelled"),
         ("event_job_started_first.json", "job_started"),
         ("event_telemetry.json", "telemetry"),
+        ("event_cell_done.json", "cell_done"),
     ];
     for (file, ty) in names {
         let e: Event = load(file);
@@ -97,6 +104,14 @@ fn events() {
         panic!()
     };
     assert_eq!(t.gpus[0].power_w, Some(323.2));
+    let c: Event = load("event_cell_done.json");
+    let EventKind::CellDone(c) = c.kind else {
+        panic!()
+    };
+    let slo = bench_schemas::Slo {
+        ttft_p99_ms: Some(1000.0),
+    };
+    assert!(slo.met_by(c.load.as_ref().expect("load")));
 }
 
 #[test]

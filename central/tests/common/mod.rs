@@ -442,6 +442,7 @@ impl RunEvents {
         let summary = bench_schemas::Summary::of(&repeats, include_short);
         let median = |s: Option<bench_schemas::Stats>| s.map(|s| s.median);
         let mut d = bench_schemas::event::Done {
+            cells: Vec::new(),
             model: "m".into(),
             engine: "mock".into(),
             ttft_ms: 1.0,
