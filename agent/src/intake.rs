@@ -51,11 +51,14 @@ pub async fn handle_job(
         job.job_id = Some(derive_job_id(broadcast, reply));
     }
     let job_id = job.job_id.clone().expect("set above");
-    if let Err(e) = check(shared, &job).await {
-        let usable = validate_job_id(&job_id).is_ok().then_some(job_id.as_str());
-        return Some(refuse(shared, usable, e));
-    }
-    let backend = shared.backend_for(&job).expect("checked");
+    let first = match check(shared, &job).await {
+        Ok(first) => first,
+        Err(e) => {
+            let usable = validate_job_id(&job_id).is_ok().then_some(job_id.as_str());
+            return Some(refuse(shared, usable, e));
+        }
+    };
+    let backend = shared.backend_for(&first).expect("checked");
     let accepted = Accepted {
         job: job.clone(),
         position: 0,
@@ -67,9 +70,9 @@ pub async fn handle_job(
         // running another job); the first job_started carries the fresh one.
         fingerprint: shared
             .described
-            .cached(&*backend, &job.model)
+            .cached(&*backend, &first.model)
             .map(|(engine, model)| {
-                crate::fingerprint::fingerprint(&shared.hardware, engine, model, &job)
+                crate::fingerprint::fingerprint(&shared.hardware, engine, model, &first)
             }),
     };
     // Under the queue lock: job_accepted is always seq 1, ahead of job_started, and a run id
@@ -138,14 +141,39 @@ fn derive_job_id(broadcast: bool, reply: Option<&str>) -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-async fn check(shared: &Shared, job: &Job) -> Result<(), ErrorBody> {
+/// Checks the job; Ok with the first cell that can run here (the job itself without a matrix).
+async fn check(shared: &Shared, job: &Job) -> Result<Job, ErrorBody> {
     job.validate(&shared.cfg.limits)?;
     job.validate_times(now_ms())?;
-    let backend = shared.backend_for(job)?;
-    shared
-        .models
-        .check(&*backend, &shared.cfg.llm_models, &job.model)
-        .await
+    // A matrix is accepted when at least one cell can run here; the others are reported
+    // failed (`model_not_found`, ...) as the machine reaches them.
+    let mut first_error = None;
+    let mut checked: Vec<(Option<String>, String)> = Vec::new();
+    for cell in job.cells() {
+        let key = (cell.job.backend.clone(), cell.job.model.clone());
+        if checked.contains(&key) {
+            continue;
+        }
+        checked.push(key);
+        let backend = match shared.backend_for(&cell.job) {
+            Ok(b) => b,
+            Err(e) => {
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
+        match shared
+            .models
+            .check(&*backend, &shared.cfg.llm_models, &cell.job.model)
+            .await
+        {
+            Ok(()) => return Ok(cell.job),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.expect("a job has at least one cell"))
 }
 
 /// Longest refusal message sent (a message may quote what the job said, such as a model name of

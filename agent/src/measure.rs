@@ -84,6 +84,30 @@ impl Measure {
         }
     }
 
+    /// Every inter-token gap of the run, ms: each gap between chunks divided among the tokens
+    /// the later chunk carried, one sample per token (at least one per chunk).
+    pub fn itl_gaps(&self, report: &EngineReport) -> Vec<f64> {
+        self.itl_of(self.streamed_tokens(report))
+    }
+
+    fn itl_of(&self, streamed: u64) -> Vec<f64> {
+        let n_chunks = self.chunks.len() as u64;
+        let avg = if n_chunks > 0 {
+            streamed as f64 / n_chunks as f64
+        } else {
+            1.0
+        };
+        let mut itl = Vec::with_capacity(streamed as usize);
+        for w in self.chunks.windows(2) {
+            let k = w[1].tokens.map_or(avg, |t| t as f64).max(f64::MIN_POSITIVE);
+            let per = (w[1].t_ms - w[0].t_ms) / k;
+            for _ in 0..(k.round() as u64).max(1) {
+                itl.push(per);
+            }
+        }
+        itl
+    }
+
     /// The metrics of the run. `total_ms` is when the engine's final message arrived.
     pub fn finish(
         &self,
@@ -125,15 +149,7 @@ impl Measure {
                 None
             }
         };
-        let mut itl = Vec::with_capacity(streamed as usize);
-        for w in self.chunks.windows(2) {
-            let k = tokens_of(&w[1]).max(f64::MIN_POSITIVE);
-            let per = (w[1].t_ms - w[0].t_ms) / k;
-            // One sample per token the chunk carried (at least one per chunk).
-            for _ in 0..(k.round() as u64).max(1) {
-                itl.push(per);
-            }
-        }
+        let itl = self.itl_of(streamed);
         let measured_prompt = spec.measured_prompt_tokens.or(report.prompt_tokens);
         let client_pp = match measured_prompt {
             Some(p) if ttft_ms.is_finite() && ttft_ms > 0.0 => Some(p as f64 / (ttft_ms / 1000.0)),

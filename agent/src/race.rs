@@ -50,13 +50,15 @@ pub struct RaceWatch {
 
 impl RaceWatch {
     /// Starts watching `job_id` for machines other than `me`, whose run is `my_run`. Runs
-    /// flagged short count only with `include_short`, as in the summary.
+    /// flagged short count only with `include_short`, as in the summary; in a matrix job only
+    /// the runs of `cell` count.
     pub async fn start(
         client: &async_nats::Client,
         job_id: &str,
         me: &str,
         my_run: &str,
         include_short: bool,
+        cell: Option<String>,
     ) -> Result<Self, async_nats::SubscribeError> {
         let mut sub = event_source(client, job_id, me).await?;
         let seen: Arc<Mutex<Seen>> = Arc::default();
@@ -122,7 +124,11 @@ impl RaceWatch {
                 }
                 match &kind {
                     Some(EventKind::RepeatDone(m)) => {
-                        let counted = !m.warmup && !m.cold && (include_short || !m.short_output);
+                        // A matrix job races cell by cell: only this cell's runs count.
+                        let counted = !m.warmup
+                            && !m.cold
+                            && (include_short || !m.short_output)
+                            && m.cell == cell;
                         if let (true, Some(rate)) = (counted, m.gen_tokens_per_s) {
                             if racer.rates.len() < MAX_SAMPLES {
                                 racer.rates.push(rate);
