@@ -156,6 +156,32 @@ class CliForms(unittest.IsolatedAsyncioTestCase):
             self.assertLessEqual(tg["ci_low"], tg["median"])
             self.assertLessEqual(tg["median"], tg["ci_high"])
 
+    async def test_broadcast_matrix_with_a_concurrency_sweep(self):
+        # nats pub bench.jobs.all '{"job_id":"mx-1","model":"mock-7b","matrix":{"max_tokens":[4,8],"concurrency":[1,2]},...}'
+        job_id = f"mx-{uuid.uuid4().hex[:8]}"
+        sub = await self.nc.subscribe(f"bench.events.{job_id}")
+        job = dict(JOB, job_id=job_id, repeat=2,
+                   matrix={"max_tokens": [4, 8], "concurrency": [1, 2]}, slo={"ttft_p99_ms": 10000})
+        await self.nc.publish("bench.jobs.all", json.dumps(job).encode())
+        events = await self.collect(None, {"cli-a", "cli-b"}, sub)
+        keys = ["max_tokens=4,concurrency=1", "max_tokens=4,concurrency=2",
+                "max_tokens=8,concurrency=1", "max_tokens=8,concurrency=2"]
+        for machine in ("cli-a", "cli-b"):
+            mine = [e for e in events if e["machine_id"] == machine]
+            self.assertEqual([e["payload"]["cell"] for e in mine if e["type"] == "cell_done"], keys)
+            done = mine[-1]
+            self.assertEqual(done["type"], "job_done")
+            cells = done["payload"]["cells"]
+            self.assertEqual([c["cell"] for c in cells], keys)
+            for c in cells:
+                self.assertEqual(c["status"], "done")
+                conc = int(c["values"]["concurrency"])
+                self.assertEqual((c["load"]["concurrency"], c["load"]["requests"]), (conc, 2 * conc))
+                self.assertEqual(c["load"]["output_tokens"], 2 * conc * int(c["values"]["max_tokens"]))
+            runs = [m for m in done["payload"]["repeats"] if not m["warmup"]]
+            self.assertEqual(len(runs), 2 * (2 + 4))
+            self.assertEqual({m["cell"] for m in runs}, set(keys))
+
     async def test_depth_needs_an_engine_tokenizer(self):
         # nats req bench.jobs.local '{"prompt_tokens":256,"depth":2048,...}' on an engine without
         # /tokenize: accepted, then a coded failure rather than a shape that is not what it says.
