@@ -269,6 +269,11 @@ impl LlamaServer {
                 // gemma-3 uses sliding-window attention: without a full-size SWA cache
                 // llama.cpp reuses only part of a cached prefix, and `depth` would be re-read.
                 "--swa-full",
+                // Four slots sharing the context, as `scripts/engine` runs it: load cells with
+                // up to 4 streams are served at once.
+                "-np",
+                "4",
+                "--kv-unified",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
