@@ -310,6 +310,21 @@ async fn run_machines_watch_export_compare_and_refusals() {
     // A bad flag is a usage error (2) before anything is sent.
     let usage = bench_race(&base, &["run", "--model", MODEL, "--repeat", "many"]).await;
     assert_eq!(usage.code, 2, "{}", usage.show());
+    let shape = bench_race(
+        &base,
+        &[
+            "run",
+            "--model",
+            MODEL,
+            "--profile",
+            "pp8-tg4",
+            "--prompt-tokens",
+            "9",
+        ],
+    )
+    .await;
+    assert_eq!(shape.code, 2, "{}", shape.show());
+    assert!(shape.stderr.contains("invalid job"), "{}", shape.show());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

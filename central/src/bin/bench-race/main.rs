@@ -22,6 +22,8 @@ use std::time::Duration;
 
 /// The run failed (or anything went wrong talking to central / NATS).
 const EXIT_FAILED: u8 = 1;
+/// Bad usage (clap exits with the same code).
+const EXIT_USAGE: u8 = 2;
 /// `--fail-if-slower` tripped.
 const EXIT_SLOWER: u8 = 3;
 
@@ -147,10 +149,18 @@ async fn run(
     a: RunArgs,
     timeout_s: u64,
 ) -> Result<u8> {
-    let job = build_job(&a)?;
-    if a.fail_if_slower.is_some() != a.baseline.is_some() {
-        bail!("--fail-if-slower and --baseline go together");
-    }
+    // A job the flags cannot make is a usage error, said before anything is sent.
+    let job = match build_job(&a) {
+        Ok(j) if a.fail_if_slower.is_some() == a.baseline.is_some() => j,
+        Ok(_) => {
+            eprintln!("bench-race: --fail-if-slower and --baseline go together");
+            return Ok(EXIT_USAGE);
+        }
+        Err(e) => {
+            eprintln!("bench-race: {e:#}");
+            return Ok(EXIT_USAGE);
+        }
+    };
     let detail = match nats {
         Some(url) => via_nats::run(url, &job, &a.machines, &a, timeout_s).await?,
         None => {

@@ -228,7 +228,7 @@ impl View {
         }
     }
 
-    /// Ends every bar still drawn.
+    /// Ends every bar still drawn (they stay on screen, the cursor below them).
     pub fn finish(&mut self) {
         for m in self.machines.values() {
             if let Some(b) = &m.bar {
@@ -236,6 +236,9 @@ impl View {
                     b.abandon();
                 }
             }
+        }
+        if self.multi.take().is_some() && !self.machines.is_empty() {
+            eprintln!();
         }
     }
 }
