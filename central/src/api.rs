@@ -166,6 +166,7 @@ pub async fn get_job(
     )
     .await?;
     crate::fingerprints::previous(&state, &mut d).await;
+    crate::regression::regression(&state, &mut d).await;
     Ok(Json(d))
 }
 
@@ -267,6 +268,7 @@ pub async fn export(
     Ok(match ext {
         "json" => {
             crate::fingerprints::previous(&state, &mut detail).await;
+            crate::regression::regression(&state, &mut detail).await;
             let body = serde_json::to_vec_pretty(&detail)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             attachment(&job_id, ext, "application/json", body)

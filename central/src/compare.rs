@@ -8,7 +8,7 @@ use bench_schemas::event::StopReason;
 use bench_schemas::fingerprint::{Change, Fingerprint};
 use bench_schemas::metrics::MIN_CI_SAMPLES;
 use bench_schemas::telemetry::MeanPeak;
-use bench_schemas::{Job, Metrics, Separation, Shape, Stats, Summary};
+use bench_schemas::{CellResult, Job, Metrics, Separation, Shape, Stats, Summary};
 use serde::Serialize;
 
 /// This machine's fingerprint against the one of its previous job (`GET /api/jobs/{id}` only).
@@ -100,6 +100,39 @@ pub struct MachineDetail {
     /// `export.json`; null when there is none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous: Option<Previous>,
+    /// A matrix job: its raw `cell_done` results (empty otherwise).
+    pub cells: Vec<CellResult>,
+    /// Against the machine's newest earlier job with the same setup (absent when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regression: Option<crate::regression::Regression>,
+}
+
+impl MachineDetail {
+    /// A machine with nothing but its id and label (the ranking's view of one cell).
+    pub fn bare(machine_id: &str, label: &str) -> Self {
+        Self {
+            machine_id: machine_id.to_string(),
+            label: label.to_string(),
+            engine: None,
+            status: RunStatus::Queued,
+            output_text: String::new(),
+            repeats: Vec::new(),
+            summary: None,
+            error: None,
+            stop_reason: None,
+            shape: None,
+            last_seq: 0,
+            run_id: String::new(),
+            gaps: 0,
+            earlier_runs: Vec::new(),
+            refusals: 0,
+            refused: None,
+            fingerprint: None,
+            previous: None,
+            cells: Vec::new(),
+            regression: None,
+        }
+    }
 }
 
 /// Percent differences against the baseline's medians, each with whether it exceeds the 95%
@@ -170,6 +203,12 @@ pub struct JobDetail {
     pub energy: Energy,
     /// The baseline, if chosen.
     pub baseline: Option<String>,
+    /// A matrix job: each cell's machines, ranking and winner (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cells: Option<Vec<crate::cells::CellView>>,
+    /// A matrix job: its concurrency sweeps (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sweeps: Option<Vec<crate::cells::Sweep>>,
 }
 
 fn pct(value: Option<f64>, base: Option<f64>) -> Option<f64> {
@@ -386,26 +425,53 @@ pub fn detail(
             refused: m.refused.clone(),
             fingerprint: m.fingerprint.clone(),
             previous: None,
+            cells: m.cells.clone(),
+            regression: None,
         })
         .collect();
-    let ranking = ranking(&machines, baseline);
+    let job = r.job.as_ref().filter(|j| crate::cells::is_matrix(Some(j)));
+    let (ranking, energy, cells, sweeps) = match job {
+        Some(job) => {
+            // A matrix job: the top-level ranking and energy are the first cell's.
+            let runs: Vec<crate::cells::RunView> = r
+                .machines
+                .iter()
+                .map(crate::cells::RunView::of_run)
+                .collect();
+            let v = crate::cells::matrix_view(job, &machines, &runs, baseline);
+            let ranking = v
+                .cells
+                .first()
+                .map(|c| c.ranking.clone())
+                .unwrap_or_default();
+            let energy = energy(&v.first, &ranking);
+            (ranking, energy, Some(v.cells), Some(v.sweeps))
+        }
+        None => {
+            let ranking = ranking(&machines, baseline);
+            let energy = energy(&machines, &ranking);
+            (ranking, energy, None, None)
+        }
+    };
     Ok(JobDetail {
         job_id: r.job_id.clone(),
         created_ms: r.created_ms,
         status: r.status,
         source: r.source,
         job: r.job.clone(),
-        energy: energy(&machines, &ranking),
+        energy,
         ranking,
         machines,
         baseline: baseline.map(str::to_string),
+        cells,
+        sweeps,
     })
 }
 
 /// Header of the CSV export: the original columns first (their places unchanged), then the
 /// fidelity ones and the job's shape, then the machine's fingerprint (the same on each of its
 /// rows) and the run's telemetry.
-pub const CSV_HEADER: &str = "job_id,machine_id,label,engine,model,repeat_index,warmup,ttft_ms,total_ms,gen_tokens,gen_tokens_per_s,tpot_ms,prompt_tokens,token_count_source,cold,ttfot_ms,streamed_tokens,pp_tokens_per_s,tg_tokens_per_s,prompt_evaluated,prompt_cache_hit,short_output,null_reason,profile,job_prompt_tokens,depth,fingerprint_id,cpu,gpu,memory_bytes,os_version,kernel_version,engine_server,engine_version,engine_build,model_digest,model_quantization,model_parameter_count,cpu_pct_mean,cpu_pct_peak,gpu_util_pct_mean,power_w_mean,power_w_peak,energy_j,joules_per_token,tokens_per_joule,power_source";
+pub const CSV_HEADER: &str = "job_id,machine_id,label,engine,model,repeat_index,warmup,ttft_ms,total_ms,gen_tokens,gen_tokens_per_s,tpot_ms,prompt_tokens,token_count_source,cold,ttfot_ms,streamed_tokens,pp_tokens_per_s,tg_tokens_per_s,prompt_evaluated,prompt_cache_hit,short_output,null_reason,profile,job_prompt_tokens,depth,fingerprint_id,cpu,gpu,memory_bytes,os_version,kernel_version,engine_server,engine_version,engine_build,model_digest,model_quantization,model_parameter_count,cpu_pct_mean,cpu_pct_peak,gpu_util_pct_mean,power_w_mean,power_w_peak,energy_j,joules_per_token,tokens_per_joule,power_source,cell,stream,start_ms";
 
 /// A number as a CSV cell: empty when it is not finite (NaN, infinity) or missing.
 fn num_cell(v: Option<f64>) -> String {
@@ -522,10 +588,16 @@ pub fn csv(d: &JobDetail) -> String {
                 num_cell(t.and_then(|t| t.tokens_per_joule)),
                 csv_field(t.and_then(|t| t.power_source.as_deref()).unwrap_or("")),
             ];
+            let run_cells = [
+                csv_field(r.cell.as_deref().unwrap_or("")),
+                r.stream.map(|s| s.to_string()).unwrap_or_default(),
+                num_cell(r.start_ms),
+            ];
             let row: Vec<&str> = row
                 .iter()
                 .chain(fp.iter())
                 .chain(telemetry.iter())
+                .chain(run_cells.iter())
                 .map(String::as_str)
                 .collect();
             out.push_str(&row.join(","));
@@ -565,6 +637,8 @@ mod tests {
             refused: None,
             fingerprint: None,
             previous: None,
+            cells: vec![],
+            regression: None,
         }
     }
 
@@ -687,6 +761,8 @@ mod tests {
             ranking: vec![],
             energy: energy(&[], &[]),
             baseline: None,
+            cells: None,
+            sweeps: None,
         };
         let text = csv(&d);
         let lines: Vec<&str> = text.lines().collect();

@@ -11,13 +11,16 @@
 //! fans each one out on the [`hub`] and queues finished jobs for [`results`]
 //! (`results/runs/<job_id>/`); [`stall`] ends runs that can no longer finish (agent restarted
 //! or gone, dispatch interrupted). [`compare`] ranks machines (and energy per token);
-//! [`fingerprints`] says what changed between two runs' machines, engines and models; [`api`] serves the REST
+//! [`fingerprints`] says what changed between two runs' machines, engines and models; [`cells`]
+//! adds a matrix job's cells and sweeps, [`regression`] each machine against its earlier job
+//! with the same setup, and [`runs_compare`] sets any runs side by side; [`api`] serves the REST
 //! endpoints (guarded by [`auth`]: bearer token, CORS) and [`sse`] the event streams,
 //! replaying from the stream via [`replay`]. [`metrics`] renders `/metrics`; [`error`] maps
 //! failures to HTTP. Nothing here calls an agent directly: everything goes through NATS.
 
 pub mod api;
 pub mod auth;
+pub mod cells;
 pub mod compare;
 pub mod config;
 pub mod dispatch;
@@ -30,8 +33,10 @@ pub mod jobs_kv;
 pub mod metrics;
 pub mod record;
 pub mod registry;
+pub mod regression;
 pub mod replay;
 pub mod results;
+pub mod runs_compare;
 pub mod sse;
 pub mod stall;
 pub mod store;
@@ -203,6 +208,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/jobs/{id}/{file}", get(api::export))
         .route("/api/events", get(sse::all_events))
         .route("/api/fingerprints/diff", get(fingerprints::diff))
+        .route("/api/compare", get(runs_compare::compare))
         .route("/api", any(api::not_found))
         .route("/api/", any(api::not_found))
         .route("/api/{*rest}", any(api::not_found))

@@ -161,6 +161,9 @@ pub struct MachineRun {
     /// in the order they ended; one entry per cell key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cells: Vec<CellResult>,
+    /// A matrix job: the cell of the run in progress (from `job_started`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_cell: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -223,6 +226,7 @@ impl MachineRun {
             refused: None,
             fingerprint: None,
             cells: Vec::new(),
+            current_cell: None,
         }
     }
 
@@ -451,6 +455,9 @@ impl JobRecord {
                 m.current_repeat = Some(s.repeat_index);
                 m.current_warmup = s.warmup;
                 m.current_cold = s.cold;
+                if m.current_cell != s.cell {
+                    m.current_cell = s.cell.clone();
+                }
                 if !s.warmup && !s.cold {
                     m.live_text.clear();
                 }
