@@ -912,12 +912,13 @@ async fn chaos_run_accounts_for_every_run() {
                     bad.push(format!("{id}: GET failed"));
                     continue;
                 };
-                // `previous` (each machine's earlier job) is looked up across jobs when the API
-                // answers; the results files hold the job itself.
+                // `previous` and `regression` (each machine's earlier jobs) are looked up
+                // across jobs when the API answers; the results files hold the job itself.
                 if let Some(ms) = doc["machines"].as_array_mut() {
                     for m in ms {
                         if let Some(m) = m.as_object_mut() {
                             m.remove("previous");
+                            m.remove("regression");
                         }
                     }
                 }
