@@ -58,6 +58,8 @@ export const api = {
   remove: (id) => call('DELETE', '/api/jobs/' + enc(id)),
   health: () => call('GET', '/health'),
   fingerprintDiff: (a, b) => call('GET', '/api/fingerprints/diff?a=' + enc(a) + '&b=' + enc(b)),
+  compareJobs: (ids) => call('GET', '/api/compare?jobs=' + ids.map(enc).join(',')),
+  compareRuns: (refs) => call('GET', '/api/compare?' + refs.map((r) => 'run=' + enc(r)).join('&')),
   exportUrl: (id, ext) => '/api/jobs/' + enc(id) + '/export.' + ext,
   jobEventsUrl: (id) => '/api/jobs/' + enc(id) + '/events',
 };

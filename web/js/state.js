@@ -20,6 +20,8 @@ export function newJob(jobId) {
     job: null, // the schemas Job
     machines: new Map(), // machine_id -> machine state
     ranking: null, // from central, when it has one
+    cells: null, // a matrix job: central's cells (rows of the matrix table), else null
+    sweeps: null, // a matrix job: central's concurrency sweeps
     ended: false,
   };
 }
@@ -45,6 +47,8 @@ export function newMachine(id) {
     fingerprint: null, // schemas Fingerprint: newest of job_accepted, the first job_started, job_done
     previous: null, // central's comparison with this machine's previous job ({job_id, same, changes})
     samples: [], // the last TELEMETRY_KEPT telemetry samples of this run, oldest first
+    cellResults: new Map(), // matrix cell key -> schemas CellResult (cell_done, job_done.cells)
+    regression: null, // central's comparison with this machine's newest earlier job of the same setup
   };
 }
 
@@ -84,6 +88,8 @@ export function applySnapshot(state, doc, { withText = false } = {}) {
   state.created_ms = doc.created_ms ?? state.created_ms;
   if (doc.job) state.job = doc.job;
   if (Array.isArray(doc.ranking)) state.ranking = doc.ranking;
+  if (Array.isArray(doc.cells)) state.cells = doc.cells;
+  if (Array.isArray(doc.sweeps)) state.sweeps = doc.sweeps;
   for (const dm of doc.machines ?? []) {
     const m = machine(state, dm.machine_id);
     if (dm.label) m.label = dm.label;
@@ -94,6 +100,10 @@ export function applySnapshot(state, doc, { withText = false } = {}) {
     if (dm.refused) m.refused = dm.refused;
     if (dm.fingerprint && (!m.fingerprint || withText || m.lastSeq === 0)) m.fingerprint = dm.fingerprint;
     if (dm.previous !== undefined) m.previous = dm.previous;
+    if (dm.regression !== undefined) m.regression = dm.regression;
+    if (Array.isArray(dm.cells) && (withText || m.lastSeq === 0 || (dm.run_id ?? '') === m.runId)) {
+      for (const c of dm.cells) if (c?.cell !== undefined && !m.cellResults.has(c.cell)) m.cellResults.set(c.cell, c);
+    }
     if (dm.run_id && dm.run_id !== m.runId && m.lastSeq === 0) m.runId = dm.run_id;
     if (withText || m.lastSeq === 0) {
       if (dm.status) m.status = dm.status;
@@ -144,7 +154,7 @@ export function applyEvent(state, ev) {
     if (m.earlierRuns.includes(runId)) return null;
     if (m.runId) m.earlierRuns.push(m.runId);
     const fresh = newMachine(m.machine_id);
-    Object.assign(m, fresh, { label: m.label, engine: m.engine, earlierRuns: m.earlierRuns, refused: m.refused, runId });
+    Object.assign(m, fresh, { label: m.label, engine: m.engine, earlierRuns: m.earlierRuns, refused: m.refused, regression: m.regression, runId });
   }
   if (!(ev.seq > m.lastSeq)) return null;
   m.lastSeq = ev.seq;
@@ -162,6 +172,7 @@ export function applyEvent(state, ev) {
     case 'job_started':
       m.status = 'running';
       m.run = { index: p.repeat_index, warmup: !!p.warmup, cold: !!p.cold };
+      if (p.cell !== undefined) m.run.cell = p.cell;
       m.text = '';
       m.live = null;
       break;
@@ -192,6 +203,9 @@ export function applyEvent(state, ev) {
     case 'telemetry':
       pushSample(m, p);
       break;
+    case 'cell_done':
+      if (typeof p.cell === 'string') m.cellResults.set(p.cell, p);
+      break;
     case 'job_done':
       m.status = 'done';
       if (Array.isArray(p.repeats)) m.repeats = p.repeats.slice().sort((a, b) => a.repeat_index - b.repeat_index);
@@ -200,6 +214,7 @@ export function applyEvent(state, ev) {
       m.shape = p.shape ?? null;
       if (typeof p.output_text === 'string') m.text = p.output_text;
       if (p.engine) m.engine = p.engine;
+      for (const c of Array.isArray(p.cells) ? p.cells : []) if (typeof c?.cell === 'string') m.cellResults.set(c.cell, c);
       m.run = null;
       break;
     case 'job_error':
