@@ -393,6 +393,7 @@ function compare(url) {
     for (const e of rest) e.vs_baseline = against(base, e);
     return group;
   };
+  if (refs.length && ids) return bad('bad_request', 'give run= or jobs=, not both');
   if (refs.length) {
     if (refs.length < 2 || refs.length > 8) return bad('bad_request', 'give 2 to 8 runs');
     const entries = [];
@@ -425,7 +426,7 @@ function compare(url) {
     }
   }
   if (!groups.length) return bad('not_found', `jobs ${ids.join(', ')} have no machine and cell in common`, 404);
-  return { status: 200, body: { baseline: `${ids[0]}:${groups[0].machine_id}`, groups } };
+  return { status: 200, body: { baseline: ids[0], groups } };
 }
 
 function send(res, code, body, headers = {}) {

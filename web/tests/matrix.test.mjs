@@ -279,6 +279,20 @@ describe('matrix races, sweeps and compare in headless Chromium (fake central)',
     await shot('mx-05-live-matrix');
   });
 
+  it('the matrix, sweep and compare views are readable in a narrow window', async () => {
+    await page.setViewportSize({ width: 420, height: 900 });
+    try {
+      for (const [hash, sel] of [['#job=fx-matrix', '#matrix-table tbody tr'], ['#job=fx-sweep', '.sweep-point'], ['#compare=fx-race-1,fx-race-2', '#runs .runs-group']]) {
+        await open(hash);
+        await page.waitForSelector(sel, { timeout: T });
+        const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+        assert.ok(overflow <= 1, `${hash}: no horizontal page scroll (overflow ${overflow}px)`);
+      }
+    } finally {
+      await page.setViewportSize({ width: 1280, height: 900 });
+    }
+  });
+
   it('every control is labelled, the matrix fields and History\'s compare choice included', async () => {
     await page.locator('#history-list [data-compare="fx-race-2"]').click();
     await page.waitForSelector('#cmp-with-fx-race-2', { timeout: T });

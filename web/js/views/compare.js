@@ -1,5 +1,5 @@
 // Runs against runs (GET /api/compare): the compare view (#compare=a,b: History's "compare
-// with…"), and the pinned baseline job (localStorage, a badge in History): every job opened while
+// with…"), and the pinned baseline job (localStorage, a badge in the top bar): every job opened while
 // one is pinned shows its deltas against it. A delta is called "beyond the intervals" only where
 // central says the two medians' 95% intervals are separated (`exceeds_ci`).
 import { api } from '../api.js';
@@ -34,7 +34,7 @@ export function pinBaselineJob(id) {
   scheduleRender();
 }
 
-/** The badge in History: which job is pinned, and Unpin. */
+/** The badge in the top bar: which job is pinned, and Unpin. */
 export function renderPinned() {
   const el = $('#pinned');
   const id = ui.baselineJob;

@@ -1,6 +1,7 @@
 // History: the jobs central knows, newest first. Each row opens its job, and has three tools:
 // fingerprint differences with the open job (⇄), "compare with…" another job (the compare view),
-// and "pin as baseline" (kept in localStorage: every job opened after is compared with it).
+// and "pin as baseline" (kept in localStorage, a badge in the top bar: every job opened after is
+// compared with it).
 import { api } from '../api.js';
 import { h, replace, $ } from '../dom.js';
 import { when } from '../format.js';
