@@ -484,10 +484,29 @@ impl JobRecord {
                 if !metrics.warmup && !metrics.cold {
                     m.output_text = std::mem::take(&mut m.live_text);
                 }
-                m.repeats.retain(|r| r.repeat_index != metrics.repeat_index);
-                m.repeats.push(metrics.clone());
-                m.repeats.sort_by_key(|r| r.repeat_index);
-                m.summary = Some(Summary::of(&m.repeats, include_short));
+                // Kept in repeat_index order, one per index: the next run is appended, a
+                // replayed or late one is put in its place (no sort of the whole list).
+                match m
+                    .repeats
+                    .binary_search_by_key(&metrics.repeat_index, |r| r.repeat_index)
+                {
+                    Ok(i) => m.repeats[i] = metrics.clone(),
+                    Err(i) => m.repeats.insert(i, metrics.clone()),
+                }
+                // A matrix job's machine summary is its first cell's (the one that ran
+                // first), as in job_done; each cell's own is computed when the API is read.
+                // So a run of a later cell costs nothing here, however many cells ran before.
+                let first_cell = m.repeats.first().and_then(|r| r.cell.clone());
+                if metrics.cell == first_cell {
+                    m.summary = Some(match &first_cell {
+                        None => Summary::of(&m.repeats, include_short),
+                        Some(_) => {
+                            let runs: Vec<&Metrics> =
+                                m.repeats.iter().filter(|r| r.cell == first_cell).collect();
+                            Summary::of_refs(&runs, include_short)
+                        }
+                    });
+                }
             }
             EventKind::CellDone(c) => {
                 // One entry per cell (a bounded list: the agent runs at most MAX_CELLS).
@@ -830,6 +849,38 @@ mod tests {
             null_reason: None,
             telemetry: None,
         }
+    }
+
+    #[test]
+    fn a_matrix_machine_summary_is_its_first_cell_and_runs_stay_in_order() {
+        let mut r = JobRecord::external("j", 0);
+        r.apply(&ev("a", 1, accepted()), 1, 0);
+        let at = |i: u32, cell: &str, rate: f64| {
+            let mut m = metrics_at(i);
+            m.cell = Some(cell.into());
+            m.gen_tokens_per_s = Some(rate);
+            EventKind::RepeatDone(m)
+        };
+        // Interleaved cells, one arriving out of order: runs sorted, one per index.
+        for (seq, (i, cell, rate)) in [
+            (0, "c=1", 10.0),
+            (2, "c=1", 12.0),
+            (1, "c=2", 50.0),
+            (3, "c=2", 52.0),
+            (2, "c=1", 12.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seq = seq as u64 + 2;
+            r.apply(&ev("a", seq, at(i, cell, rate)), seq, 0);
+        }
+        let m = r.machine("a").unwrap();
+        let idx: Vec<u32> = m.repeats.iter().map(|x| x.repeat_index).collect();
+        assert_eq!(idx, [0, 1, 2, 3]);
+        let s = m.summary.as_ref().unwrap();
+        assert_eq!(s.repeats, 2);
+        assert_eq!(s.gen_tokens_per_s.unwrap().median, 11.0);
     }
 
     #[test]

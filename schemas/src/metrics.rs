@@ -364,7 +364,13 @@ impl Summary {
     /// Summarises the warm measured repeats: warmups and the cold run never count, and runs
     /// flagged `short_output` only when `include_short`.
     pub fn of(runs: &[Metrics], include_short: bool) -> Self {
-        let warm = || runs.iter().filter(|m| !m.warmup && !m.cold);
+        Self::of_refs(&runs.iter().collect::<Vec<_>>(), include_short)
+    }
+
+    /// [`Summary::of`] over borrowed runs (a subset, such as one matrix cell's, without
+    /// copying them).
+    pub fn of_refs(runs: &[&Metrics], include_short: bool) -> Self {
+        let warm = || runs.iter().copied().filter(|m| !m.warmup && !m.cold);
         let measured: Vec<&Metrics> = warm()
             .filter(|m| include_short || !m.short_output)
             .collect();
