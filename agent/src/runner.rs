@@ -559,18 +559,7 @@ impl CellRun {
                 }
                 return Ok(false);
             }
-            let is_cold = std::mem::take(&mut self.cold_pending);
-            let warmup = self.warmups_left > 0;
-            if warmup {
-                self.warmups_left -= 1;
-            }
-            let index = run.take_index();
-            let (metrics, output) = self
-                .run_one(run, index, is_cold, warmup, None, None)
-                .await?;
-            self.started = true;
-            let counted = !warmup && !is_cold;
-            self.runs.push(metrics);
+            let (counted, output) = self.run_next(run).await?;
             if !counted {
                 continue;
             }
@@ -609,21 +598,22 @@ impl CellRun {
         }
     }
 
-    /// One run, from `job_started` to `repeat_done`; its metrics and text.
-    async fn run_one(
-        &mut self,
-        run: &JobRun<'_>,
-        index: u32,
-        is_cold: bool,
-        warmup: bool,
-        load: Option<(u32, Instant)>,
-        itl: Option<&Mutex<Vec<f64>>>,
-    ) -> Result<(Metrics, String), Early> {
+    /// The next run due, from `job_started` to `repeat_done`: the cold one, else a warmup,
+    /// else a measured one. Whether it was measured, and its text.
+    async fn run_next(&mut self, run: &JobRun<'_>) -> Result<(bool, String), Early> {
+        let is_cold = std::mem::take(&mut self.cold_pending);
+        let warmup = self.warmups_left > 0;
+        if warmup {
+            self.warmups_left -= 1;
+        }
+        let index = run.take_index();
         let (prompt, spec) = self.next_prompt(index, is_cold).await?;
-        let out = self
-            .send(run, index, warmup, is_cold, prompt, spec, load, itl)
+        let (metrics, output) = self
+            .send(run, index, warmup, is_cold, prompt, spec, None, None)
             .await?;
-        Ok(out)
+        self.started = true;
+        self.runs.push(metrics);
+        Ok((!warmup && !is_cold, output))
     }
 
     /// The prompt of run `index` and what it should show.
@@ -747,17 +737,7 @@ impl CellRun {
     /// before the load starts, so tokenizer calls never sit between a stream's requests.
     async fn run_load(&mut self, run: &JobRun<'_>) -> Result<(), Early> {
         while self.cold_pending || self.warmups_left > 0 {
-            let is_cold = std::mem::take(&mut self.cold_pending);
-            let warmup = self.warmups_left > 0;
-            if warmup {
-                self.warmups_left -= 1;
-            }
-            let index = run.take_index();
-            let (m, _) = self
-                .run_one(run, index, is_cold, warmup, None, None)
-                .await?;
-            self.runs.push(m);
-            self.started = true;
+            self.run_next(run).await?;
         }
         let c = self.job.concurrency.unwrap_or(1);
         let total = match self.job.duration_s {

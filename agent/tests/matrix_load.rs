@@ -7,8 +7,6 @@
 
 mod common;
 
-use axum::body::Body;
-use axum::http::header;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -54,58 +52,52 @@ async fn models() -> Json<Value> {
 async fn chat(slots: Arc<Semaphore>, body: Value) -> Response {
     let model = body["model"].as_str().unwrap_or_default().to_string();
     let gap = gap_ms(&model).unwrap_or(10.0);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(64);
-    tokio::spawn(async move {
+    fake_engine::sse(move |tx| async move {
         // Held until the last chunk is sent: a slot serves one request at a time.
         let _slot = slots.acquire_owned().await.expect("slots");
         let start = Instant::now();
-        let chunk = |delta: Value, finish: Option<&str>| {
-            let v = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-            bytes::Bytes::from(format!("data: {v}\n\n"))
-        };
         for k in 0..TOKENS {
             let at = FIRST_MS + gap * k as f64;
             tokio::time::sleep_until(start + Duration::from_secs_f64(at / 1000.0)).await;
-            let _ = tx.send(Ok(chunk(json!({"content": "x"}), None))).await;
+            let chunk = fake_engine::chat_chunk(&model, json!({"content": "x"}), None);
+            let _ = tx.send(Ok(chunk)).await;
         }
-        let _ = tx.send(Ok(chunk(json!({}), Some("length")))).await;
-        let usage = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "choices": [],
-            "usage": {"prompt_tokens": 9, "completion_tokens": TOKENS, "total_tokens": 9 + TOKENS}});
-        let _ = tx.send(Ok(format!("data: {usage}\n\n").into())).await;
-        let _ = tx.send(Ok("data: [DONE]\n\n".into())).await;
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .body(Body::from_stream(futures::stream::poll_fn(move |cx| {
-            rx.poll_recv(cx)
-        })))
-        .unwrap()
+        let _ = tx
+            .send(Ok(fake_engine::chat_chunk(
+                &model,
+                json!({}),
+                Some("length"),
+            )))
+            .await;
+        fake_engine::finish(&tx, 9, TOKENS).await;
+    })
 }
 
-/// Serves the fake from a runtime of its own on its own thread, so that its schedule is never
-/// late because the agent under test is busy on the same threads.
+/// The fake, with its slots, on a thread of its own.
 fn start_fake() -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let slots = Arc::new(Semaphore::new(SLOTS));
-            let app = Router::new().route("/v1/models", get(models)).route(
-                "/v1/chat/completions",
-                post(move |Json(body): Json<Value>| chat(slots.clone(), body)),
-            );
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(format!("http://{}", listener.local_addr().unwrap()))
-                .unwrap();
-            axum::serve(listener, app).await.unwrap()
-        })
-    });
-    rx.recv().expect("fake server address")
+    fake_engine::serve(|| {
+        let slots = Arc::new(Semaphore::new(SLOTS));
+        Router::new().route("/v1/models", get(models)).route(
+            "/v1/chat/completions",
+            post(move |Json(body): Json<Value>| chat(slots.clone(), body)),
+        )
+    })
+}
+
+/// The fake, a nats-server, an agent on both, and a client.
+async fn fleet() -> (NatsServer, TestAgent, async_nats::Client) {
+    let nats = NatsServer::start();
+    let url = start_fake();
+    let agent = start_agent(
+        config(
+            &format!("machine_id: ml\nengine: openai\nopenai_base_url: {url}\ntelemetry:\n  enabled: false\n"),
+            &nats.url(),
+        ),
+        &nats.url(),
+    )
+    .await;
+    let c = client(&nats.url()).await;
+    (nats, agent, c)
 }
 
 fn within_pct(what: &str, got: f64, want: f64, pct: f64) {
@@ -146,17 +138,7 @@ fn cell_done(events: &[Event]) -> Vec<bench_schemas::CellResult> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrency_sweep_reports_the_scripted_throughput_latency_and_capacity() {
-    let nats = NatsServer::start();
-    let url = start_fake();
-    let _agent = start_agent(
-        config(
-            &format!("machine_id: ml\nengine: openai\nopenai_base_url: {url}\ntelemetry:\n  enabled: false\n"),
-            &nats.url(),
-        ),
-        &nats.url(),
-    )
-    .await;
-    let c = client(&nats.url()).await;
+    let (_nats, _agent, c) = fleet().await;
     let (done, events) = run_job(
         &c,
         json!({"job_id": "sweep", "model": "load", "mode": "chat", "prompt": "go", "max_tokens": 64,
@@ -257,17 +239,7 @@ async fn a_concurrency_sweep_reports_the_scripted_throughput_latency_and_capacit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_matrix_runs_every_cell_reports_a_missing_model_and_interleaves() {
-    let nats = NatsServer::start();
-    let url = start_fake();
-    let _agent = start_agent(
-        config(
-            &format!("machine_id: ml\nengine: openai\nopenai_base_url: {url}\ntelemetry:\n  enabled: false\n"),
-            &nats.url(),
-        ),
-        &nats.url(),
-    )
-    .await;
-    let c = client(&nats.url()).await;
+    let (_nats, _agent, c) = fleet().await;
 
     // Nothing here can run: refused at once, like any job.
     let r = request(

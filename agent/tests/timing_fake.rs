@@ -7,8 +7,6 @@
 
 mod common;
 
-use axum::body::Body;
-use axum::http::header;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -75,13 +73,7 @@ async fn chat(Json(body): Json<Value>) -> Response {
     let arrived = Instant::now();
     let model = body["model"].as_str().unwrap_or_default().to_string();
     let (pieces, count, finish) = script(&model);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(64);
-    tokio::spawn(async move {
-        let chunk = |delta: Value, finish: Option<&str>| {
-            let v = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-            bytes::Bytes::from(format!("data: {v}\n\n"))
-        };
+    fake_engine::sse(move |tx| async move {
         let mut k = 0u32;
         for p in pieces {
             let at_ms = match p {
@@ -97,42 +89,24 @@ async fn chat(Json(body): Json<Value>) -> Response {
                 Piece::Think => json!({"reasoning_content": "hm"}),
                 Piece::Text(n) => json!({"content": "x".repeat(n as usize)}),
             };
-            let _ = tx.send(Ok(chunk(delta, None))).await;
+            let _ = tx
+                .send(Ok(fake_engine::chat_chunk(&model, delta, None)))
+                .await;
         }
-        let _ = tx.send(Ok(chunk(json!({}), Some(finish)))).await;
-        let usage = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "choices": [],
-            "usage": {"prompt_tokens": 9, "completion_tokens": count, "total_tokens": 9 + count}});
-        let _ = tx.send(Ok(format!("data: {usage}\n\n").into())).await;
-        let _ = tx.send(Ok("data: [DONE]\n\n".into())).await;
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .body(Body::from_stream(futures::stream::poll_fn(move |cx| {
-            rx.poll_recv(cx)
-        })))
-        .unwrap()
+        let _ = tx
+            .send(Ok(fake_engine::chat_chunk(&model, json!({}), Some(finish))))
+            .await;
+        fake_engine::finish(&tx, 9, count).await;
+    })
 }
 
-/// Serves the fake from a runtime of its own on its own thread, so that its schedule is never
-/// late because the agent under test is busy on the same threads.
+/// The fake on a thread of its own (its schedule is never late because the agent is busy).
 fn start_fake() -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let app = Router::new()
-                .route("/v1/models", get(models))
-                .route("/v1/chat/completions", post(chat));
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(format!("http://{}", listener.local_addr().unwrap()))
-                .unwrap();
-            axum::serve(listener, app).await.unwrap()
-        })
-    });
-    rx.recv().expect("fake server address")
+    fake_engine::serve(|| {
+        Router::new()
+            .route("/v1/models", get(models))
+            .route("/v1/chat/completions", post(chat))
+    })
 }
 
 fn within_pct(what: &str, got: Option<f64>, want: f64, pct: f64) {

@@ -115,6 +115,7 @@ pub fn job_json(model: &str, extra: serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(&v).unwrap()
 }
 
+pub mod fake_engine;
 pub mod proxy;
 
 /// Every stored event of `job_id`, in stream order, read once `terminals` terminal events are
