@@ -614,31 +614,14 @@ mod tests {
     fn machine(id: &str, rates: &[f64]) -> MachineDetail {
         let stats = Stats::from_samples(rates.iter().copied());
         MachineDetail {
-            machine_id: id.into(),
-            label: id.into(),
-            engine: None,
             status: RunStatus::Done,
-            output_text: String::new(),
-            repeats: vec![],
             summary: Some(Summary {
                 repeats: rates.len() as u32,
                 gen_tokens_per_s: stats,
                 ttft_ms: Stats::from_samples([10.0]),
                 ..Default::default()
             }),
-            error: None,
-            stop_reason: None,
-            shape: None,
-            last_seq: 0,
-            run_id: String::new(),
-            gaps: 0,
-            earlier_runs: vec![],
-            refusals: 0,
-            refused: None,
-            fingerprint: None,
-            previous: None,
-            cells: vec![],
-            regression: None,
+            ..MachineDetail::bare(id, id)
         }
     }
 

@@ -164,6 +164,13 @@ fn table_rows<'a>(md: &'a str, ids: &[&str]) -> Vec<&'a str> {
         .collect()
 }
 
+/// `run --model MODEL --repeat <repeat> --warmup 0`, then `extra`.
+fn run_args<'a>(repeat: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["run", "--model", MODEL, "--repeat", repeat, "--warmup", "0"];
+    a.extend_from_slice(extra);
+    a
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_machines_watch_export_compare_and_refusals() {
     let fleet = Fleet::start(&[("alpha", 400.0), ("beta", 200.0)]).await;
@@ -183,21 +190,7 @@ async fn run_machines_watch_export_compare_and_refusals() {
     assert_eq!(v["machines"].as_array().map(Vec::len), Some(2), "{v}");
 
     // run: a plain job on the whole fleet; one row per machine, exit 0.
-    let run = bench_race(
-        &base,
-        &[
-            "run",
-            "--model",
-            MODEL,
-            "--repeat",
-            "2",
-            "--warmup",
-            "0",
-            "--max-tokens",
-            "16",
-        ],
-    )
-    .await;
+    let run = bench_race(&base, &run_args("2", &["--max-tokens", "16"])).await;
     println!("{}", run.show());
     assert_eq!(run.code, 0, "{}", run.show());
     let rows = table_rows(&run.stdout, &["alpha", "beta"]);
@@ -215,21 +208,17 @@ async fn run_machines_watch_export_compare_and_refusals() {
     // -o json parses and carries both machines' rates.
     let run2 = bench_race(
         &base,
-        &[
-            "run",
-            "--model",
-            MODEL,
-            "--machines",
-            "alpha,beta",
-            "--repeat",
+        &run_args(
             "2",
-            "--warmup",
-            "0",
-            "--max-tokens",
-            "16",
-            "-o",
-            "json",
-        ],
+            &[
+                "--machines",
+                "alpha,beta",
+                "--max-tokens",
+                "16",
+                "-o",
+                "json",
+            ],
+        ),
     )
     .await;
     assert_eq!(run2.code, 0, "{}", run2.show());
@@ -332,21 +321,10 @@ async fn fail_if_slower_gates_on_the_baseline() {
     let mut fleet = Fleet::start(&[("solo", 500.0)]).await;
     let base = fleet.base();
     fn job<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-        let mut a = vec![
-            "run",
-            "--model",
-            MODEL,
-            "--machines",
-            "solo",
-            "--repeat",
+        run_args(
             "3",
-            "--warmup",
-            "0",
-            "--max-tokens",
-            "24",
-        ];
-        a.extend_from_slice(extra);
-        a
+            &[&["--machines", "solo", "--max-tokens", "24"], extra].concat(),
+        )
     }
     let fast = bench_race(&base, &job(&[])).await;
     assert_eq!(fast.code, 0, "{}", fast.show());
@@ -407,26 +385,14 @@ async fn nats_mode_runs_a_plain_job_without_central() {
     let base = fleet.base();
     let url = fleet.nats.url();
     let args = |out: &'static str| {
-        vec![
-            "--nats".to_string(),
-            url.clone(),
-            "run".into(),
-            "--model".into(),
-            MODEL.into(),
-            "--repeat".into(),
-            "2".into(),
-            "--warmup".into(),
-            "0".into(),
-            "--max-tokens".into(),
-            "16".into(),
-            "--window-s".into(),
-            "5".into(),
-            "-o".into(),
-            out.into(),
-        ]
+        let mut a = vec!["--nats", url.as_str()];
+        a.extend(run_args(
+            "2",
+            &["--max-tokens", "16", "--window-s", "5", "-o", out],
+        ));
+        a
     };
     let a = args("md");
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
     // Central is given a port nobody listens on: nothing goes through it.
     let dead = format!("http://127.0.0.1:{}", free_port());
     let run = bench_race(&dead, &a).await;
@@ -437,8 +403,7 @@ async fn nats_mode_runs_a_plain_job_without_central() {
     let job_id = run.job_id();
 
     // The same job's table from central, which indexed the same events on its own: identical.
-    let a = args("csv");
-    let mut a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let mut a = args("csv");
     a.extend(["--job-id", "nats-csv-1"]);
     let n = bench_race(&dead, &a).await;
     assert_eq!(n.code, 0, "{}", n.show());
@@ -465,8 +430,7 @@ async fn nats_mode_runs_a_plain_job_without_central() {
     let _ = job_id;
 
     // Nobody there: exit non-zero.
-    let a = args("md");
-    let mut a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let mut a = args("md");
     a.extend(["--machines", "ghost"]);
     let ghost = bench_race(&dead, &a).await;
     assert_ne!(ghost.code, 0, "{}", ghost.show());
@@ -477,25 +441,17 @@ async fn nats_mode_runs_a_plain_job_without_central() {
 async fn matrix_and_concurrency_give_one_row_per_machine_and_cell() {
     let fleet = Fleet::start(&[("mx1", 400.0), ("mx2", 300.0)]).await;
     let base = fleet.base();
-    let run = bench_race(
-        &base,
-        &[
-            "run",
-            "--model",
-            MODEL,
-            "--repeat",
+    let matrix = |extra: &[&'static str]| {
+        run_args(
             "2",
-            "--warmup",
-            "0",
-            "--matrix",
-            "max_tokens=8,16",
-            "--concurrency",
-            "1,2",
-            "--slo-ttft-p99-ms",
-            "5000",
-        ],
-    )
-    .await;
+            &[
+                &["--matrix", "max_tokens=8,16", "--concurrency", "1,2"],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let run = bench_race(&base, &matrix(&["--slo-ttft-p99-ms", "5000"])).await;
     println!("{}", run.show());
     assert_eq!(run.code, 0, "{}", run.show());
     let rows = table_rows(&run.stdout, &["mx1", "mx2"]);
@@ -534,25 +490,7 @@ async fn matrix_and_concurrency_give_one_row_per_machine_and_cell() {
     );
 
     // -o json: the same rows, typed.
-    let j = bench_race(
-        &base,
-        &[
-            "run",
-            "--model",
-            MODEL,
-            "--repeat",
-            "2",
-            "--warmup",
-            "0",
-            "--matrix",
-            "max_tokens=8,16",
-            "--concurrency",
-            "1,2",
-            "-o",
-            "json",
-        ],
-    )
-    .await;
+    let j = bench_race(&base, &matrix(&["-o", "json"])).await;
     assert_eq!(j.code, 0, "{}", j.show());
     let doc: Value = serde_json::from_str(&j.stdout).expect("json");
     let rows = doc["rows"].as_array().expect("rows");

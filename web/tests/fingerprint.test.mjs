@@ -9,10 +9,9 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { launchChromium, closeChromium } from './browser.mjs';
 import { NatsPub } from './nats-pub.mjs';
 import { stats } from '../js/state.js';
 
@@ -103,23 +102,12 @@ const pane = (key) => `#panes .pane[data-machine="ui-fp-${key}"]`;
 describe('fingerprints, live telemetry and energy per token in headless Chromium', () => {
   before(async () => {
     nats = await NatsPub.connect(NATS_URL);
-    profile = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-race-chromium-fp-'));
-    ctx = await chromium.launchPersistentContext(profile, {
-      executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-      headless: true,
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--no-first-run', '--disable-sync'],
-      viewport: { width: 1280, height: 900 },
-      timeout: 60000,
-    });
-    page = ctx.pages()[0] ?? (await ctx.newPage());
-    page.setDefaultTimeout(T);
-    page.on('pageerror', (e) => pageErrors.push(String(e)));
+    ({ ctx, page, profile } = await launchChromium('fp-', { timeout: T, pageErrors, dialogs: false }));
   });
 
   after(async () => {
-    await ctx?.close();
+    await closeChromium({ ctx, profile });
     nats?.close();
-    if (profile) fs.rmSync(profile, { recursive: true, force: true });
   });
 
   const job1 = `ui-fp-1-${TAG}`;

@@ -11,10 +11,9 @@ import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { launchChromium, closeChromium } from './browser.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, '..', '..');
@@ -64,27 +63,12 @@ async function open(hash) {
 describe('matrix races, sweeps and compare in headless Chromium (fake central)', () => {
   before(async () => {
     BASE = await startFake();
-    profile = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-race-chromium-mx-'));
-    ctx = await chromium.launchPersistentContext(profile, {
-      executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-      headless: true,
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--no-first-run', '--disable-sync'],
-      viewport: { width: 1280, height: 900 },
-      timeout: 60000,
-    });
-    page = ctx.pages()[0] ?? (await ctx.newPage());
-    page.setDefaultTimeout(T);
-    page.on('pageerror', (e) => pageErrors.push(String(e)));
-    page.on('dialog', (d) => {
-      pageErrors.push('unexpected dialog: ' + d.message());
-      d.dismiss();
-    });
+    ({ ctx, page, profile } = await launchChromium('mx-', { timeout: T, pageErrors }));
   });
 
   after(async () => {
-    await ctx?.close();
+    await closeChromium({ ctx, profile });
     fake?.kill();
-    if (profile) fs.rmSync(profile, { recursive: true, force: true });
   });
 
   it('matrix table: a row per cell, the winner marked only where central names one, failed cells with their code', async () => {

@@ -11,10 +11,9 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { launchChromium, closeChromium } from './browser.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, '..', '..');
@@ -111,26 +110,11 @@ describe('bench-race web UI in headless Chromium', () => {
   before(async () => {
     // this run's screenshots only
     if (fs.existsSync(SHOTS)) for (const f of fs.readdirSync(SHOTS)) if (f.endsWith('.png')) fs.rmSync(path.join(SHOTS, f));
-    profile = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-race-chromium-'));
-    ctx = await chromium.launchPersistentContext(profile, {
-      executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-      headless: true,
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--no-first-run', '--disable-sync'],
-      viewport: { width: 1280, height: 800 },
-      timeout: 60000,
-    });
-    page = ctx.pages()[0] ?? (await ctx.newPage());
-    page.setDefaultTimeout(T);
-    page.on('pageerror', (e) => pageErrors.push(String(e)));
-    page.on('dialog', (d) => {
-      pageErrors.push('unexpected dialog: ' + d.message());
-      d.dismiss();
-    });
+    ({ ctx, page, profile } = await launchChromium('ui-', { timeout: T, pageErrors, viewport: { width: 1280, height: 800 } }));
   });
 
   after(async () => {
-    await ctx?.close();
-    if (profile) fs.rmSync(profile, { recursive: true, force: true });
+    await closeChromium({ ctx, profile });
     if (shots.length) console.log('screenshots:\n  ' + shots.join('\n  '));
   });
 
