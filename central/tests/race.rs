@@ -8,21 +8,8 @@ use serde_json::json;
 
 #[tokio::test]
 async fn llama_and_mock_race_one_job() {
-    let engine = LlamaServer::start();
-    let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let central = start_central(central_config(&nats.url(), dir.path())).await;
-    let base = central.base();
-    let _llama = start_agent(
-        &format!(
-            "machine_id: llama\nlabel: Real llama.cpp\nengine: openai\nopenai_base_url: {}\n",
-            engine.url()
-        ),
-        &nats.url(),
-    )
-    .await;
-    let _mock = mock_agent("mock", ENGINE_MODEL, 500.0, &nats.url()).await;
-    machines_online(&base, &["llama", "mock"]).await;
+    let fleet = LlamaRace::start("", 500.0).await;
+    let base = fleet.central.base();
 
     let (s, out) = post(
         &base,
@@ -133,7 +120,7 @@ async fn llama_and_mock_race_one_job() {
     assert_eq!(counts.len(), 2);
 
     // Results folder, written once the job finished.
-    let run = dir.path().join("runs").join(&job_id);
+    let run = fleet.dir.path().join("runs").join(&job_id);
     until("results written", || async {
         run.join("metadata.json").exists().then_some(())
     })
@@ -142,7 +129,7 @@ async fn llama_and_mock_race_one_job() {
         serde_json::from_str(&std::fs::read_to_string(run.join("metadata.json")).unwrap()).unwrap();
     assert_eq!(meta["status"], "done");
     assert_eq!(meta["events"].as_u64(), Some(events.len() as u64));
-    assert_eq!(results_events(dir.path(), &job_id), events);
+    assert_eq!(results_events(fleet.dir.path(), &job_id), events);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["ranking"].as_array().unwrap().len(), 2);

@@ -120,6 +120,45 @@ pub async fn start_central(cfg: Config) -> TestCentral {
     }
 }
 
+/// The real-engine race: the demo llama-server, a nats-server, central, an agent on the
+/// engine (`llama`, label "Real llama.cpp", plus `llama_yaml`) and a mock agent (`mock`) at
+/// `mock_tokens_per_s`, both online. Fields drop in the order they are declared: agents first.
+pub struct LlamaRace {
+    pub mock: TestAgent,
+    pub llama: TestAgent,
+    pub central: TestCentral,
+    pub dir: tempfile::TempDir,
+    pub nats: NatsServer,
+    pub engine: LlamaServer,
+}
+
+impl LlamaRace {
+    pub async fn start(llama_yaml: &str, mock_tokens_per_s: f64) -> Self {
+        let engine = LlamaServer::start();
+        let nats = NatsServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let central = start_central(central_config(&nats.url(), dir.path())).await;
+        let llama = start_agent(
+            &format!(
+                "machine_id: llama\nlabel: Real llama.cpp\nengine: openai\nopenai_base_url: {}\n{llama_yaml}",
+                engine.url()
+            ),
+            &nats.url(),
+        )
+        .await;
+        let mock = mock_agent("mock", ENGINE_MODEL, mock_tokens_per_s, &nats.url()).await;
+        machines_online(&central.base(), &["llama", "mock"]).await;
+        Self {
+            mock,
+            llama,
+            central,
+            dir,
+            nats,
+            engine,
+        }
+    }
+}
+
 // ---- HTTP ----
 
 /// A job's CSV export, as text (bounded like every request).
