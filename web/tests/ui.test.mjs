@@ -7,6 +7,8 @@
 // nats-server, central, a mock agent and a llama-server agent, then runs this). Optional env:
 // TEST_MODEL (default: the model offered by the most machines), UI_TIMEOUT_S (default 120),
 // CHROMIUM (default /usr/bin/chromium), SCREENSHOT_DIR (default artifacts/screenshots).
+// The matrix test (max tokens 8,16 × concurrency 1,2,4 on two machines) also writes
+// docs/screenshot-matrix.png (the README's picture of the matrix view).
 // Every wait has a timeout; nothing synchronises on a fixed sleep.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -14,12 +16,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { launchChromium, closeChromium } from './browser.mjs';
+import { rate, ms } from '../js/format.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, '..', '..');
 const BASE = (process.env.CENTRAL_URL ?? '').replace(/\/+$/, '');
 const T = Number(process.env.UI_TIMEOUT_S ?? 120) * 1000;
 const SHOTS = path.resolve(process.env.SCREENSHOT_DIR ?? path.join(ROOT, 'artifacts', 'screenshots'));
+const DOCS = path.join(ROOT, 'docs');
 const XSS = '<img src=x onerror=window.__xss=1>';
 const PROMPT = `Write one short sentence about fast computers. ${XSS}`;
 
@@ -382,6 +386,133 @@ describe('bench-race web UI in headless Chromium', () => {
     await shot('07-narrow', { fullPage: true });
     await page.locator('#compare').screenshot({ path: path.join(SHOTS, '07-narrow-compare.png') });
     shots.push(path.join(SHOTS, '07-narrow-compare.png'));
+    await page.setViewportSize({ width: 1280, height: 800 });
+  });
+
+  it('runs a max tokens 8,16 × concurrency 1,2,4 matrix on two machines: 6 load cells, a sweep per max tokens with capacity, a cell as a race', async () => {
+    const MX_T = 180000;
+    await page.setViewportSize({ width: 1280, height: 900 });
+    await page.goto(BASE + '/', { waitUntil: 'domcontentloaded' });
+    await page.waitForFunction(() => document.querySelectorAll('#machine-checks input').length >= 2 && document.querySelectorAll('#f-model option').length > 0, null, { timeout: T });
+    const model = await chooseModel();
+    // the two machines: run.sh's mock and llama-server agents where present, else the first two online with the model
+    const fleet = (await api('/api/machines')).body.machines.filter((m) => m.status !== 'offline' && (m.models ?? []).includes(model));
+    const pref = ['ui-mock', 'ui-llama'];
+    const machines = pref.every((id) => fleet.some((m) => m.machine_id === id)) ? pref : fleet.slice(0, 2).map((m) => m.machine_id);
+    assert.equal(machines.length, 2, `two online machines offer ${model} (${fleet.map((m) => m.machine_id).join(', ')})`);
+    await fillForm({ prompt: 'Say hello in five words.', maxTokens: 8, repeat: 2, warmup: 0 });
+    await page.uncheck('#f-all');
+    for (const box of await page.$$('#machine-checks input')) {
+      const want = machines.includes(await box.getAttribute('value'));
+      if (want !== (await box.isChecked())) await (want ? box.check() : box.uncheck());
+    }
+    assert.deepEqual((await page.$$eval('#machine-checks input:checked', (i) => i.map((x) => x.value))).sort(), [...machines].sort());
+    if (!(await page.$eval('#matrix-box', (d) => d.open))) await page.click('#matrix-box > summary');
+    await page.fill('#f-mx-model', '');
+    await page.fill('#f-mx-max', '8, 16');
+    await page.fill('#f-mx-ctx', '');
+    await page.fill('#f-mx-conc', '1, 2, 4');
+    await page.selectOption('#f-mx-order', 'sequential');
+    await page.fill('#f-mx-requests', '');
+    await page.fill('#f-mx-slo', '60000');
+    await page.waitForFunction(() => document.getElementById('matrix-note').textContent === '6 cells per machine', null, { timeout: T });
+    const prev = await page.evaluate(() => decodeURIComponent(location.hash.slice(5)));
+    await page.click('#run-btn');
+    const id = await currentJobId(prev);
+    const t0 = Date.now();
+    // bounded: every cell done on both machines, both sweeps drawn with their capacities
+    try {
+      await page.waitForFunction((n) => {
+        const tds = [...document.querySelectorAll('#matrix-table tbody td.mx-cell')];
+        return document.querySelectorAll('#matrix-table tbody tr').length === 6 && tds.length === 6 * n && tds.every((td) => td.dataset.status === 'done')
+          && document.querySelectorAll('#sweeps:not([hidden]) .sweep-point').length === 6 * n
+          && document.querySelectorAll('#sweeps .capacity').length === 2 * n;
+      }, machines.length, { timeout: MX_T, polling: 250 });
+    } catch (e) {
+      const state = await page.$$eval('#matrix-table tbody td', (tds) => tds.map((td) => `${td.closest('tr').dataset.cell}|${td.dataset.machine ?? ''}|${td.dataset.status ?? ''}`).join(' '));
+      throw new Error(`the matrix did not finish within ${MX_T / 1000} s: ${state} · ${await page.textContent('#matrix-summary')}`, { cause: e });
+    }
+    console.log(`matrix job ${id}: 6 cells × 2 machines done in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+    const doc = (await api(`/api/jobs/${id}`)).body;
+    assert.deepEqual(doc.job.matrix, { max_tokens: [8, 16], concurrency: [1, 2, 4] });
+    assert.deepEqual(doc.job.slo, { ttft_p99_ms: 60000 });
+    assert.equal(doc.job.repeat, 2);
+    assert.equal(doc.job.model, model);
+    assert.deepEqual(doc.machines.map((m) => m.machine_id).sort(), [...machines].sort());
+    // the table: 6 rows in the matrix's order, a column per machine, every cell a number for both
+    const keys = [8, 16].flatMap((t) => [1, 2, 4].map((c) => `max_tokens=${t},concurrency=${c}`));
+    assert.deepEqual(await page.$$eval('#matrix-table tbody tr', (rs) => rs.map((r) => r.dataset.cell)), keys);
+    assert.deepEqual((await page.$$eval('#matrix-table thead th[data-machine]', (ths) => ths.map((t) => t.dataset.machine))).sort(), [...machines].sort(), 'a column per machine');
+    assert.match(await page.textContent('#matrix-summary'), /^6 cells × 2 machines · 12\/12 finished/);
+    for (const key of keys) {
+      assert.equal(await page.$$eval(`#matrix-table tr[data-cell="${key}"] th.cell-key .tag`, (t) => t.map((x) => x.textContent).join()), 'load', `${key}: a load cell`);
+      const cell = doc.cells.find((c) => c.cell === key);
+      assert.ok(cell, `${key} in central's cells`);
+      for (const mid of machines) {
+        const td = `#matrix-table tr[data-cell="${key}"] td[data-machine="${mid}"]`;
+        const val = await page.textContent(`${td} .cell-val`);
+        const range = await page.textContent(`${td} .cell-range`);
+        assert.match(val, /^\d[\d,]*(\.\d)? tok\/s$/, `${key} ${mid}: output tokens/s shown (${val})`);
+        assert.match(range, /^TTFT p99 \d[\d,]*(\.\d+)? (ms|s)$/, `${key} ${mid}: TTFT p99 shown (${range})`);
+        const load = cell.machines.find((m) => m.machine_id === mid)?.load;
+        assert.ok(load && load.output_tokens_per_s > 0, `${key} ${mid}: central has a load with output tokens/s > 0 (${JSON.stringify(load)})`);
+        assert.equal(val, `${rate(load.output_tokens_per_s)} tok/s`, `${key} ${mid}: the page shows central's output tokens/s`);
+        assert.equal(range, `TTFT p99 ${ms(load.ttft_ms.p99)}`, `${key} ${mid}: the page shows central's TTFT p99`);
+      }
+    }
+    // the sweeps: one per max tokens (the cells differing only in concurrency), a point per
+    // concurrency per machine, the SLO line, and each machine's capacity in words
+    assert.deepEqual(await page.$$eval('#sweeps-body .sweep-fig', (f) => f.map((x) => x.dataset.group)), ['max_tokens=8', 'max_tokens=16']);
+    for (const group of ['max_tokens=8', 'max_tokens=16']) {
+      const fig = `#sweeps-body .sweep-fig[data-group="${group}"]`;
+      const sw = doc.sweeps.find((x) => x.group === group);
+      assert.ok(sw, `central has the sweep ${group}`);
+      assert.match(await page.textContent(`${fig} .sweep-slo`), /SLO: TTFT p99 ≤ 60,000 ms/);
+      for (const mid of machines) {
+        const conc = await page.$$eval(`${fig} .sweep-point[data-machine="${mid}"]`, (c) => c.map((x) => Number(x.dataset.concurrency)));
+        assert.deepEqual(conc, [1, 2, 4], `${group} ${mid}: a point per concurrency`);
+        assert.deepEqual(await page.$$eval(`${fig} .sweep-line[data-machine="${mid}"] .sweep-label`, (t) => t.map((x) => x.textContent)), ['1', '2', '4']);
+        assert.equal(await page.$$eval(`${fig} .sweep-point.is-over[data-machine="${mid}"]`, (c) => c.length), 0, `${group} ${mid}: no point over a 60 s SLO`);
+        const cap = await page.textContent(`${fig} .capacity[data-machine="${mid}"]`);
+        assert.match(cap, /^ .+ sustains 4 streams within TTFT p99 ≤ 60000 ms$/, `${group} ${mid}: ${cap}`);
+        assert.equal(sw.machines.find((m) => m.machine_id === mid)?.capacity, 4, `${group} ${mid}: central's capacity`);
+      }
+    }
+    // the matrix overview shows no machine-level comparison (it would mix cells)
+    assert.equal(await page.isVisible('#compare'), false);
+    // the matrix card's top just under the sticky top bar (scrollIntoView alone puts its heading beneath it)
+    await page.evaluate(() => window.scrollTo(0, document.getElementById('matrix').getBoundingClientRect().top + window.scrollY - document.querySelector('.topbar').offsetHeight - 8));
+    const mxShot = await shot('08-matrix-fleet');
+    fs.mkdirSync(DOCS, { recursive: true });
+    fs.copyFileSync(mxShot, path.join(DOCS, 'screenshot-matrix.png'));
+    const swShot = path.join(SHOTS, '08-matrix-fleet-sweeps.png');
+    await page.locator('#sweeps').screenshot({ path: swShot });
+    shots.push(swShot);
+    // a row opened as a race: both machines' panes with that cell's numbers
+    const key = 'max_tokens=16,concurrency=2';
+    await page.click(`#matrix-table tr[data-cell="${key}"] .cell-open`);
+    await page.waitForFunction((h) => location.hash === h, `#job=${id}&cell=${encodeURIComponent(key)}`, { timeout: T });
+    assert.equal(await page.textContent('#cell-key'), key);
+    assert.equal(await page.isVisible('#matrix'), false);
+    await page.waitForFunction((n) => {
+      const panes = [...document.querySelectorAll('#panes .pane')];
+      return panes.length === n && panes.every((p) => p.dataset.state === 'done' && /\d/.test(p.querySelector('.metric.key .val')?.textContent ?? ''));
+    }, machines.length, { timeout: T, polling: 100 });
+    for (const mid of machines) {
+      const pane = page.locator(`#panes .pane[data-machine="${mid}"]`);
+      const vals = Object.fromEntries(await pane.locator('.metric').evaluateAll((xs) => xs.map((x) => [x.querySelector('dt').textContent, x.querySelector('.val').textContent])));
+      assert.match(vals['TTFT'], /^\d[\d,.]* (ms|s)$/, `${mid}: TTFT (${vals['TTFT']})`);
+      assert.match(vals['decode tok/s'], /^\d[\d,.]*$/, `${mid}: decode tok/s (${vals['decode tok/s']})`);
+      assert.match(vals['total'], /^\d[\d,.]* (ms|s)$/, `${mid}: total (${vals['total']})`);
+      assert.match(vals['tokens'], /^\d+$/, `${mid}: tokens (${vals['tokens']})`);
+      assert.ok(Number(vals['tokens']) >= 1 && Number(vals['tokens']) <= 16, `${mid}: at most the cell's 16 tokens (${vals['tokens']})`);
+      const runs = Number(/done · (\d+) runs?/.exec(await pane.locator('.pane-state').textContent())?.[1]);
+      assert.ok(runs >= 2, `${mid}: the cell's runs counted (${runs})`);
+    }
+    await page.evaluate(() => window.scrollTo(0, 0));
+    await shot('08-matrix-fleet-cell');
+    await page.click('#cell-back');
+    await page.waitForSelector('#matrix:not([hidden]) #matrix-table tbody tr', { timeout: T });
     await page.setViewportSize({ width: 1280, height: 800 });
   });
 
