@@ -7,7 +7,7 @@
 mod procs;
 
 use procs::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 /// Longest any one `bench-race` invocation may take here.
@@ -287,6 +287,21 @@ async fn run_machines_watch_export_compare_and_refusals() {
     let cj = bench_race(&base, &["compare", &job1, &job2, "-o", "json"]).await;
     let v: Value = serde_json::from_str(&cj.stdout).expect("compare json parses");
     assert_eq!(v["groups"].as_array().map(Vec::len), Some(2), "{v:#}");
+    // One machine of one job against another machine of the other: one group of two.
+    let (a, b) = (format!("{job1}:alpha"), format!("{job2}:beta"));
+    let cr = bench_race(&base, &["compare", &a, &b, "-o", "json"]).await;
+    assert_eq!(cr.code, 0, "{}", cr.show());
+    let v: Value = serde_json::from_str(&cr.stdout).expect("compare json parses");
+    assert_eq!(v["baseline"], a.as_str(), "{v:#}");
+    let entries = v["groups"][0]["entries"].as_array().expect("entries");
+    assert_eq!(
+        entries
+            .iter()
+            .map(|e| e["machine_id"].clone())
+            .collect::<Vec<_>>(),
+        [json!("alpha"), json!("beta")]
+    );
+    assert!(entries[1]["vs_baseline"]["gen_tokens_per_s"]["ratio"].is_number());
 
     // A model nobody has: every machine refuses, exit non-zero, the reason said.
     let bad = bench_race(&base, &["run", "--model", "no-such-model", "--repeat", "1"]).await;

@@ -99,7 +99,8 @@ pub enum Command {
     /// Compare jobs (the first is the baseline): deltas, ratios, whether they exceed the 95%
     /// intervals.
     Compare {
-        /// Job ids, baseline first.
+        /// Job ids, baseline first; or runs `job:machine[:cell]` (one machine's, or one cell's,
+        /// result of a job against another's).
         #[arg(required = true, num_args = 2..=8)]
         jobs: Vec<String>,
         /// Output format.

@@ -75,9 +75,17 @@ async fn run_cli(cli: Cli) -> Result<u8> {
     }
 }
 
-/// `GET /api/compare?jobs=a,b,...`.
+/// `GET /api/compare?jobs=a,b,...`, or with `job:machine[:cell]` references (any argument
+/// with a `:`) `GET /api/compare?run=...&run=...`: one machine's (cell of a) job against
+/// another's.
 async fn compare(central: &http::Central, jobs: &[String]) -> Result<Value> {
     let list: Vec<String> = jobs.iter().map(|j| http::enc(j)).collect();
+    if jobs.iter().any(|j| j.contains(':')) {
+        let runs: Vec<String> = list.iter().map(|r| format!("run={r}")).collect();
+        return central
+            .get_json(&format!("/api/compare?{}", runs.join("&")))
+            .await;
+    }
     central
         .get_json(&format!("/api/compare?jobs={}", list.join(",")))
         .await
