@@ -1,7 +1,7 @@
 // Hand-drawn SVG bar chart: one bar per machine at the median, a whisker over the 95% confidence
 // interval of the median where there is one (6+ runs), else from min to max over the measured
 // repeats. Labels are SVG text nodes (textContent), never markup.
-import { s } from './dom.js';
+import { h, s } from './dom.js';
 import { num } from './format.js';
 
 function niceStep(max, ticks) {
@@ -24,15 +24,25 @@ function chartNote(W, better, anyCi, anyRange) {
 }
 
 /**
+ * A chart's title and its note as HTML over the SVG (a figcaption): the two wrap onto two lines
+ * where they do not fit side by side (style.css .chart-head), instead of overlapping as two SVG
+ * texts at fixed places would.
+ */
+export function chartHead(title, note) {
+  return h('figcaption', { class: 'chart-head' }, h('span', { class: 'chart-title' }, title), note ? h('span', { class: 'chart-note' }, note) : null);
+}
+
+/**
  * rows: [{id, label, color, stat: {median,min,max,n,ci_low,ci_high} | null, baseline: bool, winner: bool}]
  * opts: {title, unit, better: 'higher' | 'lower', digits}
+ * -> [figcaption, svg], for a <figure>.
  */
 export function barChart(rows, opts) {
   const W = Math.max(280, Math.round(opts.width ?? 560));
   const labelW = Math.round(Math.min(178, W * 0.3));
   const valueW = Math.round(Math.min(84, W * 0.22));
   const rowH = 26;
-  const top = 28;
+  const top = 10;
   const axisH = 22;
   const plotW = W - labelW - valueW;
   const H = top + rows.length * rowH + axisH;
@@ -51,10 +61,6 @@ export function barChart(rows, opts) {
     'aria-label': `${opts.title}, ${opts.better} is better`,
     preserveAspectRatio: 'xMinYMin meet',
   });
-  svg.append(
-    s('text', { x: 0, y: 14, class: 'chart-title' }, opts.title),
-    s('text', { x: W, y: 14, class: 'chart-note', 'text-anchor': 'end' }, chartNote(W, opts.better, anyCi, anyRange)),
-  );
   // grid + axis
   const g = s('g', { class: 'chart-grid' });
   for (let v = 0; v <= axisMax + 1e-9; v += step) {
@@ -96,7 +102,7 @@ export function barChart(rows, opts) {
     }
     svg.append(row);
   });
-  return svg;
+  return [chartHead(opts.title, chartNote(W, opts.better, anyCi, anyRange)), svg];
 }
 
 /** Once a chart is in the document: shortens labels that do not fit their column (measured). */

@@ -51,20 +51,38 @@ function changeList(changes, max = 12) {
   return h('ul', { class: 'fp-changes' }, items);
 }
 
-/** Fills `el` with the machine's fingerprint (or says there is none yet) and its changes since its previous job. */
-export function renderFingerprint(el, m) {
-  const fp = m?.fingerprint;
+/**
+ * A fingerprint as one cell of a matrix job ran: the cell's settings (`j`: the cell's job, its
+ * values over the job's) over the job-level ones, and a model part only where it is the cell's model.
+ */
+export function cellFingerprint(fp, j, fingerprintId = null) {
+  const st = { ...(fp.settings ?? {}) };
+  for (const k of ['num_ctx', 'max_tokens', 'prompt_tokens', 'depth', 'temperature']) if (j[k] !== undefined && j[k] !== null) st[k] = j[k];
+  // the job-level id is not this cell's: the cell's own where central gave one, else none
+  const out = { ...fp, settings: st, fingerprint_id: fingerprintId ?? null };
+  if (j.model && fp.model?.name && fp.model.name !== j.model) out.model = { name: j.model };
+  return out;
+}
+
+/**
+ * Fills `el` with the machine's fingerprint (or says there is none yet) and its changes since its
+ * previous job. opts.settings (a matrix cell's job): the fingerprint as that cell ran, and no
+ * changes since the previous job (central compares job-level fingerprints, not this cell's).
+ */
+export function renderFingerprint(el, m, opts = {}) {
+  const fp0 = m?.fingerprint;
+  const fp = fp0 && opts.settings ? cellFingerprint(fp0, opts.settings, opts.fingerprintId) : fp0;
   if (!fp) {
     replace(el, h('span', { class: 'muted' }, 'fingerprint: not reported yet'));
     el.removeAttribute('title');
     return;
   }
   const parts = fingerprintParts(fp);
-  const sig = JSON.stringify([fp, m.previous]);
+  const prev = opts.settings ? null : m.previous;
+  const sig = JSON.stringify([fp, prev]);
   if (el.dataset.sig === sig) return;
   el.dataset.sig = sig;
   el.title = parts.map(([k, v]) => `${k}: ${v}`).join('\n');
-  const prev = m.previous;
   const prevEl = !prev ? null : prev.same
     ? h('p', { class: 'fp-prev fp-same' }, `same fingerprint as the previous job on this machine (${prev.job_id}, ${when(prev.created_ms)})`)
     : h('div', { class: 'fp-prev fp-changed' },

@@ -1,6 +1,7 @@
 // The page's shared state and the helpers every view uses. Views render from `ui`; they ask for
 // a redraw with scheduleRender(), which app.js wires to its render() (one per animation frame).
 import { machineStats } from './state.js';
+import { cellsOf } from './matrix.js';
 
 export const LS = {
   form: 'bench-race.form',
@@ -104,4 +105,43 @@ export function viewRanking(job = ui.job) {
   if (!job) return null;
   if (ui.cell !== null) return (job.cells ?? []).find((c) => c.cell === ui.cell)?.ranking ?? null;
   return job.ranking;
+}
+
+/** The axes whose cell values are text (the others are numbers in the job). */
+const TEXT_AXES = new Set(['model', 'backend', 'profile']);
+
+/** The values of a cell of the job on screen ({} when unknown): central's cells, else the matrix's. */
+export function cellValues(cell, job = ui.job) {
+  if (cell === null || !job) return {};
+  const c = (job.cells ?? []).find((x) => x.cell === cell) ?? cellsOf(job.job?.matrix).find((x) => x.cell === cell);
+  return c?.values ?? {};
+}
+
+/** A cell's own settings: its values applied over the job's (schemas Job::cells), the matrix left out. */
+export function cellJob(j, values) {
+  const c = { ...(j ?? {}) };
+  delete c.matrix;
+  for (const [k, v] of Object.entries(values ?? {})) c[k] = TEXT_AXES.has(k) ? v : Number(v);
+  if ('profile' in (values ?? {})) delete c.max_tokens; // a profile sets the generated tokens
+  return c;
+}
+
+/** The settings of what the race view shows: the chosen cell's, else the job's. */
+export function viewJob(job = ui.job) {
+  if (!job) return null;
+  return ui.cell === null ? job.job ?? null : cellJob(job.job, cellValues(ui.cell, job));
+}
+
+/** A load's requests in words: "2 requests per stream × 2 streams" (or "for 30 s × 4 streams"). */
+export function loadRunsText(j) {
+  const c = j.concurrency ?? 1;
+  const streams = `${c} stream${c === 1 ? '' : 's'}`;
+  if (j.duration_s != null) return `for ${j.duration_s} s × ${streams}`;
+  const per = j.requests ?? (Number.isInteger(j.repeat) ? j.repeat : 1);
+  return `${per} request${per === 1 ? '' : 's'} per stream × ${streams}`;
+}
+
+/** Whether a job (or cell) is a load: concurrent closed-loop streams. */
+export function isLoad(j) {
+  return j?.concurrency != null;
 }

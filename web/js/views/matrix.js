@@ -1,7 +1,9 @@
 // The matrix view of a matrix job: a table with a row per cell and a column per machine (decode
-// tokens/s median and its 95% interval; a load cell's output tokens/s and TTFT p99), the row's
-// winner marked only where central names one (`winner`: the intervals separate), failed cells with
-// their error code; a chart per metric; the concurrency sweeps. Any row opens as a race of that cell.
+// tokens/s median and its 95% interval; a load cell's output tokens/s, TTFT p99 and per-stream
+// decode rate), the row's winner marked only where central names one (`winner`: judged on the
+// per-request decode rate, its 95% intervals separated; in a load cell that is the per-stream
+// rate, not the output tokens/s shown first, and the tag says so), failed cells with their error
+// code; a chart per metric; the concurrency sweeps. Any row opens as a race of that cell.
 import { h, replace, $ } from '../dom.js';
 import { num, rate, ms } from '../format.js';
 import { barChart, fitLabels } from '../chart.js';
@@ -42,7 +44,7 @@ export function renderMatrix() {
   const axes = variedAxes(rows);
   const done = rows.reduce((n, r) => n + [...r.machines.values()].filter((e) => e.status === 'done' || e.status === 'failed').length, 0);
   const total = rows.reduce((n, r) => n + r.machines.size, 0);
-  $('#matrix-summary').textContent = `${rows.length} cell${rows.length === 1 ? '' : 's'} × ${ids.length} machine${ids.length === 1 ? '' : 's'} · ${done}/${total} finished · a winner only where the 95% intervals separate`;
+  $('#matrix-summary').textContent = `${rows.length} cell${rows.length === 1 ? '' : 's'} × ${ids.length} machine${ids.length === 1 ? '' : 's'} · ${done}/${total} finished · a winner only where the 95% intervals of the ${rows.some((r) => r.load) ? 'per-stream ' : ''}decode rate separate`;
 
   // table
   const table = $('#matrix-table');
@@ -78,6 +80,8 @@ export function renderMatrix() {
   if (rows.some((r) => r.load)) {
     fig('output_tokens_per_s', bars((e) => pointStat(e.load?.output_tokens_per_s), true), { title: 'Output tokens/s per load cell (all streams)', unit: 'tok/s', better: 'higher', digits: 1 });
     fig('ttft_p99_ms', bars((e) => pointStat(e.load?.ttft_ms?.p99), true), { title: 'TTFT p99 per load cell', unit: 'ms', better: 'lower', digits: 0 });
+    // what central's winner of a load cell is judged on: each request's decode rate
+    fig('per_stream_tokens_per_s', bars(perStream, true, true), { title: 'Per-stream decode tokens/s per load cell (the winner\'s basis)', unit: 'tok/s', better: 'higher', digits: 1 });
   }
   replace($('#matrix-charts'), figs);
   fitLabels($('#matrix-charts'));
@@ -85,7 +89,22 @@ export function renderMatrix() {
   // sweeps
   const sweeps = (job.sweeps ?? []).filter((sw) => (sw.machines ?? []).some((m) => (m.points ?? []).length));
   $('#sweeps').hidden = !sweeps.length;
-  replace($('#sweeps-body'), sweeps.map((sw) => sweepChart(sw, { width: Math.min(avail, 720), colorOf, labelOf })));
+  // drawn at the column's size (style.css .sweeps: two columns from 2 × 420 px), so its text and
+  // the point labels stay at their real pixel size
+  const swWidth = Math.min(720, sweeps.length > 1 && avail >= 2 * 420 + 24 ? (avail - 24) / 2 : avail);
+  replace($('#sweeps-body'), sweeps.map((sw) => sweepChart(sw, { width: swWidth, colorOf, labelOf })));
+}
+
+/** A load cell's per-request decode rate (Stats): the cell's summary, as central's ranking takes it, else the load's. */
+function perStream(e) {
+  return e.summary?.gen_tokens_per_s ?? e.load?.per_stream_tokens_per_s ?? null;
+}
+
+/** The winner tag: what central judged it on. */
+function winnerTag(load) {
+  return load
+    ? h('span', { class: 'tag tag-win', 'data-basis': 'per_stream_decode', title: 'Central\'s winner of this cell: judged on the per-stream decode rate (each request\'s tok/s), 95% intervals separated; not on the output tok/s or TTFT p99 above' }, 'winner · per-stream decode')
+    : h('span', { class: 'tag tag-win', 'data-basis': 'decode', title: 'Central\'s winner of this cell: judged on the decode rate, 95% intervals separated' }, 'winner');
 }
 
 /** One machine's result for one cell. */
@@ -103,6 +122,11 @@ function cellTd(r, id) {
     const l = e.load;
     parts.push(h('span', { class: 'cell-val' }, l ? `${rate(l.output_tokens_per_s)} tok/s` : '–'));
     parts.push(h('span', { class: 'cell-range' }, l ? `TTFT p99 ${ms(l.ttft_ms?.p99)}` : e.status));
+    const ps = perStream(e);
+    if (ps) {
+      const spread = hasCi(ps) ? ` (95% CI ${num(ps.ci_low, 1)}–${num(ps.ci_high, 1)})` : '';
+      parts.push(h('span', { class: 'cell-stream', title: `Each request's decode rate, median of ${ps.n}: what one stream sees, and what the winner is judged on` }, `per-stream decode ${rate(ps.median)} tok/s${spread}`));
+    }
   } else {
     const st = e.summary?.gen_tokens_per_s;
     parts.push(h('span', { class: 'cell-val' }, st ? `${rate(st.median)} tok/s` : '–'));
@@ -110,6 +134,6 @@ function cellTd(r, id) {
     parts.push(h('span', { class: 'cell-range' }, spread ?? e.status));
   }
   if (e.status === 'running' || e.status === 'pending') parts.push(h('span', { class: 'cell-state' }, e.status === 'running' ? 'running…' : 'pending'));
-  if (win) parts.push(h('span', { class: 'tag tag-win' }, 'winner'));
+  if (win) parts.push(winnerTag(r.load || !!e.load));
   return h('td', attrs, parts);
 }

@@ -7,7 +7,7 @@ import { num, ms, rate, int, pct, when } from '../format.js';
 import { renderFingerprint } from '../fingerprint.js';
 import { renderTelemetry, energyText } from '../telemetry.js';
 import { liveRate, liveTokens, CHARS_PER_TOKEN, deltaPct, allTerminal, hasCi, ciHalfWidthPct, isMeasured } from '../state.js';
-import { ui, colorOf, fleetStatus, labelOf, scheduleRender, repeatText, hasShape, shapeText, isMatrixJob, viewMachine, viewStats, LS } from '../ui.js';
+import { ui, colorOf, fleetStatus, labelOf, scheduleRender, repeatText, hasShape, shapeText, isMatrixJob, viewMachine, viewStats, viewJob, loadRunsText, isLoad, LS } from '../ui.js';
 import { showCell } from '../job.js';
 
 export function statusBadge(status, text) {
@@ -48,9 +48,13 @@ export function renderJobHead() {
   exp.hidden = false;
   replace(exp, h('span', { class: 'muted' }, 'Export'),
     ['csv', 'json', 'ndjson'].map((ext) => h('a', { href: api.exportUrl(job.job_id, ext), download: `${job.job_id}.${ext}`, class: 'export' }, ext.toUpperCase())));
-  const j = job.job ?? {};
-  const runs = j.repeat != null ? repeatText(j) + (j.warmup ? ` + ${j.warmup} warmup` : '') : null;
-  const kv = (k, v) => (v === undefined || v === null ? null : h('span', { class: 'kv' }, h('span', { class: 'k' }, k), h('span', { class: 'v' }, String(v))));
+  // a cell shown as a race: its own settings (its values over the job's), not the job's base ones
+  const inCell = matrix && ui.cell !== null;
+  const j = (inCell ? viewJob(job) : job.job) ?? {};
+  const loadMatrix = !inCell && !!j.matrix?.concurrency?.length;
+  const runs = j.repeat == null && !isLoad(j) ? null
+    : (isLoad(j) ? loadRunsText(j) : loadMatrix ? `${j.requests ?? repeatText(j)} per stream` : repeatText(j)) + (j.warmup ? ` + ${j.warmup} warmup` : '');
+  const kv = (k, v) => (v === undefined || v === null ? null : h('span', { class: 'kv', 'data-k': k }, h('span', { class: 'k' }, k), h('span', { class: 'v' }, String(v))));
   replace(meta,
     h('div', { class: 'kvs' },
       kv('model', j.matrix?.model?.length ? j.matrix.model.join(', ') : j.model),
@@ -62,6 +66,7 @@ export function renderJobHead() {
       j.depth ? kv('depth', j.depth) : null,
       j.profile ? null : kv('max tokens', j.max_tokens),
       kv('ctx', j.num_ctx),
+      isLoad(j) ? kv('concurrency', j.concurrency) : null,
       kv('temp', j.temperature),
       kv('runs', runs),
       j.seed != null ? kv('seed', j.seed) : null,
@@ -155,6 +160,11 @@ function createPane(id) {
   return { id, el, title, fleetBadge, pin, jobState, live, out, jump, metrics, notes, info, fp, tele, err, regr, shownRun: null, shownLen: 0 };
 }
 
+/** central's entry of the chosen cell for a machine (API.md `cells[].machines[]`), if any. */
+function cellEntry(id) {
+  return (ui.job?.cells ?? []).find((c) => c.cell === ui.cell)?.machines?.find((x) => x.machine_id === id) ?? null;
+}
+
 /** The repeats of the cell the machine runs now (all of them without a matrix). */
 function runRepeats(m) {
   const cell = m.run?.cell;
@@ -197,10 +207,12 @@ function updatePane(p) {
     p.tele.hidden = true;
     return;
   }
-  renderFingerprint(p.fp, m);
+  // in a cell view: the cell's settings over the fingerprint's, and no "changes since the previous
+  // job" (central compares the machine's job-level fingerprint, which is not this cell's)
+  renderFingerprint(p.fp, m, ui.cell !== null && isMatrixJob() ? { settings: viewJob(), fingerprintId: cellEntry(id)?.fingerprint_id } : {});
   renderTelemetry(p.tele, m, ui.fleet.get(id));
   // state line
-  const j = ui.job.job;
+  const j = viewJob();
   let state = m.status;
   if (m.status === 'running' && m.run) {
     // Indices no longer say what a run is (a cold run may come first): its own flags do.
@@ -208,7 +220,7 @@ function updatePane(p) {
     else if (m.run.warmup) state = `warmup ${runRepeats(m).filter((r) => r.warmup).length + 1}${j?.warmup ? '/' + j.warmup : ''}`;
     else {
       const k = runRepeats(m).filter((r) => !r.warmup && !r.cold).length + 1;
-      state = `run ${k}${j ? '/' + repeatText(j) : ''}`;
+      state = `run ${k}${j ? '/' + (isLoad(j) ? loadRunsText(j) : repeatText(j)) : ''}`;
     }
   } else if (m.status === 'done') {
     const n = viewMachine(m).repeats.filter((r) => isMeasured(r, !!j?.include_short)).length;
@@ -377,7 +389,7 @@ const NOTES_MAX = 8;
 
 /** What the numbers above leave out or qualify: the cold run, flagged runs, null rates, why it stopped. */
 function renderPaneNotes(p, m) {
-  const j = ui.job?.job;
+  const j = viewJob();
   const includeShort = !!j?.include_short;
   const st = viewStats(m);
   const li = (cls, ...parts) => h('li', { class: cls }, ...parts);
@@ -390,21 +402,30 @@ function renderPaneNotes(p, m) {
   for (const r of viewMachine(m).repeats) {
     if (r.warmup || r.cold) continue;
     const what = [];
-    if (r.short_output) what.push(`short output: ${int(r.gen_tokens)} tokens of ${int(m.shape?.max_tokens ?? j?.max_tokens)}${includeShort ? ' (included)' : ', not counted'}`);
+    if (r.short_output) what.push(`short output: ${int(r.gen_tokens)} tokens of ${int((ui.cell !== null ? j?.max_tokens : null) ?? m.shape?.max_tokens ?? j?.max_tokens)}${includeShort ? ' (included)' : ', not counted'}`);
     if (r.prompt_cache_hit) what.push(`prompt cache hit${r.prompt_evaluated != null ? `: ${int(r.prompt_evaluated)} of ${int(r.prompt_tokens)} prompt tokens evaluated` : ''}`);
     if (r.gen_tokens_per_s == null || !Number.isFinite(r.ttft_ms)) what.push(`no ${Number.isFinite(r.ttft_ms) ? 'decode rate' : 'TTFT or rate'}: ${r.null_reason ?? 'too few tokens'}`);
     if (what.length) flagged.push(li('note-flag', `repeat #${r.repeat_index}: ${what.join('; ')}`));
   }
   items.push(...flagged.slice(0, NOTES_MAX));
   if (flagged.length > NOTES_MAX) items.push(li('note-flag', `… and ${flagged.length - NOTES_MAX} more flagged runs (see the CSV export)`));
-  if (m.status === 'done' && m.stopReason) items.push(li('note-stop', stopText(m.stopReason, st)));
+  // why it stopped: in a cell view the cell's own reason (its cell_done), said for its kind of run
+  const cellRes = ui.cell !== null ? m.cellResults?.get(ui.cell) : null;
+  const reason = ui.cell !== null && isMatrixJob() ? cellRes?.stop_reason ?? null : m.stopReason;
+  if (m.status === 'done' && reason) items.push(li('note-stop', stopText(reason, st, j)));
   replace(p.notes, items);
   p.notes.hidden = !items.length;
 }
 
-function stopText(reason, st) {
+function stopText(reason, st, j) {
   const hw = ciHalfWidthPct(st.gen_tokens_per_s);
   const at = hw === null ? '' : ` (decode ±${num(hw, 1)}%)`;
+  if (isLoad(j) && (reason === 'count' || reason === 'duration')) {
+    const c = j.concurrency ?? 1;
+    const asked = j.duration_s == null ? (j.requests ?? (Number.isInteger(j.repeat) ? j.repeat : 1)) * c : null;
+    const measured = asked === null || asked !== st.n ? ` (${st.n} measured)` : '';
+    return `stopped: ran ${loadRunsText(j)}${measured}${at}`;
+  }
   switch (reason) {
     case 'precision': return `stopped: interval ±${num(hw, 1)}% reached`;
     case 'decided': return `stopped: decided, its interval separated from every other machine's${at}`;
