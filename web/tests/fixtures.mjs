@@ -8,7 +8,11 @@
 //   fx-matrix   model × max_tokens, 4 cells: a winner only in the first (the intervals separate);
 //               the second overlaps; qwen3-0.6b is not on slow-box (model_not_found)
 //   fx-sweep    concurrency 1, 2, 4, 8 with slo TTFT p99 ≤ 1000 ms: fast-box sustains 4 streams,
-//               slow-box 1
+//               slow-box 1; the per-stream decode rates separate at 4 and 8 (fast-box wins)
+//   fx-load     max_tokens 8, 16 × concurrency 1, 2 (the job's max_tokens 8, repeat 2: 2 requests
+//               per stream) with slo TTFT p99 ≤ 60000 ms, far above every point (30..420 ms);
+//               fast-box's two points lie close together; both machines carry a fingerprint of the
+//               job's settings (max 8) and a change since their previous job
 import { cellsOf } from '../js/matrix.js';
 
 const HOUR = 3600 * 1000;
@@ -19,6 +23,12 @@ export const FIX = {
   race2: 'fx-race-2',
   matrix: 'fx-matrix',
   sweep: 'fx-sweep',
+  load: 'fx-load',
+  // per machine, by concurrency 1, 2 (the same in both max_tokens groups)
+  loadLoad: {
+    'fast-box': { ttft_p99: [30, 33], out: [150, 156] },
+    'slow-box': { ttft_p99: [300, 420], out: [40, 60] },
+  },
   sweepLoad: {
     'fast-box': { ttft_p99: [120, 300, 800, 1600], out: [150, 280, 480, 560] },
     'slow-box': { ttft_p99: [400, 1200, 2500, 4000], out: [60, 100, 130, 140] },
@@ -102,5 +112,35 @@ export function seedFixtures({ jobs, machines, summaryOf }) {
       return m;
     });
     job(FIX.sweep, now - HOUR / 2, { model: 'gemma-3-270m', max_tokens: 32, repeat: 2, matrix, slo: { ttft_p99_ms: 1000 } }, ms);
+  }
+
+  // load cells of max_tokens × concurrency, an SLO far above every point
+  {
+    const matrix = { max_tokens: [8, 16], concurrency: [1, 2] };
+    const cells = cellsOf(matrix);
+    const ms = ['fast-box', 'slow-box'].map((id) => {
+      const m = machine(id);
+      const plan = FIX.loadLoad[id];
+      cells.forEach((c) => {
+        const conc = Number(c.values.concurrency);
+        const maxTokens = Number(c.values.max_tokens);
+        const i = conc === 1 ? 0 : 1;
+        const p99 = plan.ttft_p99[i];
+        const runs = Array.from({ length: 2 * conc }, (_, k) => metric(m.nextIndex++, plan.out[i] / conc + k * 0.5, p99 * (0.7 + (0.3 * k) / Math.max(1, 2 * conc - 1)), c.cell,
+          { stream: k % conc, start_ms: Math.floor(k / conc) * 300, gen_tokens: maxTokens, streamed_tokens: maxTokens }));
+        m.repeats.push(...runs);
+        const load = { concurrency: conc, requests: runs.length, wall_ms: 600, output_tokens: runs.length * maxTokens, output_tokens_per_s: plan.out[i], requests_per_s: runs.length / 0.6,
+          ttft_ms: { p50: p99 * 0.8, p90: p99 * 0.95, p99 }, per_stream_tokens_per_s: summaryOf(runs).gen_tokens_per_s };
+        m.cellResults.set(c.cell, { cell: c.cell, values: c.values, status: 'done', summary: summaryOf(runs), load, stop_reason: 'count', repeat_range: [runs[0].repeat_index, runs[runs.length - 1].repeat_index] });
+      });
+      m.summary = m.cellResults.get(cells[0].cell).summary;
+      // the job-level fingerprint (the job's settings: max 8) and its change since the previous job
+      m.fingerprint = { fingerprint_id: `fp-${id}-job`, hardware: { cpu: 'Fake CPU', cores: 8, memory_bytes: 16 * 2 ** 30, os: 'linux', arch: 'x86_64' },
+        engine: { kind: 'mock', server: 'mock', version: '1.0' }, model: { name: 'gemma-3-270m', quantization: 'Q4_K_M' },
+        settings: { mode: 'generate', num_ctx: 2048, max_tokens: 8, temperature: 0 } };
+      m.previous = { job_id: FIX.race2, created_ms: now - 2 * HOUR, same: false, changes: [{ field: 'settings.max_tokens', before: '32', after: '8' }] };
+      return m;
+    });
+    job(FIX.load, now - HOUR / 4, { model: 'gemma-3-270m', max_tokens: 8, repeat: 2, matrix, slo: { ttft_p99_ms: 60000 } }, ms);
   }
 }

@@ -54,6 +54,21 @@ async function shot(name) {
   await page.screenshot({ path: path.join(SHOTS, name + '.png'), fullPage: true });
 }
 
+/** Every chart's title and note on the page lie apart (no overlap of their boxes). */
+async function assertHeadsApart() {
+  const heads = await page.$$eval('.chart-fig', (fs) => fs.map((f) => {
+    const box = (e) => { const r = e?.getBoundingClientRect(); return r && { x1: r.left, x2: r.right, y1: r.top, y2: r.bottom }; };
+    return { fig: f.dataset.metric ?? f.dataset.group ?? f.id, title: box(f.querySelector('.chart-title')), note: box(f.querySelector('.chart-note')), text: f.querySelector('.chart-title')?.textContent };
+  }));
+  assert.ok(heads.length > 0);
+  for (const hd of heads) {
+    assert.ok(hd.title && hd.note, `${hd.fig}: a title and a note`);
+    const { title: a, note: b } = hd;
+    const overlap = a.x1 < b.x2 && b.x1 < a.x2 && a.y1 < b.y2 && b.y1 < a.y2;
+    assert.ok(!overlap, `${hd.fig}: the title "${hd.text}" overlaps its note (${JSON.stringify(hd)})`);
+  }
+}
+
 const cellTd = (cell, machine) => `#matrix-table tbody tr[data-cell="${cell}"] td[data-machine="${machine}"]`;
 
 async function open(hash) {
@@ -137,10 +152,98 @@ describe('matrix races, sweeps and compare in headless Chromium (fake central)',
     assert.deepEqual(over.sort(), ['fast-box:8', 'slow-box:2', 'slow-box:4', 'slow-box:8']);
     assert.equal(await page.textContent('.capacity[data-machine="fast-box"]'), ` ${FAST} sustains 4 streams within TTFT p99 ≤ 1000 ms`);
     assert.equal(await page.textContent('.capacity[data-machine="slow-box"]'), ` ${SLOW} sustains 1 stream within TTFT p99 ≤ 1000 ms`);
-    // load cells in the table: output tokens/s and TTFT p99
+    // load cells in the table: output tokens/s and TTFT p99, and the per-stream decode rate that
+    // central's winner is judged on (each request's 120 tok/s at 4 streams: 480 / 4)
     assert.match(await page.textContent(cellTd('concurrency=4', 'fast-box')), /480\.0 tok\/s.*TTFT p99 800 ms/);
-    assert.deepEqual(await page.$$eval('#matrix-charts figure', (f) => f.map((x) => x.dataset.metric)), ['output_tokens_per_s', 'ttft_p99_ms']);
+    assert.equal(await page.textContent(`${cellTd('concurrency=4', 'fast-box')} .cell-stream`), 'per-stream decode 120.0 tok/s (95% CI 120.0–120.0)');
+    assert.equal(await page.textContent(`${cellTd('concurrency=4', 'slow-box')} .cell-stream`), 'per-stream decode 32.5 tok/s (95% CI 32.5–32.5)');
+    assert.equal(await page.textContent(`${cellTd('concurrency=1', 'slow-box')} .cell-stream`), 'per-stream decode 60.0 tok/s');
+    // the winner (at 4 and 8 streams, where the per-stream intervals separate) says what it is judged on
+    const winners = await page.$$eval('#matrix-table td.is-winner', (tds) => tds.map((td) => [td.closest('tr').dataset.cell, td.dataset.machine]));
+    assert.deepEqual(winners, [['concurrency=4', 'fast-box'], ['concurrency=8', 'fast-box']]);
+    const tag = `${cellTd('concurrency=4', 'fast-box')} .tag-win`;
+    assert.equal(await page.textContent(tag), 'winner · per-stream decode');
+    assert.match(await page.getAttribute(tag, 'title'), /judged on the per-stream decode rate .*95% intervals separated; not on the output tok\/s or TTFT p99/);
+    assert.match(await page.textContent('#matrix-summary'), /a winner only where the 95% intervals of the per-stream decode rate separate/);
+    assert.deepEqual(await page.$$eval('#matrix-charts figure', (f) => f.map((x) => x.dataset.metric)), ['output_tokens_per_s', 'ttft_p99_ms', 'per_stream_tokens_per_s']);
+    // the winner's bar is marked in the chart of its basis only
+    assert.equal(await page.$$eval('#matrix-charts figure[data-metric="per_stream_tokens_per_s"] .chart-row.is-winner', (r) => r.length), 2);
+    assert.equal(await page.$$eval('#matrix-charts figure:not([data-metric="per_stream_tokens_per_s"]) .chart-row.is-winner', (r) => r.length), 0);
+    await assertHeadsApart();
     await shot('mx-02-sweep');
+  });
+
+  it('sweep chart with an SLO far above every point: the axis fits the points, the SLO in words, labels apart', async () => {
+    await open('#job=fx-load');
+    await page.waitForSelector('#sweeps:not([hidden]) .sweep-chart', { timeout: T });
+    assert.deepEqual(await page.$$eval('#sweeps-body .sweep-fig', (f) => f.map((x) => x.dataset.group)), ['max_tokens=8', 'max_tokens=16']);
+    for (const group of ['max_tokens=8', 'max_tokens=16']) {
+      const fig = `#sweeps-body .sweep-fig[data-group="${group}"]`;
+      // the points spread over the plot (30 to 420 ms), not flat on the axis of a 60 s scale
+      const geo = await page.$eval(fig, (f) => {
+        const grid = [...f.querySelectorAll('.chart-grid line')].map((l) => Number(l.getAttribute('y1')));
+        const cys = [...f.querySelectorAll('.sweep-point')].map((c) => Number(c.getAttribute('cy')));
+        return { plot: Math.max(...grid) - Math.min(...grid), cys };
+      });
+      const spread = Math.max(...geo.cys) - Math.min(...geo.cys);
+      assert.ok(spread > geo.plot * 0.5, `${group}: the points use the plot's height (spread ${spread.toFixed(1)} of ${geo.plot.toFixed(1)} px)`);
+      // the SLO is off the chart: no line, said in words; every point within it, capacity 2
+      assert.equal(await page.$$eval(`${fig} .sweep-slo-line`, (l) => l.length), 0, `${group}: no SLO line off the axis`);
+      assert.equal(await page.textContent(`${fig} .sweep-slo`), 'SLO: TTFT p99 ≤ 60,000 ms: above every point (off the chart, whose axis is scaled to the points)');
+      assert.equal(await page.$$eval(`${fig} .sweep-point.is-over`, (c) => c.length), 0);
+      assert.equal(await page.textContent(`${fig} .capacity[data-machine="fast-box"]`), ` ${FAST} sustains 2 streams within TTFT p99 ≤ 60000 ms`);
+      // fast-box's two points lie 6 tok/s and 3 ms apart: their labels (and all others) do not overlap
+      const boxes = await page.$$eval(`${fig} .sweep-label`, (ts) => ts.map((x) => { const r = x.getBoundingClientRect(); return { t: x.textContent, x1: r.left, x2: r.right, y1: r.top, y2: r.bottom }; }));
+      assert.equal(boxes.length, 4);
+      for (let i = 0; i < boxes.length; i++) {
+        for (let k = i + 1; k < boxes.length; k++) {
+          const [a, b] = [boxes[i], boxes[k]];
+          const overlap = a.x1 < b.x2 - 0.5 && b.x1 < a.x2 - 0.5 && a.y1 < b.y2 - 0.5 && b.y1 < a.y2 - 0.5;
+          assert.ok(!overlap, `${group}: labels "${a.t}" and "${b.t}" overlap (${JSON.stringify([a, b])})`);
+        }
+      }
+    }
+    // with the SLO on the axis (fx-sweep, 1000 ms among the points) the line is drawn: checked above
+    await assertHeadsApart();
+    await shot('mx-02b-sweep-far-slo');
+  });
+
+  it('a load cell opened as a race shows that cell\'s settings and runs, not the job\'s', async () => {
+    const cell = 'max_tokens=16,concurrency=2';
+    await open('#job=fx-load&cell=' + encodeURIComponent(cell));
+    await page.waitForFunction(() => document.getElementById('cell-key')?.textContent.length > 0, null, { timeout: T });
+    await page.waitForSelector('#panes .pane[data-machine="fast-box"][data-state="done"] .note-stop', { timeout: T });
+    const kv = (k) => page.textContent(`#job-meta .kv[data-k="${k}"] .v`);
+    assert.equal(await kv('max tokens'), '16', 'the cell\'s max_tokens, not the job\'s 8');
+    assert.equal(await kv('concurrency'), '2');
+    assert.equal(await kv('ctx'), '2048');
+    assert.equal(await kv('runs'), '2 requests per stream × 2 streams');
+    for (const id of ['fast-box', 'slow-box']) {
+      const pane = `#panes .pane[data-machine="${id}"]`;
+      assert.match(await page.textContent(`${pane} .pane-state`), /done · 4 runs/);
+      assert.equal(await page.textContent(`${pane} .note-stop`), 'stopped: ran 2 requests per stream × 2 streams');
+      // the fingerprint as the cell ran (max 16), no job-level id, and no "change since the previous job" (max_tokens 32 → 8 is the job's)
+      assert.match(await page.getAttribute(`${pane} .pane-fp`, 'title'), /settings: generate · ctx 2048 · max 16 · temp 0/);
+      assert.equal(await page.$$eval(`${pane} .fp-prev`, (x) => x.length), 0, `${id}: no job-level fingerprint change in the cell view`);
+      assert.equal(await page.$$eval(`${pane} .fp-id`, (x) => x.map((e) => e.textContent).join('')), '');
+    }
+    await shot('mx-02c-load-cell');
+    // the whole job: the job's settings, its fingerprint with the change since the previous job
+    await page.click('#cell-back');
+    await page.waitForSelector('#matrix:not([hidden]) #matrix-table tbody tr', { timeout: T });
+    assert.equal(await kv('max tokens'), '8');
+    assert.equal(await kv('runs'), '2 per stream');
+    assert.match(await page.textContent('#panes .pane[data-machine="fast-box"] .fp-prev'), /1 change since the previous job/);
+  });
+
+  it('the sticky top bar leaves a heading brought into view visible', async () => {
+    await open('#job=fx-load');
+    await page.waitForSelector('#sweeps:not([hidden]) .sweep-chart', { timeout: T });
+    for (const sel of ['#matrix-h', '#sweeps .sub-h']) {
+      await page.$eval(sel, (e) => e.scrollIntoView({ block: 'start' }));
+      const { top, bar } = await page.$eval(sel, (e) => ({ top: e.getBoundingClientRect().top, bar: document.querySelector('.topbar').getBoundingClientRect().bottom }));
+      assert.ok(top >= bar, `${sel}: its top ${top.toFixed(0)} px is below the top bar's bottom ${bar.toFixed(0)} px`);
+    }
   });
 
   it('compare with… from History: deltas, ratio, and "beyond the intervals" only where they separate', async () => {
@@ -266,7 +369,7 @@ describe('matrix races, sweeps and compare in headless Chromium (fake central)',
   it('the matrix, sweep and compare views are readable in a narrow window', async () => {
     await page.setViewportSize({ width: 420, height: 900 });
     try {
-      for (const [hash, sel] of [['#job=fx-matrix', '#matrix-table tbody tr'], ['#job=fx-sweep', '.sweep-point'], ['#compare=fx-race-1,fx-race-2', '#runs .runs-group']]) {
+      for (const [hash, sel] of [['#job=fx-matrix', '#matrix-table tbody tr'], ['#job=fx-sweep', '.sweep-point'], ['#job=fx-load', '.sweep-point'], ['#compare=fx-race-1,fx-race-2', '#runs .runs-group']]) {
         await open(hash);
         await page.waitForSelector(sel, { timeout: T });
         const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);

@@ -16,7 +16,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { launchChromium, closeChromium } from './browser.mjs';
-import { rate, ms } from '../js/format.js';
+import { rate, ms, num } from '../js/format.js';
+import { hasCi } from '../js/state.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, '..', '..');
@@ -34,6 +35,10 @@ let page;
 let profile;
 const pageErrors = [];
 const shots = [];
+/** This test's screenshots: 01-fleet.png … 08-matrix-fleet-cell.png. */
+const OWN_SHOT = /^\d\d[a-z]?-[\w-]+\.png$/;
+/** Other tests' screenshots found at the start (kept). */
+const othersShots = [];
 
 async function shot(name, opts = {}) {
   fs.mkdirSync(SHOTS, { recursive: true });
@@ -112,8 +117,15 @@ async function fillForm({ prompt, maxTokens, repeat, warmup = 0 }) {
 
 describe('bench-race web UI in headless Chromium', () => {
   before(async () => {
-    // this run's screenshots only
-    if (fs.existsSync(SHOTS)) for (const f of fs.readdirSync(SHOTS)) if (f.endsWith('.png')) fs.rmSync(path.join(SHOTS, f));
+    // this test's earlier screenshots only (NN-name.png); the other tests' (matrix.test.mjs's mx-*)
+    // stay, whichever ran first
+    if (fs.existsSync(SHOTS)) {
+      for (const f of fs.readdirSync(SHOTS)) {
+        if (!f.endsWith('.png')) continue;
+        if (OWN_SHOT.test(f)) fs.rmSync(path.join(SHOTS, f));
+        else othersShots.push(f);
+      }
+    }
     ({ ctx, page, profile } = await launchChromium('ui-', { timeout: T, pageErrors, viewport: { width: 1280, height: 800 } }));
   });
 
@@ -458,8 +470,28 @@ describe('bench-race web UI in headless Chromium', () => {
         assert.ok(load && load.output_tokens_per_s > 0, `${key} ${mid}: central has a load with output tokens/s > 0 (${JSON.stringify(load)})`);
         assert.equal(val, `${rate(load.output_tokens_per_s)} tok/s`, `${key} ${mid}: the page shows central's output tokens/s`);
         assert.equal(range, `TTFT p99 ${ms(load.ttft_ms.p99)}`, `${key} ${mid}: the page shows central's TTFT p99`);
+        // and the per-stream decode rate (median): what central's winner is judged on
+        const ps = cell.machines.find((m) => m.machine_id === mid)?.summary?.gen_tokens_per_s ?? load.per_stream_tokens_per_s;
+        assert.ok(ps && ps.median > 0, `${key} ${mid}: central has a per-stream decode rate`);
+        const want = `per-stream decode ${rate(ps.median)} tok/s${hasCi(ps) ? ` (95% CI ${num(ps.ci_low, 1)}–${num(ps.ci_high, 1)})` : ''}`;
+        assert.equal(await page.textContent(`${td} .cell-stream`), want, `${key} ${mid}: the per-stream decode shown`);
+        // a winner exactly where central names one, its tag saying what it is judged on
+        const isWin = await page.$eval(td, (e) => e.classList.contains('is-winner'));
+        assert.equal(isWin, cell.winner === mid, `${key} ${mid}: winner as central says (${cell.winner})`);
+        if (isWin) {
+          assert.equal(await page.textContent(`${td} .tag-win`), 'winner · per-stream decode');
+          assert.match(await page.getAttribute(`${td} .tag-win`, 'title'), /judged on the per-stream decode rate .*95% intervals separated/);
+        }
       }
     }
+    assert.match(await page.textContent('#matrix-summary'), /a winner only where the 95% intervals of the per-stream decode rate separate/);
+    // each chart's title and its note lie apart (the long "Output tokens/s per load cell (all streams)" included)
+    const heads = await page.$$eval('#matrix .chart-fig', (fs) => fs.map((f) => {
+      const box = (e) => { const r = e.getBoundingClientRect(); return { x1: r.left, x2: r.right, y1: r.top, y2: r.bottom }; };
+      return { fig: f.dataset.metric ?? f.dataset.group, title: box(f.querySelector('.chart-title')), note: box(f.querySelector('.chart-note')) };
+    }));
+    assert.deepEqual(heads.map((x) => x.fig), ['output_tokens_per_s', 'ttft_p99_ms', 'per_stream_tokens_per_s', 'max_tokens=8', 'max_tokens=16']);
+    for (const { fig, title: a, note: b } of heads) assert.ok(!(a.x1 < b.x2 && b.x1 < a.x2 && a.y1 < b.y2 && b.y1 < a.y2), `${fig}: title and note overlap ${JSON.stringify([a, b])}`);
     // the sweeps: one per max tokens (the cells differing only in concurrency), a point per
     // concurrency per machine, the SLO line, and each machine's capacity in words
     assert.deepEqual(await page.$$eval('#sweeps-body .sweep-fig', (f) => f.map((x) => x.dataset.group)), ['max_tokens=8', 'max_tokens=16']);
@@ -468,6 +500,24 @@ describe('bench-race web UI in headless Chromium', () => {
       const sw = doc.sweeps.find((x) => x.group === group);
       assert.ok(sw, `central has the sweep ${group}`);
       assert.match(await page.textContent(`${fig} .sweep-slo`), /SLO: TTFT p99 ≤ 60,000 ms/);
+      // the axis is scaled to the points (well under 60 s): the SLO stated in words, no line; the
+      // points spread over the plot instead of lying flat on the axis
+      assert.equal(await page.$$eval(`${fig} .sweep-slo-line`, (l) => l.length), 0, `${group}: no SLO line off the axis`);
+      assert.match(await page.textContent(`${fig} .sweep-slo-off`), /^SLO: TTFT p99 ≤ 60,000 ms: above every point/);
+      const geo = await page.$eval(fig, (f) => {
+        const grid = [...f.querySelectorAll('.chart-grid line')].map((l) => Number(l.getAttribute('y1')));
+        return { plot: Math.max(...grid) - Math.min(...grid), cys: [...f.querySelectorAll('.sweep-point')].map((c) => Number(c.getAttribute('cy'))) };
+      });
+      const spread = Math.max(...geo.cys) - Math.min(...geo.cys);
+      assert.ok(spread > geo.plot * 0.3, `${group}: the points use the plot's height (spread ${spread.toFixed(1)} of ${geo.plot.toFixed(1)} px)`);
+      // the concurrency labels do not overlap one another
+      const boxes = await page.$$eval(`${fig} .sweep-label`, (ts) => ts.map((x) => { const r = x.getBoundingClientRect(); return { t: x.textContent, x1: r.left, x2: r.right, y1: r.top, y2: r.bottom }; }));
+      for (let i = 0; i < boxes.length; i++) {
+        for (let k = i + 1; k < boxes.length; k++) {
+          const [a, b] = [boxes[i], boxes[k]];
+          assert.ok(!(a.x1 < b.x2 - 0.5 && b.x1 < a.x2 - 0.5 && a.y1 < b.y2 - 0.5 && b.y1 < a.y2 - 0.5), `${group}: labels "${a.t}" and "${b.t}" overlap ${JSON.stringify([a, b])}`);
+        }
+      }
       for (const mid of machines) {
         const conc = await page.$$eval(`${fig} .sweep-point[data-machine="${mid}"]`, (c) => c.map((x) => Number(x.dataset.concurrency)));
         assert.deepEqual(conc, [1, 2, 4], `${group} ${mid}: a point per concurrency`);
@@ -480,8 +530,10 @@ describe('bench-race web UI in headless Chromium', () => {
     }
     // the matrix overview shows no machine-level comparison (it would mix cells)
     assert.equal(await page.isVisible('#compare'), false);
-    // the matrix card's top just under the sticky top bar (scrollIntoView alone puts its heading beneath it)
-    await page.evaluate(() => window.scrollTo(0, document.getElementById('matrix').getBoundingClientRect().top + window.scrollY - document.querySelector('.topbar').offsetHeight - 8));
+    // scrollIntoView leaves the matrix heading visible under the sticky top bar (scroll-padding-top)
+    await page.$eval('#matrix', (e) => e.scrollIntoView({ block: 'start' }));
+    const under = await page.$eval('#matrix-h', (e) => ({ top: e.getBoundingClientRect().top, bar: document.querySelector('.topbar').getBoundingClientRect().bottom }));
+    assert.ok(under.top >= under.bar, `the matrix heading (top ${under.top} px) is below the top bar (bottom ${under.bar} px)`);
     const mxShot = await shot('08-matrix-fleet');
     fs.mkdirSync(DOCS, { recursive: true });
     fs.copyFileSync(mxShot, path.join(DOCS, 'screenshot-matrix.png'));
@@ -494,6 +546,11 @@ describe('bench-race web UI in headless Chromium', () => {
     await page.waitForFunction((h) => location.hash === h, `#job=${id}&cell=${encodeURIComponent(key)}`, { timeout: T });
     assert.equal(await page.textContent('#cell-key'), key);
     assert.equal(await page.isVisible('#matrix'), false);
+    // the head shows the cell's own settings (its values over the job's max tokens 8) and its runs
+    const kv = (k) => page.textContent(`#job-meta .kv[data-k="${k}"] .v`);
+    assert.equal(await kv('max tokens'), '16', 'the cell\'s max tokens, not the job\'s 8');
+    assert.equal(await kv('concurrency'), '2');
+    assert.equal(await kv('runs'), '2 requests per stream × 2 streams');
     await page.waitForFunction((n) => {
       const panes = [...document.querySelectorAll('#panes .pane')];
       return panes.length === n && panes.every((p) => p.dataset.state === 'done' && /\d/.test(p.querySelector('.metric.key .val')?.textContent ?? ''));
@@ -508,12 +565,24 @@ describe('bench-race web UI in headless Chromium', () => {
       assert.ok(Number(vals['tokens']) >= 1 && Number(vals['tokens']) <= 16, `${mid}: at most the cell's 16 tokens (${vals['tokens']})`);
       const runs = Number(/done · (\d+) runs?/.exec(await pane.locator('.pane-state').textContent())?.[1]);
       assert.ok(runs >= 2, `${mid}: the cell's runs counted (${runs})`);
+      // why it stopped, said for a load cell; the fingerprint as the cell ran, without the job-level
+      // change since the previous job (it is not this cell's)
+      assert.match(await pane.locator('.note-stop').textContent(), /^stopped: ran 2 requests per stream × 2 streams/);
+      assert.equal(await pane.locator('.fp-prev').count(), 0, `${mid}: no job-level fingerprint change in the cell view`);
+      const fpTitle = (await pane.locator('.pane-fp').getAttribute('title')) ?? '';
+      assert.doesNotMatch(fpTitle, /\bmax 8\b/, `${mid}: not the job's max tokens in the cell's fingerprint`);
+      if (/settings: .*max \d/.test(fpTitle)) assert.match(fpTitle, /\bmax 16\b/, `${mid}: the cell's max tokens in its fingerprint`);
     }
     await page.evaluate(() => window.scrollTo(0, 0));
     await shot('08-matrix-fleet-cell');
     await page.click('#cell-back');
     await page.waitForSelector('#matrix:not([hidden]) #matrix-table tbody tr', { timeout: T });
     await page.setViewportSize({ width: 1280, height: 800 });
+  });
+
+  it('kept the other tests\' screenshots', () => {
+    const gone = othersShots.filter((f) => !fs.existsSync(path.join(SHOTS, f)));
+    assert.deepEqual(gone, [], 'screenshots of other tests (e.g. matrix.test.mjs\'s mx-*) are not deleted');
   });
 
   it('raised no page errors', () => {
