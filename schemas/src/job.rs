@@ -2,7 +2,7 @@
 
 use crate::error::{ErrorBody, ErrorCode};
 use crate::ids::{validate_job_id, validate_machine_id};
-use crate::matrix::{Matrix, Order, Slo, MAX_CONCURRENCY, MAX_DURATION_S};
+use crate::matrix::{Matrix, Order, Slo, MAX_CONCURRENCY, MAX_DURATION_S, MAX_JOB_RUNS};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -360,11 +360,22 @@ impl Job {
         if let Some(slo) = &self.slo {
             validate_slo(slo)?;
         }
-        for cell in self.cells() {
+        let cells = self.cells();
+        for cell in &cells {
             cell.job.validate_cell(limits).map_err(|mut e| {
                 e.message = format!("cell {}: {}", cell.key, e.message);
                 e
             })?;
+        }
+        let runs = crate::matrix::max_job_runs(&cells, limits.max_runs);
+        if runs > MAX_JOB_RUNS {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidJob,
+                format!(
+                    "the matrix asks for up to {runs} runs over its {} cells (warmups, a cold run and repeats of each; a load cell every request); at most {MAX_JOB_RUNS}: fewer cells, repeats or requests",
+                    cells.len()
+                ),
+            ));
         }
         Ok(())
     }

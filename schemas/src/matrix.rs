@@ -19,6 +19,11 @@ pub const MAX_CELLS: usize = 64;
 pub const MAX_CONCURRENCY: u32 = 64;
 /// The longest `duration_s` of a load cell.
 pub const MAX_DURATION_S: u32 = 3600;
+/// The most runs a matrix job may ask of one machine over all its cells (each cell is also
+/// bounded by the agent's `max_runs`). `job_done` carries every run's metrics, and NATS refuses
+/// a message over its `max_payload` (1 MiB by default): a larger job's final event would be
+/// dropped and the job never end.
+pub const MAX_JOB_RUNS: u64 = 512;
 
 /// The axes a matrix may vary, in the order cell keys name them.
 pub const AXES: [&str; 9] = [
@@ -376,6 +381,29 @@ pub(crate) fn validate_matrix(job: &Job, m: &Matrix) -> Result<(), String> {
     Ok(())
 }
 
+/// The most runs the cells ask for together, each counted at its bound: its warmups, a cold
+/// run, and its repeats (`max_repeat` for `auto`; a load cell every request of every stream,
+/// `max_runs` with `duration_s`).
+pub(crate) fn max_job_runs(cells: &[Cell], max_runs: u32) -> u64 {
+    cells
+        .iter()
+        .map(|c| {
+            let j = &c.job;
+            let measured = if j.is_load() {
+                match j.duration_s {
+                    Some(_) => u64::from(max_runs),
+                    None => {
+                        u64::from(j.concurrency.unwrap_or(1)) * u64::from(j.requests_per_stream())
+                    }
+                }
+            } else {
+                u64::from(j.max_repeat())
+            };
+            measured + u64::from(j.warmup) + 1
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,6 +473,57 @@ mod tests {
             err(r#"{"model":"m","prompt":"p","concurrency":2,"requests":2,"duration_s":5}"#)
                 .contains("duration_s")
         );
+    }
+
+    #[test]
+    fn a_matrix_is_bounded_in_runs_over_all_its_cells() {
+        // Each cell within max_runs, but 64 cells x 100 runs would make a job_done (every run's
+        // metrics) several MiB: over NATS' max_payload, so it would be dropped and the job
+        // would never end. The whole job is bounded by MAX_JOB_RUNS.
+        let l = crate::JobLimits::default();
+        let tokens: Vec<String> = (1..=64).map(|i| i.to_string()).collect();
+        let big = job(&format!(
+            r#"{{"model":"m","prompt":"p","repeat":99,"warmup":1,"matrix":{{"max_tokens":[{}]}}}}"#,
+            tokens.join(",")
+        ));
+        let e = big.validate(&l).unwrap_err();
+        assert!(
+            e.message.contains("runs over its 64 cells"),
+            "{}",
+            e.message
+        );
+        // Load cells count every request of every stream; duration_s cells their bound.
+        let load = job(
+            r#"{"model":"m","prompt":"p","repeat":12,"warmup":1,"matrix":{"max_tokens":[8,16],"concurrency":[1,2,3,4,5,6,7,8]}}"#,
+        );
+        assert!(load.validate(&l).unwrap_err().message.contains("runs over"));
+        let timed = job(
+            r#"{"model":"m","prompt":"p","repeat":1,"duration_s":5,"matrix":{"concurrency":[1,2,4,8,16,32]}}"#,
+        );
+        assert!(timed
+            .validate(&l)
+            .unwrap_err()
+            .message
+            .contains("runs over"));
+        // What the README shows still fits: 64 cells of 5 repeats after a warmup, a sweep.
+        let ok = job(&format!(
+            r#"{{"model":"m","prompt":"p","repeat":5,"warmup":1,"matrix":{{"max_tokens":[{}]}}}}"#,
+            tokens.join(",")
+        ));
+        ok.validate(&l).unwrap();
+        job(r#"{"model":"m","prompt":"p","repeat":4,"warmup":1,"matrix":{"concurrency":[1,2,4,8]},"slo":{"ttft_p99_ms":1000}}"#)
+            .validate(&l)
+            .unwrap();
+        // And a job_done holding MAX_JOB_RUNS full runs (telemetry, a cell key) fits 1 MiB.
+        let mut m: Metrics =
+            serde_json::from_str(include_str!("../messages/metrics.json")).unwrap();
+        m.cell = Some("model=gemma-3-270m-instruct-q8_0,max_tokens=4096,concurrency=64".into());
+        m.stream = Some(63);
+        m.start_ms = Some(123_456.789_012);
+        let bytes = serde_json::to_vec(&vec![m; MAX_JOB_RUNS as usize])
+            .unwrap()
+            .len();
+        assert!(bytes < 700 * 1024, "{bytes} bytes");
     }
 
     fn run(start_ms: f64, ttft: f64, total: f64, tokens: u64, rate: f64) -> Metrics {
