@@ -745,9 +745,27 @@ impl CellRun {
             None => c * self.job.requests_per_stream(),
         };
         let mut prompts = Vec::with_capacity(total as usize);
+        // Up to max_runs prompts, each perhaps a few tokenizer calls: cancellable and bounded
+        // like a run, so a cancel (or a stalled engine) is not held up until all are built.
+        let idle = run.shared.cfg.engine_idle_timeout;
         for _ in 0..total {
             let index = run.next_index.load(Ordering::Relaxed) + prompts.len() as u32;
-            prompts.push(self.next_prompt(index, false).await?);
+            let built = tokio::select! {
+                _ = run.cancel.cancelled() => {
+                    return Err(Early::at(Stop::Cancelled("cancel requested".into()), None));
+                }
+                r = tokio::time::timeout(idle, self.next_prompt(index, false)) => match r {
+                    Err(_) => {
+                        let e = ErrorBody::new(
+                            ErrorCode::Timeout,
+                            format!("building a load prompt took longer than {idle:?}"),
+                        );
+                        return Err(Early::at(Stop::Failed(e), None));
+                    }
+                    Ok(r) => r?,
+                },
+            };
+            prompts.push(built);
         }
         let prompts = Mutex::new(prompts.into_iter());
         let runs = Mutex::new(Vec::<(Metrics, String)>::new());
