@@ -23,7 +23,7 @@ use bench_schemas::{
     Load, Metrics, Order, Repeat, StartMode, Stats, Summary,
 };
 use futures::StreamExt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -608,8 +608,9 @@ impl CellRun {
         }
         let index = run.take_index();
         let (prompt, spec) = self.next_prompt(index, is_cold).await?;
+        let first = !self.started;
         let (metrics, output) = self
-            .send(run, index, warmup, is_cold, prompt, spec, None, None)
+            .send(run, index, warmup, is_cold, first, prompt, spec, None, None)
             .await?;
         self.started = true;
         self.runs.push(metrics);
@@ -629,7 +630,8 @@ impl CellRun {
         Ok((prompt, spec))
     }
 
-    /// Sends one prepared prompt and measures it (`load`: its stream and when the load began).
+    /// Sends one prepared prompt and measures it (`first`: the cell's first run, which carries
+    /// its fingerprint; `load`: its stream and when the load began).
     #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
@@ -637,6 +639,7 @@ impl CellRun {
         index: u32,
         warmup: bool,
         is_cold: bool,
+        first: bool,
         prompt: String,
         spec: RunSpec,
         load: Option<(u32, Instant)>,
@@ -661,7 +664,7 @@ impl CellRun {
             repeat_index: index,
             warmup,
             cold: is_cold,
-            fingerprint: (!self.started).then(|| self.fingerprint.clone()),
+            fingerprint: first.then(|| self.fingerprint.clone()),
             cell: cell.clone(),
             stream: load.map(|l| l.0),
         }))
@@ -725,7 +728,7 @@ impl CellRun {
         }
         ctx.emit(EventKind::RepeatDone(metrics.clone()))
             .map_err(full)?;
-        if !self.started || load.is_none() {
+        if first || load.is_none() {
             *shared.last_model.lock().expect("last model lock") = Some(self.engine_key.clone());
         }
         Ok((metrics, output))
@@ -776,10 +779,12 @@ impl CellRun {
             .duration_s
             .map(|d| began + Duration::from_secs(u64::from(d)));
         let per_stream = self.job.requests_per_stream();
-        self.started = true;
+        // Without warmups the first request of the load is the cell's first run: whichever
+        // stream sends it carries the fingerprint.
+        let first = AtomicBool::new(!self.started);
         let this = &*self;
         let stream = |s: u32| {
-            let (prompts, runs, itl) = (&prompts, &runs, &itl);
+            let (prompts, runs, itl, first) = (&prompts, &runs, &itl, &first);
             async move {
                 let mut sent = 0u32;
                 loop {
@@ -797,6 +802,7 @@ impl CellRun {
                             index,
                             false,
                             false,
+                            first.swap(false, Ordering::Relaxed),
                             prompt,
                             spec,
                             Some((s, began)),
@@ -808,13 +814,17 @@ impl CellRun {
                 }
             }
         };
-        futures::future::try_join_all((0..c).map(stream)).await?;
+        let outcome = futures::future::try_join_all((0..c).map(stream)).await;
+        self.started = true;
+        // The requests that finished are the cell's runs even when a stream failed (their
+        // repeat_done went out): the failed cell's repeat_range covers them.
         let mut done = runs.into_inner().expect("runs lock");
         done.sort_by_key(|(m, _)| m.repeat_index);
         if let Some((_, text)) = done.last() {
             self.last_output = text.clone();
         }
         self.runs.extend(done.into_iter().map(|(m, _)| m));
+        outcome?;
         self.measured = self.runs.iter().filter(|m| !m.warmup && !m.cold).count() as u32;
         let measured: Vec<&Metrics> = self
             .runs

@@ -230,6 +230,18 @@ async fn a_concurrency_sweep_reports_the_scripted_throughput_latency_and_capacit
         })
         .collect();
     assert_eq!(bench_schemas::matrix::capacity(&slo, &points), Some(2));
+    // Each cell's first run carries the fingerprint, once, even where it is a load request
+    // (no warmup, no cold run: cells 2 and 3), whichever stream sent it.
+    for cell in &cells {
+        let with_fp = events
+            .iter()
+            .filter(|e| {
+                matches!(&e.kind, EventKind::JobStarted(s)
+                    if s.cell.as_deref() == Some(cell.cell.as_str()) && s.fingerprint.is_some())
+            })
+            .count();
+        assert_eq!(with_fp, 1, "{}", cell.cell);
+    }
     // Repeat indexes are unique over the job, and every run started before it ended.
     let mut idx: Vec<u32> = done.repeats.iter().map(|m| m.repeat_index).collect();
     idx.dedup();
