@@ -100,20 +100,6 @@ async fn fleet() -> (NatsServer, TestAgent, async_nats::Client) {
     (nats, agent, c)
 }
 
-fn within_pct(what: &str, got: f64, want: f64, pct: f64) {
-    assert!(
-        ((got - want) / want).abs() * 100.0 <= pct,
-        "{what}: got {got}, want {want} within {pct}%"
-    );
-}
-
-fn within_ms(what: &str, got: f64, want: f64, ms: f64) {
-    assert!(
-        (got - want).abs() <= ms,
-        "{what}: got {got} ms, want {want} ms within {ms} ms"
-    );
-}
-
 async fn run_job(c: &async_nats::Client, job: Value) -> (Done, Vec<Event>) {
     let job_id = job["job_id"].as_str().unwrap().to_string();
     let mut ev = Events::watch(c, &job_id).await;

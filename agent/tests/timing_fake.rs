@@ -109,21 +109,6 @@ fn start_fake() -> String {
     })
 }
 
-fn within_pct(what: &str, got: Option<f64>, want: f64, pct: f64) {
-    let got = got.unwrap_or_else(|| panic!("{what}: missing, want {want}"));
-    assert!(
-        ((got - want) / want).abs() * 100.0 <= pct,
-        "{what}: got {got}, want {want} within {pct}%"
-    );
-}
-
-fn within_ms(what: &str, got: f64, want: f64, ms: f64) {
-    assert!(
-        (got - want).abs() <= ms,
-        "{what}: got {got} ms, want {want} ms within {ms} ms"
-    );
-}
-
 /// Runs `model`'s script 3 times (after the cold first request) and returns the measured run's
 /// metrics with every timing replaced by its median over the 3: one scheduling hiccup of a
 /// loaded machine must not decide a test of the definitions.

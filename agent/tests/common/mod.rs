@@ -115,6 +115,26 @@ pub fn job_json(model: &str, extra: serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(&v).unwrap()
 }
 
+/// A measured number against the known truth: within `pct` percent of `want` (a missing
+/// number fails).
+pub fn within_pct(what: &str, got: impl Into<Option<f64>>, want: f64, pct: f64) {
+    let got = got
+        .into()
+        .unwrap_or_else(|| panic!("{what}: missing, want {want}"));
+    assert!(
+        ((got - want) / want).abs() * 100.0 <= pct,
+        "{what}: got {got}, want {want} within {pct}%"
+    );
+}
+
+/// A measured time against the known truth: within `ms` of `want`.
+pub fn within_ms(what: &str, got: f64, want: f64, ms: f64) {
+    assert!(
+        (got - want).abs() <= ms,
+        "{what}: got {got} ms, want {want} ms within {ms} ms"
+    );
+}
+
 pub mod fake_engine;
 pub mod proxy;
 
