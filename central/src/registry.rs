@@ -81,6 +81,8 @@ struct Seen {
 #[derive(Debug)]
 pub struct Registry {
     configured: Vec<MachineConfig>,
+    /// machine id -> its place in `configured`.
+    configured_at: HashMap<String, usize>,
     agents: RwLock<BTreeMap<String, Seen>>,
     last_status: Mutex<HashMap<String, MachineStatus>>,
 }
@@ -88,16 +90,28 @@ pub struct Registry {
 impl Registry {
     /// A registry of the configured machines; agents are added by [`watch`].
     pub fn new(configured: Vec<MachineConfig>) -> Self {
+        let configured_at = configured
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.machine_id.clone(), i))
+            .collect();
         Self {
             configured,
+            configured_at,
             agents: RwLock::default(),
             last_status: Mutex::default(),
         }
     }
 
+    fn config_of(&self, machine_id: &str) -> Option<&MachineConfig> {
+        self.configured_at
+            .get(machine_id)
+            .map(|&i| &self.configured[i])
+    }
+
     /// Whether central knows the machine at all (configured, or ever heard from).
     pub fn is_known(&self, machine_id: &str) -> bool {
-        self.configured.iter().any(|m| m.machine_id == machine_id)
+        self.configured_at.contains_key(machine_id)
             || self
                 .agents
                 .read()
@@ -107,9 +121,7 @@ impl Registry {
 
     /// The label to show for a machine.
     pub fn label(&self, machine_id: &str) -> Option<String> {
-        self.configured
-            .iter()
-            .find(|m| m.machine_id == machine_id)
+        self.config_of(machine_id)
             .and_then(|m| m.label.clone())
             .or_else(|| {
                 self.agents
@@ -158,42 +170,50 @@ impl Registry {
             .filter(|b| !b.is_empty())
     }
 
+    /// One machine's view (`agents` is the registry's map, read-locked by the caller).
+    fn view(
+        &self,
+        agents: &BTreeMap<String, Seen>,
+        id: &str,
+        cfg: Option<&MachineConfig>,
+        now_ms: u64,
+    ) -> MachineView {
+        let seen = agents.get(id);
+        let status = Self::status(seen, now_ms);
+        let info = seen.map(|s| &s.info);
+        MachineView {
+            machine_id: id.to_string(),
+            label: cfg
+                .and_then(|c| c.label.clone())
+                .or_else(|| info.map(|i| i.label.clone()))
+                .unwrap_or_else(|| id.to_string()),
+            status,
+            last_seen_ms: seen.map(|s| s.seen_ms),
+            models: info.map(|i| i.models.clone()).unwrap_or_default(),
+            engine: info.map(|i| i.engine.clone()),
+            hardware: info.map(|i| i.hardware.clone()),
+            engine_info: info.and_then(|i| i.engine_info.clone()),
+            telemetry: info.map(|i| i.telemetry.clone()).unwrap_or_default(),
+            labels: info.map(|i| i.labels.clone()).unwrap_or_default(),
+            notes: cfg.and_then(|c| c.notes.clone()),
+            current_job: info
+                .filter(|_| status != MachineStatus::Offline)
+                .and_then(|i| i.current_job.clone()),
+            version: info.map(|i| i.version.clone()),
+        }
+    }
+
     /// Every machine: machines.yaml order first, then the rest by id.
     pub fn machines(&self, now_ms: u64) -> Vec<MachineView> {
         let agents = self.agents.read().expect("registry lock");
-        let view = |id: &str, cfg: Option<&MachineConfig>| {
-            let seen = agents.get(id);
-            let status = Self::status(seen, now_ms);
-            let info = seen.map(|s| &s.info);
-            MachineView {
-                machine_id: id.to_string(),
-                label: cfg
-                    .and_then(|c| c.label.clone())
-                    .or_else(|| info.map(|i| i.label.clone()))
-                    .unwrap_or_else(|| id.to_string()),
-                status,
-                last_seen_ms: seen.map(|s| s.seen_ms),
-                models: info.map(|i| i.models.clone()).unwrap_or_default(),
-                engine: info.map(|i| i.engine.clone()),
-                hardware: info.map(|i| i.hardware.clone()),
-                engine_info: info.and_then(|i| i.engine_info.clone()),
-                telemetry: info.map(|i| i.telemetry.clone()).unwrap_or_default(),
-                labels: info.map(|i| i.labels.clone()).unwrap_or_default(),
-                notes: cfg.and_then(|c| c.notes.clone()),
-                current_job: info
-                    .filter(|_| status != MachineStatus::Offline)
-                    .and_then(|i| i.current_job.clone()),
-                version: info.map(|i| i.version.clone()),
-            }
-        };
         let mut out: Vec<MachineView> = self
             .configured
             .iter()
-            .map(|c| view(&c.machine_id, Some(c)))
+            .map(|c| self.view(&agents, &c.machine_id, Some(c), now_ms))
             .collect();
         for id in agents.keys() {
-            if !self.configured.iter().any(|c| &c.machine_id == id) {
-                out.push(view(id, None));
+            if !self.configured_at.contains_key(id) {
+                out.push(self.view(&agents, id, None, now_ms));
             }
         }
         out
@@ -202,18 +222,37 @@ impl Registry {
     /// Machines per status, for metrics.
     pub fn status_counts(&self) -> HashMap<&'static str, usize> {
         let mut counts = HashMap::new();
-        for m in self.machines(crate::now_ms()) {
-            *counts.entry(m.status.as_str()).or_insert(0) += 1;
+        for (_, status) in self.statuses(crate::now_ms()) {
+            *counts.entry(status.as_str()).or_insert(0) += 1;
         }
         counts
     }
 
+    /// Every machine's id and status (no view built), in `machines` order.
+    fn statuses(&self, now_ms: u64) -> Vec<(String, MachineStatus)> {
+        let agents = self.agents.read().expect("registry lock");
+        let mut out: Vec<(String, MachineStatus)> = self
+            .configured
+            .iter()
+            .map(|c| {
+                let status = Self::status(agents.get(&c.machine_id), now_ms);
+                (c.machine_id.clone(), status)
+            })
+            .collect();
+        for (id, seen) in agents.iter() {
+            if !self.configured_at.contains_key(id) {
+                out.push((id.clone(), Self::status(Some(seen), now_ms)));
+            }
+        }
+        out
+    }
+
     /// Ids of machines heart-beating now.
     pub fn online_ids(&self, now_ms: u64) -> Vec<String> {
-        self.machines(now_ms)
+        self.statuses(now_ms)
             .into_iter()
-            .filter(|m| m.status != MachineStatus::Offline)
-            .map(|m| m.machine_id)
+            .filter(|(_, s)| *s != MachineStatus::Offline)
+            .map(|(id, _)| id)
             .collect()
     }
 
@@ -231,7 +270,7 @@ impl Registry {
         Ok(n)
     }
 
-    /// Records one bucket entry.
+    /// Records one bucket entry (a heartbeat, or an agent gone).
     pub fn apply(&self, entry: &kv::Entry) {
         let mut agents = self.agents.write().expect("registry lock");
         match entry.operation {
@@ -257,16 +296,49 @@ impl Registry {
         }
     }
 
-    /// Sends an `event: machine` for every machine whose status changed since the last call.
+    /// Sends an `event: machine` for every machine whose status changed since the last call
+    /// (the once-a-second sweep that finds machines gone stale): statuses are compared first,
+    /// and a view is built only for a machine that changed.
     pub fn publish_changes(&self, hub: &Hub, now_ms: u64) {
-        let machines = self.machines(now_ms);
-        let mut last = self.last_status.lock().expect("status lock");
-        for m in machines {
-            if last.insert(m.machine_id.clone(), m.status) != Some(m.status) {
-                if let Ok(data) = serde_json::to_string(&m) {
-                    hub.send(HubMsg::Machine { data: data.into() });
-                }
-            }
+        let changed: Vec<String> = {
+            let mut last = self.last_status.lock().expect("status lock");
+            self.statuses(now_ms)
+                .into_iter()
+                .filter(|(id, status)| last.insert(id.clone(), *status) != Some(*status))
+                .map(|(id, _)| id)
+                .collect()
+        };
+        for id in changed {
+            self.send_view(hub, &id, now_ms);
+        }
+    }
+
+    /// After one machine's heartbeat: an `event: machine` when its status changed. Costs the
+    /// same whatever the fleet's size (a heartbeat used to rebuild every machine's view, so a
+    /// fleet of n heart-beating agents cost n x n).
+    pub fn publish_change_of(&self, hub: &Hub, machine_id: &str, now_ms: u64) {
+        let status = {
+            let agents = self.agents.read().expect("registry lock");
+            Self::status(agents.get(machine_id), now_ms)
+        };
+        let changed = self
+            .last_status
+            .lock()
+            .expect("status lock")
+            .insert(machine_id.to_string(), status)
+            != Some(status);
+        if changed {
+            self.send_view(hub, machine_id, now_ms);
+        }
+    }
+
+    fn send_view(&self, hub: &Hub, machine_id: &str, now_ms: u64) {
+        let view = {
+            let agents = self.agents.read().expect("registry lock");
+            self.view(&agents, machine_id, self.config_of(machine_id), now_ms)
+        };
+        if let Ok(data) = serde_json::to_string(&view) {
+            hub.send(HubMsg::Machine { data: data.into() });
         }
     }
 }
@@ -293,7 +365,7 @@ pub async fn watch(registry: &Registry, hub: &Hub, agents: kv::Store, shutdown: 
                 entry = entries.next() => match entry {
                     Some(Ok(entry)) => {
                         registry.apply(&entry);
-                        registry.publish_changes(hub, crate::now_ms());
+                        registry.publish_change_of(hub, &entry.key, crate::now_ms());
                     }
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "registry watch error; re-watching");
@@ -306,5 +378,77 @@ pub async fn watch(registry: &Registry, hub: &Hub, agents: kv::Store, shutdown: 
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(id: &str, status: &str, at_ms: u64) -> kv::Entry {
+        let mut v: serde_json::Value =
+            serde_json::from_str(include_str!("../../schemas/messages/agent_info.json")).unwrap();
+        v["machine_id"] = id.into();
+        v["status"] = status.into();
+        kv::Entry {
+            bucket: "bench_agents".into(),
+            key: id.into(),
+            value: serde_json::to_vec(&v).unwrap().into(),
+            revision: 1,
+            delta: 0,
+            created: async_nats::datetime::from_nanos(i128::from(at_ms) * 1_000_000).unwrap(),
+            operation: kv::Operation::Put,
+            seen_current: true,
+        }
+    }
+
+    fn machine_events(rx: &mut tokio::sync::broadcast::Receiver<HubMsg>) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            if let HubMsg::Machine { data } = msg {
+                let v: serde_json::Value = serde_json::from_str(&data).unwrap();
+                out.push((
+                    v["machine_id"].as_str().unwrap().to_string(),
+                    v["status"].as_str().unwrap().to_string(),
+                ));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_heartbeat_announces_only_its_own_machine_and_only_a_change() {
+        let r = Registry::new(Vec::new());
+        let hub = Hub::new(64);
+        let mut rx = hub.subscribe();
+        let now = 1_764_340_000_000;
+        for id in ["a", "b", "c"] {
+            r.apply(&beat(id, "idle", now));
+            r.publish_change_of(&hub, id, now);
+        }
+        let online = |id: &str| (id.to_string(), "online".to_string());
+        assert_eq!(
+            machine_events(&mut rx),
+            [online("a"), online("b"), online("c")]
+        );
+        // The same status again: nothing; b turns busy: only b.
+        r.apply(&beat("a", "idle", now + 1000));
+        r.publish_change_of(&hub, "a", now + 1000);
+        r.apply(&beat("b", "busy", now + 1000));
+        r.publish_change_of(&hub, "b", now + 1000);
+        assert_eq!(
+            machine_events(&mut rx),
+            [("b".to_string(), "busy".to_string())]
+        );
+        // The once-a-second sweep finds c stale (3 x heartbeat_s of 5 s without one): offline.
+        let later = now + 16_000;
+        r.apply(&beat("a", "idle", later));
+        r.apply(&beat("b", "busy", later));
+        r.publish_changes(&hub, later);
+        assert_eq!(
+            machine_events(&mut rx),
+            [("c".to_string(), "offline".to_string())]
+        );
+        assert_eq!(r.online_ids(later), ["a", "b"]);
     }
 }
