@@ -1,6 +1,8 @@
 //! Fan-out benchmark (not a test): N lightweight agents (mock engine, one NATS connection
-//! each, as N machines would have) on a real nats-server; one broadcast request on
-//! `bench.jobs.all`; measures publish -> last accept and publish -> last `job_done`.
+//! each, as N machines would have) on a real nats-server; broadcast requests on
+//! `bench.jobs.all`, selecting them by a label (a job of one size whatever the fleet's) and by
+//! a list of their N ids (a job that grows with the fleet); measures publish -> last accept
+//! and publish -> last `job_done`.
 //!
 //!   cargo bench -p bench-agent --bench fanout -- 1 10 100 500     (scripts/bench fanout)
 
@@ -15,12 +17,14 @@ use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-async fn round(nats: &NatsServer, n: usize) -> (Duration, Duration, Duration) {
+/// Starts `n` agents (labelled with their round), broadcasts to them by label and then by a
+/// list of their ids; (start-up, [(last accept, last job_done)] by label, by ids).
+async fn round(nats: &NatsServer, n: usize) -> (Duration, [(Duration, Duration); 2]) {
     let started = Instant::now();
     let mut agents = Vec::new();
     for i in 0..n {
         let yaml = format!(
-            "machine_id: fan-{n}-{i}\nengine: mock\nmock: {{tokens_per_s: 2000, ttft_ms: 1}}\nllm_models: [mock-7b]\nbind_port: 0\nheartbeat_s: 5\n"
+            "machine_id: fan-{n}-{i}\nengine: mock\nmock: {{tokens_per_s: 2000, ttft_ms: 1}}\nllm_models: [mock-7b]\nbind_port: 0\nheartbeat_s: 5\nlabels: {{round: \"r{n}\"}}\ntelemetry: {{enabled: false}}\n"
         );
         let env: Env = [("NATS_URL".to_string(), nats.url())].into();
         let cfg = Config::parse(&yaml, Path::new("bench.yaml"), &env).expect("config");
@@ -28,14 +32,31 @@ async fn round(nats: &NatsServer, n: usize) -> (Duration, Duration, Duration) {
     }
     let startup = started.elapsed();
     let c = async_nats::connect(nats.url()).await.unwrap();
-    let job_id = format!("fanout-{n}");
+    let by_label = broadcast(&c, n, false).await;
+    let by_ids = broadcast(&c, n, true).await;
+    for a in &mut agents {
+        a.stop().await;
+    }
+    (startup, [by_label, by_ids])
+}
+
+/// One broadcast request on `bench.jobs.all` to this round's `n` agents: publish -> last
+/// accept, publish -> last `job_done`.
+async fn broadcast(c: &async_nats::Client, n: usize, by_ids: bool) -> (Duration, Duration) {
+    let job_id = format!("fanout-{n}-{}", if by_ids { "ids" } else { "label" });
     let mut events = c.subscribe(subjects::events(&job_id)).await.unwrap();
     let inbox = c.new_inbox();
     let mut replies = c.subscribe(inbox.clone()).await.unwrap();
     c.flush().await.unwrap();
-    // Only this round's agents: the selector lists their ids.
-    let ids: Vec<String> = (0..n).map(|i| format!("fan-{n}-{i}")).collect();
-    let job = serde_json::json!({"job_id": job_id, "model": "mock-7b", "prompt": "hi", "max_tokens": 8, "selector": ids});
+    // Only this round's agents: by label (a job of the same size whatever the fleet's), or by
+    // listing their ids (a job that grows with the fleet: every agent parses every id).
+    let selector = if by_ids {
+        let ids: Vec<String> = (0..n).map(|i| format!("fan-{n}-{i}")).collect();
+        serde_json::json!(ids)
+    } else {
+        serde_json::json!({"round": format!("r{n}")})
+    };
+    let job = serde_json::json!({"job_id": job_id, "model": "mock-7b", "prompt": "hi", "max_tokens": 8, "selector": selector});
     let t0 = Instant::now();
     c.publish_with_reply(
         subjects::JOBS_ALL,
@@ -74,10 +95,7 @@ async fn round(nats: &NatsServer, n: usize) -> (Duration, Duration, Duration) {
     })
     .await
     .expect("job_done from every agent");
-    for a in &mut agents {
-        a.stop().await;
-    }
-    (startup, last_accept, last_done)
+    (last_accept, last_done)
 }
 
 fn main() {
@@ -96,16 +114,20 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let nats = NatsServer::start();
-        println!("| agents | start-up | publish -> last accept | publish -> last job_done |");
-        println!("|---:|---:|---:|---:|");
+        println!(
+            "| agents | start-up | selector | publish -> last accept | publish -> last job_done |"
+        );
+        println!("|---:|---:|---|---:|---:|");
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         for n in sizes {
-            let (s, a, d) = round(&nats, n).await;
+            let (s, [(la, ld), (ia, id)]) = round(&nats, n).await;
             println!(
-                "| {n} | {:.0} ms | {:.1} ms | {:.1} ms |",
-                s.as_secs_f64() * 1e3,
-                a.as_secs_f64() * 1e3,
-                d.as_secs_f64() * 1e3
+                "| {n} | {:.0} ms | label | {:.1} ms | {:.1} ms |",
+                ms(s),
+                ms(la),
+                ms(ld)
             );
+            println!("| {n} | | {n} ids | {:.1} ms | {:.1} ms |", ms(ia), ms(id));
         }
     });
 }

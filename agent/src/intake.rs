@@ -51,14 +51,15 @@ pub async fn handle_job(
         job.job_id = Some(derive_job_id(broadcast, reply));
     }
     let job_id = job.job_id.clone().expect("set above");
-    let first = match check(shared, &job).await {
+    let first_cell = match check(shared, &job).await {
         Ok(first) => first,
         Err(e) => {
             let usable = validate_job_id(&job_id).is_ok().then_some(job_id.as_str());
             return Some(refuse(shared, usable, e));
         }
     };
-    let backend = shared.backend_for(&first).expect("checked");
+    let first = first_cell.as_ref().unwrap_or(&job);
+    let backend = shared.backend_for(first).expect("checked");
     let accepted = Accepted {
         job: job.clone(),
         position: 0,
@@ -72,7 +73,7 @@ pub async fn handle_job(
             .described
             .cached(&*backend, &first.model)
             .map(|(engine, model)| {
-                crate::fingerprint::fingerprint(&shared.hardware, engine, model, &first)
+                crate::fingerprint::fingerprint(&shared.hardware, engine, model, first)
             }),
     };
     // Under the queue lock: job_accepted is always seq 1, ahead of job_started, and a run id
@@ -141,10 +142,21 @@ fn derive_job_id(broadcast: bool, reply: Option<&str>) -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// Checks the job; Ok with the first cell that can run here (the job itself without a matrix).
-async fn check(shared: &Shared, job: &Job) -> Result<Job, ErrorBody> {
+/// Checks the job; Ok with the first cell that can run here (None: the job itself, which has
+/// no matrix).
+async fn check(shared: &Shared, job: &Job) -> Result<Option<Job>, ErrorBody> {
     job.validate(&shared.cfg.limits)?;
     job.validate_times(now_ms())?;
+    if job.matrix.is_none() {
+        // The common case, and a broadcast's hot path (every agent of the fleet checks it at
+        // once): no cells to build, no copy of the job.
+        let backend = shared.backend_for(job)?;
+        shared
+            .models
+            .check(&*backend, &shared.cfg.llm_models, &job.model)
+            .await?;
+        return Ok(None);
+    }
     // A matrix is accepted when at least one cell can run here; the others are reported
     // failed (`model_not_found`, ...) as the machine reaches them.
     let mut first_error = None;
@@ -167,7 +179,7 @@ async fn check(shared: &Shared, job: &Job) -> Result<Job, ErrorBody> {
             .check(&*backend, &shared.cfg.llm_models, &cell.job.model)
             .await
         {
-            Ok(()) => return Ok(cell.job),
+            Ok(()) => return Ok(Some(cell.job)),
             Err(e) => {
                 first_error.get_or_insert(e);
             }

@@ -74,6 +74,13 @@ fn event_queue_full(shared: &Shared) -> Stop {
 /// The backend kinds a job's cells use, each once, in a fixed order (so leases are always
 /// taken in the same order).
 fn engine_kinds(shared: &Shared, job: &Job) -> Vec<&'static str> {
+    if job.matrix.is_none() {
+        return shared
+            .backend_for(job)
+            .map(|b| b.kind())
+            .into_iter()
+            .collect();
+    }
     let mut kinds: Vec<&'static str> = job
         .cells()
         .iter()
