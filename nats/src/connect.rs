@@ -163,9 +163,20 @@ pub async fn connect_with_capacity(
     if let Some(c) = capacity {
         opts = opts.subscription_capacity(c);
     }
-    opts.connect(url.as_str())
+    // A comma-separated list is several servers (a cluster's): the client connects to one and
+    // fails over to the others (and to those the cluster announces).
+    let servers = server_list(&url);
+    opts.connect(servers.as_slice())
         .await
         .map_err(|source| ConnectError::Connect { url, source })
+}
+
+/// The servers of a URL list (`nats://a:4222, nats://b:4222`): trimmed, empty entries left out.
+pub fn server_list(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// Waits up to `limit` for the client to be connected; false if it is not by then.
