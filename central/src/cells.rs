@@ -173,7 +173,7 @@ pub fn runs_of<'a>(repeats: &'a [Metrics], key: &'a str) -> impl Iterator<Item =
 /// One machine in one cell.
 pub fn cell_machine(job: Option<&Job>, cell: &Cell, v: &RunView) -> CellMachine {
     let include_short = job.is_some_and(|j| j.include_short);
-    let runs: Vec<Metrics> = runs_of(v.repeats, &cell.key).cloned().collect();
+    let runs: Vec<&Metrics> = runs_of(v.repeats, &cell.key).collect();
     let result = v.results.iter().find(|c| c.cell == cell.key);
     let machine_fp = v.fingerprint_id.map(str::to_string);
     if !is_matrix(job) {
@@ -191,7 +191,7 @@ pub fn cell_machine(job: Option<&Job>, cell: &Cell, v: &RunView) -> CellMachine 
             summary: v
                 .summary
                 .cloned()
-                .or_else(|| (!runs.is_empty()).then(|| Summary::of(&runs, include_short))),
+                .or_else(|| (!runs.is_empty()).then(|| Summary::of_refs(&runs, include_short))),
             load: result.and_then(|r| r.load.clone()),
             runs: runs.len() as u32,
             fingerprint_id: result.and_then(|r| r.fingerprint_id.clone()).or(machine_fp),
@@ -215,7 +215,7 @@ pub fn cell_machine(job: Option<&Job>, cell: &Cell, v: &RunView) -> CellMachine 
     };
     let summary = result
         .and_then(|r| r.summary.clone())
-        .or_else(|| (!runs.is_empty()).then(|| Summary::of(&runs, include_short)));
+        .or_else(|| (!runs.is_empty()).then(|| Summary::of_refs(&runs, include_short)));
     let fingerprint_id = result
         .and_then(|r| r.fingerprint_id.clone())
         .or_else(|| (!runs.is_empty()).then_some(machine_fp).flatten());
@@ -230,10 +230,19 @@ pub fn cell_machine(job: Option<&Job>, cell: &Cell, v: &RunView) -> CellMachine 
     }
 }
 
-/// A machine as the ranking sees it in one cell: its runs of the cell and the cell's summary.
-fn in_cell(m: &MachineDetail, cell: &str, summary: Option<Summary>) -> MachineDetail {
+/// A machine as the ranking sees it in one cell: the cell's summary (the ranking reads nothing
+/// else), and with `with_runs` its runs of the cell (the first cell's, which the top-level
+/// energy reads).
+fn in_cell(
+    m: &MachineDetail,
+    cell: &str,
+    summary: Option<Summary>,
+    with_runs: bool,
+) -> MachineDetail {
     let mut d = MachineDetail::bare(&m.machine_id, &m.label);
-    d.repeats = runs_of(&m.repeats, cell).cloned().collect();
+    if with_runs {
+        d.repeats = runs_of(&m.repeats, cell).cloned().collect();
+    }
     d.summary = summary;
     d
 }
@@ -267,7 +276,7 @@ pub fn matrix_view(
         let slice: Vec<MachineDetail> = machines
             .iter()
             .zip(&cms)
-            .map(|(m, cm)| in_cell(m, &cell.key, cm.summary.clone()))
+            .map(|(m, cm)| in_cell(m, &cell.key, cm.summary.clone(), i == 0))
             .collect();
         let ranking = compare::ranking(&slice, baseline);
         let winner = ranking
