@@ -168,8 +168,8 @@ struct JobRun<'a> {
     session: Option<&'a Session>,
     /// The next `repeat_index`: unique over the whole job, cells included.
     next_index: AtomicU32,
-    /// Whether the job has a matrix (its cells are reported; one failing is not the end).
-    matrix: bool,
+    /// A matrix or load job: its cells are reported (`cell_done`) and one failing is not the end.
+    by_cell: bool,
 }
 
 impl JobRun<'_> {
@@ -197,7 +197,7 @@ async fn run_cells(
         cancel,
         session,
         next_index: AtomicU32::new(0),
-        matrix: !cells[0].key.is_empty() || job.is_load(),
+        by_cell: !cells[0].key.is_empty() || job.is_load(),
     };
     let mut results: Vec<(CellResult, Option<CellRun>)> = Vec::with_capacity(cells.len());
     let mut first = true;
@@ -209,7 +209,7 @@ async fn run_cells(
         let prepared = CellRun::prepare(&run, cell.clone(), std::mem::take(&mut first)).await;
         let mut c = match prepared {
             Ok(c) => c,
-            Err(e) if e.ends_job() || !run.matrix => return Err(e),
+            Err(e) if e.ends_job() || !run.by_cell => return Err(e),
             Err(e) => {
                 let failed = cell_failed(&cell, e, None);
                 run.emit_cell(&failed)?;
@@ -290,7 +290,7 @@ fn cell_failed(cell: &Cell, e: Early, fingerprint_id: Option<String>) -> CellRes
 
 impl JobRun<'_> {
     fn emit_cell(&self, result: &CellResult) -> Result<(), Early> {
-        if !self.matrix {
+        if !self.by_cell {
             return Ok(());
         }
         self.ctx
@@ -305,7 +305,7 @@ impl JobRun<'_> {
         c.race = None;
         let result = match outcome {
             Ok(()) => c.result(),
-            Err(e) if e.ends_job() || !self.matrix => return Err(e),
+            Err(e) if e.ends_job() || !self.by_cell => return Err(e),
             Err(e) => {
                 tracing::warn!(job_id = %self.ctx.job_id, cell = %c.cell.key, "cell failed");
                 let mut r = cell_failed(&c.cell, e, Some(c.fingerprint.fingerprint_id.clone()));
@@ -371,7 +371,7 @@ impl JobRun<'_> {
             shape: Some(lead_cell.job.shape()),
             stop_reason: lead_result.stop_reason,
             fingerprint: Some(lead_cell.fingerprint.clone()),
-            cells: if self.matrix {
+            cells: if self.by_cell {
                 results.into_iter().map(|(r, _)| r).collect()
             } else {
                 Vec::new()
@@ -413,7 +413,7 @@ impl CellRun {
         let job = cell.job.clone();
         let failed = |e: ErrorBody| Early::at(Stop::Failed(e), None);
         let backend = shared.backend_for(&job).map_err(failed)?;
-        if run.matrix {
+        if run.by_cell {
             // Checked at intake for the job as a whole; each cell's model here (the list comes
             // from the cache while the engine is leased).
             shared
@@ -549,13 +549,8 @@ impl CellRun {
         // again, and that run is cold (an engine that cannot say serves its models as loaded).
         let last = shared.last_model.lock().expect("last model lock").clone();
         if self.started && last.as_ref() != Some(&self.engine_key) {
-            let idle = shared.cfg.engine_idle_timeout;
-            let loaded = tokio::select! {
-                _ = run.cancel.cancelled() => {
-                    return Err(Early::at(Stop::Cancelled("cancel requested".into()), None));
-                }
-                r = tokio::time::timeout(idle, self.backend.model_loaded(&self.job.model)) => r.ok().flatten(),
-            };
+            let loaded =
+                engine_says_loaded(shared, &*self.backend, &self.job.model, run.cancel).await?;
             self.cold_pending |= loaded == Some(false);
         }
         loop {
@@ -843,6 +838,21 @@ impl CellRun {
     }
 }
 
+/// Whether the engine has the model loaded, when it can say (bounded like every engine call,
+/// cancellable).
+async fn engine_says_loaded(
+    shared: &Shared,
+    backend: &dyn crate::backend::Backend,
+    model: &str,
+    cancel: &CancellationToken,
+) -> Result<Option<bool>, Early> {
+    let idle = shared.cfg.engine_idle_timeout;
+    tokio::select! {
+        _ = cancel.cancelled() => Err(Early::at(Stop::Cancelled("cancel requested".into()), None)),
+        r = tokio::time::timeout(idle, backend.model_loaded(model)) => Ok(r.ok().flatten()),
+    }
+}
+
 /// Whether the next request to this model is its first after a load: the engine says when
 /// it can (bounded like every engine call), else whether another model ran last.
 async fn is_cold(
@@ -852,17 +862,12 @@ async fn is_cold(
     engine_key: &(String, String),
     cancel: &CancellationToken,
 ) -> Result<bool, Early> {
-    let idle = shared.cfg.engine_idle_timeout;
-    let loaded = tokio::select! {
-        _ = cancel.cancelled() => {
-            return Err(Early::at(Stop::Cancelled("cancel requested".into()), None));
-        }
-        r = tokio::time::timeout(idle, backend.model_loaded(model)) => r.ok().flatten(),
-    };
-    Ok(match loaded {
-        Some(loaded) => !loaded,
-        None => shared.last_model.lock().expect("last model lock").as_ref() != Some(engine_key),
-    })
+    Ok(
+        match engine_says_loaded(shared, backend, model, cancel).await? {
+            Some(loaded) => !loaded,
+            None => shared.last_model.lock().expect("last model lock").as_ref() != Some(engine_key),
+        },
+    )
 }
 
 /// Buffered text waiting to be published as one `llm_token`.
