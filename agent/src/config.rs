@@ -196,6 +196,10 @@ pub struct RawConfig {
     /// Machine sampling during jobs.
     #[serde(default)]
     pub telemetry: RawTelemetry,
+    /// Seed file of the key events are signed with when the agent has no NATS nkey (created
+    /// 0600 at the first start). Default: `$XDG_STATE_HOME` (else `~/.local/state`, Windows
+    /// `%LOCALAPPDATA%`) `/bench-race/<machine_id>.signing.nk`.
+    pub signing_key_file: Option<PathBuf>,
 }
 
 /// The validated configuration.
@@ -257,6 +261,11 @@ pub struct Config {
     pub engine_idle_timeout: Duration,
     /// Machine sampling during jobs.
     pub telemetry: TelemetryConfig,
+    /// Where the signing key is kept when NATS has no nkey (None: no place to keep one, so a
+    /// new key at every start; see [`crate::publisher::Signer::load`]).
+    pub signing_key_file: Option<PathBuf>,
+    /// Whether `signing_key_file` was configured (else it is the default path).
+    pub signing_key_file_set: bool,
 }
 
 impl Config {
@@ -511,6 +520,19 @@ impl Config {
         if let Some(url) = get("NATS_URL") {
             nats.url = Some(url);
         }
+        // Resolved from the environment passed in (tests pass none, and keep no key file).
+        let signing_key_file_set = raw.signing_key_file.is_some();
+        let signing_key_file = raw.signing_key_file.clone().or_else(|| {
+            let state = get("XDG_STATE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| get("HOME").map(|h| Path::new(&h).join(".local/state")))
+                .or_else(|| get("LOCALAPPDATA").map(PathBuf::from))?;
+            Some(
+                state
+                    .join("bench-race")
+                    .join(format!("{machine_id}.signing.nk")),
+            )
+        });
 
         Ok(Self {
             source: path.to_path_buf(),
@@ -548,6 +570,8 @@ impl Config {
             heartbeat: Duration::from_secs_f64(heartbeat_s),
             engine_idle_timeout: Duration::from_secs_f64(idle),
             telemetry,
+            signing_key_file,
+            signing_key_file_set,
         })
     }
 }

@@ -1,7 +1,9 @@
 //! Keeps this agent's entry in the `bench_agents` KV bucket fresh: every `heartbeat_s`, and at
 //! once when it turns busy or idle. The bucket's max age (15 s) makes a dead agent's entry
 //! expire; a clean shutdown deletes it. The entry's models come from the cache while a job runs
-//! (see [`crate::models`]): a heartbeat never asks a busy engine.
+//! (see [`crate::models`]): a heartbeat never asks a busy engine. The entry carries the public
+//! key the agent signs its events with: the first stored heartbeat releases the publisher
+//! ([`crate::publisher::Publisher::announced`]).
 
 use crate::Shared;
 use async_nats::jetstream;
@@ -36,6 +38,7 @@ pub async fn info(shared: &Shared) -> AgentInfo {
         heartbeat_s: shared.cfg.heartbeat.as_secs_f64(),
         current_job: occ.running,
         queued: occ.waiting,
+        signing_key: Some(shared.publisher.signing_key().to_string()),
     }
 }
 
@@ -57,8 +60,9 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         }
         if let Some(kv) = &store {
             let body = serde_json::to_vec(&info(&shared).await).expect("serialises");
-            if let Err(e) = kv.put(&shared.cfg.machine_id, body.into()).await {
-                tracing::debug!(error = %e, "heartbeat not stored");
+            match kv.put(&shared.cfg.machine_id, body.into()).await {
+                Ok(_) => shared.publisher.announced(),
+                Err(e) => tracing::debug!(error = %e, "heartbeat not stored"),
             }
         }
         tokio::select! {

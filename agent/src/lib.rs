@@ -157,12 +157,15 @@ pub async fn start(
     }
     let backends = backends_from_config(&cfg);
     let boot_id = new_boot_id();
-    let (publisher, publisher_task) = publisher::Publisher::spawn(publisher::PublisherConfig {
+    let signer = publisher::Signer::load(&cfg).context("loading the event signing key")?;
+    tracing::info!(public = signer.public_key(), source = ?signer.source(), "events are signed");
+    let publisher_cfg = publisher::PublisherConfig {
         nats: cfg.nats.clone(),
         name: format!("bench-agent:{machine_id}:events"),
         window: cfg.publish_window,
         queue: cfg.max_event_queue,
-    });
+    };
+    let (publisher, publisher_task) = publisher::Publisher::spawn_signed(publisher_cfg, signer);
 
     // The stream is normally central's; creating it here too means events are kept even when
     // central has never run. Best effort: a server without JetStream still gets live events.

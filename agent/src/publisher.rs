@@ -21,6 +21,13 @@
 //! The queue in front of the publisher is bounded (`limits.max_event_queue`): a full queue is
 //! reported to the emitter ([`QueueFull`]), never a silent drop and never a wait on the engine's
 //! stream.
+//!
+//! Every event is signed here, once, as it leaves the queue ([`Signer`]: the header
+//! `Bench-Sig` over the exact payload bytes, so a re-sent copy carries the same signature).
+//! Central checks it against the keys it learned from this machine's registry entry, which only
+//! this agent can write; so the first event waits (up to [`ANNOUNCE_WAIT`]) until a heartbeat
+//! carrying the key is stored ([`Publisher::announced`]): an event never reaches central before
+//! a key it could be checked with.
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::publish::PublishAck;
@@ -34,6 +41,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
@@ -61,6 +69,195 @@ const CONNECT_WAIT: Duration = Duration::from_secs(8);
 /// the run instead).
 const GIVE_UP_FAILURES: u32 = 10;
 const GIVE_UP_AFTER: Duration = Duration::from_secs(600);
+/// Longest the first event waits for a heartbeat carrying this agent's signing key to be stored
+/// (NATS away, or a registry this agent cannot write: the events then go out anyway).
+pub const ANNOUNCE_WAIT: Duration = Duration::from_secs(10);
+
+/// Where the signing key came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The agent's NATS nkey (`nats.nkey_seed_file`).
+    Nkey(PathBuf),
+    /// The seed inside the NATS `.creds` file (`nats.creds_file`).
+    Creds(PathBuf),
+    /// `signing_key_file` (created at the first start).
+    File(PathBuf),
+    /// None could be kept: a new key at every start.
+    Ephemeral,
+}
+
+/// Why no signing key could be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SignerError {
+    /// A key file could not be read or written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file holds no usable user seed.
+    #[error("{path} holds no nkey user seed (SU...): {detail}")]
+    NotASeed {
+        /// The file.
+        path: PathBuf,
+        /// What nkeys said.
+        detail: String,
+    },
+}
+
+/// This agent's event-signing key: an ed25519 nkey user pair.
+pub struct Signer {
+    key: nkeys::KeyPair,
+    public: String,
+    source: KeySource,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the seed.
+        f.debug_struct("Signer")
+            .field("public", &self.public)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl Signer {
+    /// The key of this config: the NATS nkey (the agent's least-privilege identity) when it
+    /// has one, else the seed in `signing_key_file` (created 0600 at the first start, reused
+    /// after), else a new key for this process only. A configured file that cannot be read is
+    /// an error; a default path that cannot be written falls back to a new key (with a warning).
+    pub fn load(cfg: &crate::config::Config) -> Result<Self, SignerError> {
+        if let Some(path) = &cfg.nats.nkey_seed_file {
+            let text = read(path)?;
+            return Self::from_seed(text.trim(), path, KeySource::Nkey(path.clone()));
+        }
+        if let Some(path) = &cfg.nats.creds_file {
+            let text = read(path)?;
+            let seed = text
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with("SU"))
+                .unwrap_or_default();
+            return Self::from_seed(seed, path, KeySource::Creds(path.clone()));
+        }
+        match &cfg.signing_key_file {
+            Some(path) => match Self::from_file(path) {
+                Ok(s) => Ok(s),
+                Err(e) if !cfg.signing_key_file_set => {
+                    tracing::warn!(error = %e, "cannot keep a signing key at the default path; using a new key until restart (set signing_key_file)");
+                    Ok(Self::ephemeral())
+                }
+                Err(e) => Err(e),
+            },
+            None => Ok(Self::ephemeral()),
+        }
+    }
+
+    /// The seed in `path`, created (0600, parent folders 0700) when the file does not exist.
+    pub fn from_file(path: &Path) -> Result<Self, SignerError> {
+        let source = KeySource::File(path.to_path_buf());
+        match std::fs::read_to_string(path) {
+            Ok(text) => return Self::from_seed(text.trim(), path, source),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(SignerError::Io {
+                    what: "reading",
+                    path: path.to_path_buf(),
+                    source: e,
+                })
+            }
+            Err(_) => {}
+        }
+        let key = nkeys::KeyPair::new_user();
+        let seed = key.seed().expect("a new user key has a seed");
+        let io = |what, e| SignerError::Io {
+            what,
+            path: path.to_path_buf(),
+            source: e,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let mut b = std::fs::DirBuilder::new();
+            b.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+            b.create(dir).map_err(|e| io("creating the folder of", e))?;
+        }
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        match opts.open(path) {
+            Ok(mut f) => {
+                use std::io::Write as _;
+                f.write_all(format!("{seed}\n").as_bytes())
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| io("writing", e))?;
+                tracing::info!(path = %path.display(), public = %key.public_key(), "created the event signing key");
+                Ok(Self::from_pair(key, source))
+            }
+            // Another process created it first: use that one.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Self::from_seed(read(path)?.trim(), path, source)
+            }
+            Err(e) => Err(io("creating", e)),
+        }
+    }
+
+    /// A new key for this process only.
+    pub fn ephemeral() -> Self {
+        Self::from_pair(nkeys::KeyPair::new_user(), KeySource::Ephemeral)
+    }
+
+    fn from_seed(seed: &str, path: &Path, source: KeySource) -> Result<Self, SignerError> {
+        let key = nkeys::KeyPair::from_seed(seed)
+            .ok()
+            .filter(|k| matches!(k.key_pair_type(), nkeys::KeyPairType::User))
+            .ok_or_else(|| SignerError::NotASeed {
+                path: path.to_path_buf(),
+                detail: "expected one line `SU...` (nk -gen user, or scripts/nats add-agent)"
+                    .into(),
+            })?;
+        Ok(Self::from_pair(key, source))
+    }
+
+    fn from_pair(key: nkeys::KeyPair, source: KeySource) -> Self {
+        let public = key.public_key();
+        Self {
+            key,
+            public,
+            source,
+        }
+    }
+
+    /// The public key (`U...`), as the registry entry carries it.
+    pub fn public_key(&self) -> &str {
+        &self.public
+    }
+
+    /// Where the key came from.
+    pub fn source(&self) -> &KeySource {
+        &self.source
+    }
+
+    /// The `Bench-Sig` header value of `payload`: base64url (no padding) of its ed25519
+    /// signature.
+    pub fn signature(&self, payload: &[u8]) -> String {
+        let sig = self.key.sign(payload).expect("a signer holds a seed");
+        data_encoding::BASE64URL_NOPAD.encode(&sig)
+    }
+}
+
+fn read(path: &Path) -> Result<String, SignerError> {
+    std::fs::read_to_string(path).map_err(|e| SignerError::Io {
+        what: "reading",
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
 
 /// One event, ready to send (and to send again).
 pub struct Outgoing {
@@ -84,6 +281,15 @@ impl Outgoing {
             headers,
             payload,
         }
+    }
+
+    /// With the `Bench-Sig` header (added once, as the event leaves the queue: a re-sent copy
+    /// keeps it).
+    fn signed(mut self, signer: &Signer) -> Self {
+        let sig = signer.signature(&self.payload);
+        self.headers
+            .insert(subjects::SIGNATURE_HEADER, sig.as_str());
+        self
     }
 }
 
@@ -142,6 +348,8 @@ pub struct Publisher {
     tx: mpsc::Sender<Outgoing>,
     stats: Arc<Stats>,
     window: usize,
+    signer: Arc<Signer>,
+    announced: Arc<watch::Sender<bool>>,
 }
 
 /// How the publisher reaches NATS and how much it may hold.
@@ -158,14 +366,50 @@ pub struct PublisherConfig {
 }
 
 impl Publisher {
-    /// Starts the publishing task. It ends once every handle (and every reserved slot) is gone
-    /// and everything queued is acknowledged.
+    /// Starts the publishing task with a key of its own (tests). It ends once every handle
+    /// (and every reserved slot) is gone and everything queued is acknowledged.
     pub fn spawn(cfg: PublisherConfig) -> (Self, tokio::task::JoinHandle<()>) {
+        Self::spawn_signed(cfg, Signer::ephemeral())
+    }
+
+    /// Starts the publishing task, signing every event with `signer`.
+    pub fn spawn_signed(
+        cfg: PublisherConfig,
+        signer: Signer,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
         let stats = Arc::new(Stats::default());
         let window = cfg.window.max(1);
-        let task = tokio::spawn(run(cfg, rx, stats.clone(), window));
-        (Self { tx, stats, window }, task)
+        let signer = Arc::new(signer);
+        let (announced, announced_rx) = watch::channel(false);
+        let task = tokio::spawn(run(
+            cfg,
+            rx,
+            stats.clone(),
+            window,
+            signer.clone(),
+            announced_rx,
+        ));
+        let handle = Self {
+            tx,
+            stats,
+            window,
+            signer,
+            announced: Arc::new(announced),
+        };
+        (handle, task)
+    }
+
+    /// The public key events are signed with (`U...`).
+    pub fn signing_key(&self) -> &str {
+        self.signer.public_key()
+    }
+
+    /// Says that a registry entry carrying [`Self::signing_key`] is stored: the first event
+    /// waits for this (at most [`ANNOUNCE_WAIT`]).
+    pub fn announced(&self) {
+        self.announced
+            .send_if_modified(|a| !std::mem::replace(a, true));
     }
 
     /// A queue slot for one event, or [`QueueFull`] (counted).
@@ -390,7 +634,10 @@ async fn run(
     mut rx: mpsc::Receiver<Outgoing>,
     stats: Arc<Stats>,
     window: usize,
+    signer: Arc<Signer>,
+    mut announced: watch::Receiver<bool>,
 ) {
+    let mut waited_for_announce = false;
     let mut pending: VecDeque<Pending> = VecDeque::with_capacity(window);
     let mut acks: FuturesOrdered<AckFuture> = FuturesOrdered::new();
     let mut link: Option<Link> = None;
@@ -414,6 +661,13 @@ async fn run(
         }
         let Some(l) = &link else {
             let l = connect(&cfg, &refuser, window, &stats).await;
+            if !waited_for_announce {
+                waited_for_announce = true;
+                let stored = tokio::time::timeout(ANNOUNCE_WAIT, announced.wait_for(|a| *a)).await;
+                if !matches!(stored, Ok(Ok(_))) {
+                    tracing::warn!(wait = ?ANNOUNCE_WAIT, "no heartbeat with the signing key stored yet; publishing events anyway (central may not know the key)");
+                }
+            }
             // Go-back-N: everything unacknowledged again, in order, with the same ids.
             acks = FuturesOrdered::new();
             let mut failed = false;
@@ -438,7 +692,7 @@ async fn run(
         let step = tokio::select! {
             biased;
             Some(res) = acks.next() => Step::Ack(res),
-            next = rx.recv(), if open && pending.len() < window => Step::Next(next),
+            next = rx.recv(), if open && pending.len() < window => Step::Next(next.map(|o| o.signed(&signer))),
         };
         match step {
             Step::Next(None) => open = false,
@@ -538,4 +792,92 @@ async fn run(
 async fn pause(backoff: &mut Duration) {
     tokio::time::sleep(*backoff).await;
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_file_is_created_private_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/bench-race/m.signing.nk");
+        let first = Signer::from_file(&path).unwrap();
+        assert!(first.public_key().starts_with('U'));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let again = Signer::from_file(&path).unwrap();
+        assert_eq!(
+            again.public_key(),
+            first.public_key(),
+            "stable across restarts"
+        );
+        assert_eq!(again.source(), &KeySource::File(path.clone()));
+        std::fs::write(&path, "not a seed").unwrap();
+        assert!(matches!(
+            Signer::from_file(&path),
+            Err(SignerError::NotASeed { .. })
+        ));
+    }
+
+    #[test]
+    fn the_nkey_signs_when_there_is_one_and_the_signature_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let nkey = nkeys::KeyPair::new_user();
+        let seed_file = dir.path().join("a.nk");
+        std::fs::write(&seed_file, nkey.seed().unwrap()).unwrap();
+        let yaml = format!(
+            "machine_id: a\nengine: mock\nnats: {{nkey_seed_file: \"{}\"}}\n",
+            seed_file.display()
+        );
+        let cfg =
+            crate::config::Config::parse(&yaml, Path::new("a.yaml"), &Default::default()).unwrap();
+        let signer = Signer::load(&cfg).unwrap();
+        assert_eq!(signer.public_key(), nkey.public_key());
+        assert_eq!(signer.source(), &KeySource::Nkey(seed_file));
+        let event = Outgoing {
+            subject: Subject::from("bench.events.j"),
+            msg_id: "j.a.b-1.1".into(),
+            headers: HeaderMap::new(),
+            payload: Bytes::from_static(br#"{"job_id":"j"}"#),
+        }
+        .signed(&signer);
+        let sig = event
+            .headers
+            .get(subjects::SIGNATURE_HEADER)
+            .expect("signed")
+            .as_str();
+        let raw = data_encoding::BASE64URL_NOPAD
+            .decode(sig.as_bytes())
+            .unwrap();
+        nkeys::KeyPair::from_public_key(signer.public_key())
+            .unwrap()
+            .verify(&event.payload, &raw)
+            .expect("verifies");
+        // No nkey and nowhere to keep a key (no HOME in the environment): a key per process.
+        let cfg = crate::config::Config::parse(
+            "machine_id: a\nengine: mock\n",
+            Path::new("a.yaml"),
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.signing_key_file, None);
+        assert_eq!(Signer::load(&cfg).unwrap().source(), &KeySource::Ephemeral);
+        let env = [("HOME".to_string(), "/home/u".to_string())].into();
+        let cfg = crate::config::Config::parse(
+            "machine_id: a\nengine: mock\n",
+            Path::new("a.yaml"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.signing_key_file.as_deref(),
+            Some(Path::new("/home/u/.local/state/bench-race/a.signing.nk"))
+        );
+        assert!(!cfg.signing_key_file_set);
+    }
 }

@@ -282,7 +282,7 @@ pub async fn export(
         _ => {
             state.require_nats()?;
             let mut body = Vec::new();
-            for (_, payload) in replay::read_all(&state.stream, &job_id)
+            for (_, payload) in replay::read_all(&state.stream, state.registry.keys(), &job_id)
                 .await
                 .map_err(ApiError::nats)?
             {

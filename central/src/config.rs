@@ -85,6 +85,9 @@ pub struct RawConfig {
     /// Origins other pages may call the API from (CORS). Empty: same origin only.
     #[serde(default)]
     pub cors_origins: Vec<String>,
+    /// `verify` (default) or `require`: whether events of a machine with no known signing
+    /// key are accepted (`CENTRAL_SIGNATURES`; see [`crate::signing`]).
+    pub signatures: Option<crate::signing::SignatureMode>,
 }
 
 /// A machine from `machines.yaml`, validated.
@@ -133,6 +136,8 @@ pub struct Config {
     pub api_token: Option<String>,
     /// Allowed cross-origin callers (empty: none).
     pub cors_origins: Vec<String>,
+    /// Events of machines with no known signing key: accepted (`verify`) or refused.
+    pub signatures: crate::signing::SignatureMode,
     /// `BENCH_EVENTS` limits.
     pub retention: EventsRetention,
 }
@@ -164,6 +169,7 @@ impl Default for Config {
             index_cache_jobs: DEFAULT_INDEX_CACHE_JOBS,
             api_token: None,
             cors_origins: Vec::new(),
+            signatures: crate::signing::SignatureMode::default(),
             retention: EventsRetention::default(),
         }
     }
@@ -350,6 +356,16 @@ impl Config {
                 "use a long random token, e.g. `openssl rand -hex 24`",
             ));
         }
+        let signatures = match get("CENTRAL_SIGNATURES") {
+            Some(v) => crate::signing::SignatureMode::parse(&v).ok_or_else(|| {
+                env_err(
+                    "CENTRAL_SIGNATURES",
+                    format!("{v:?} is neither verify nor require"),
+                    "set it to verify (the default) or require",
+                )
+            })?,
+            None => raw.signatures.unwrap_or(d.signatures),
+        };
         let cors_origins = raw.cors_origins;
         for o in &cors_origins {
             if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
@@ -384,6 +400,7 @@ impl Config {
             retention,
             api_token,
             cors_origins,
+            signatures,
         })
     }
 }
@@ -416,6 +433,14 @@ mod tests {
         assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 0));
         assert_eq!(c.machines[0].label.as_deref(), Some("Box One"));
         assert_eq!(c.nats.url.as_deref(), Some("nats://h:1"));
+        use crate::signing::SignatureMode;
+        assert_eq!(c.signatures, SignatureMode::Verify);
+        assert_eq!(
+            parse("signatures: require\n", &[]).unwrap().signatures,
+            SignatureMode::Require
+        );
+        let c = parse("signatures: require\n", &[("CENTRAL_SIGNATURES", "verify")]).unwrap();
+        assert_eq!(c.signatures, SignatureMode::Verify, "the environment wins");
     }
 
     #[test]
@@ -424,6 +449,10 @@ mod tests {
         assert_eq!(e.key, "machines[0].machine_id");
         let e = parse("prot: 1\n", &[]).unwrap_err();
         assert!(e.problem.contains("prot"), "{e}");
+        let e = parse("signatures: always\n", &[]).unwrap_err();
+        assert!(e.problem.contains("always"), "{e}");
+        let e = parse("", &[("CENTRAL_SIGNATURES", "yes")]).unwrap_err();
+        assert_eq!(e.key, "CENTRAL_SIGNATURES");
         let e = parse("", &[("CENTRAL_PORT", "http")]).unwrap_err();
         assert_eq!(e.key, "CENTRAL_PORT");
         let e = parse("stall_timeout_s: -1\n", &[]).unwrap_err();

@@ -45,6 +45,8 @@ pub struct Ingest<'a> {
     pub metrics: &'a Metrics,
     /// Results writer queue.
     pub results: &'a Results,
+    /// The machines' signing keys: an event must be signed by the machine it names.
+    pub keys: &'a crate::signing::Keys,
     /// Stops everything.
     pub shutdown: &'a CancellationToken,
 }
@@ -105,6 +107,28 @@ impl Ingest<'_> {
                 self.metrics.events_invalid.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(subject = %msg.subject, stream_seq, job_id = %event.job_id, machine_id = %event.machine_id, "event with invalid ids or a job_id its subject does not name; skipped");
                 continue;
+            }
+            // Any agent may publish on bench.events.*: only a key the named machine announced
+            // in its own registry entry vouches for an event (see crate::signing).
+            match self
+                .keys
+                .check(
+                    &event.machine_id,
+                    &msg.payload,
+                    msg.headers.as_ref(),
+                    published_ms,
+                )
+                .await
+            {
+                crate::signing::Verdict::Signed => {}
+                crate::signing::Verdict::Unsigned => {
+                    self.metrics.events_unsigned.fetch_add(1, Ordering::Relaxed);
+                }
+                crate::signing::Verdict::Forged(why) => {
+                    self.metrics.events_forged.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(subject = %msg.subject, stream_seq, machine_id = %event.machine_id, job_id = %event.job_id, kind = event.kind.name(), why = why.as_str(), "forged event: not signed by a key of the machine it names; skipped");
+                    continue;
+                }
             }
             if self.index.was_deleted(&event.job_id) {
                 continue;

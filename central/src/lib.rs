@@ -15,8 +15,10 @@
 //! adds a matrix job's cells and sweeps, [`regression`] each machine against its earlier job
 //! with the same setup, and [`runs_compare`] sets any runs side by side; [`api`] serves the REST
 //! endpoints (guarded by [`auth`]: bearer token, CORS) and [`sse`] the event streams,
-//! replaying from the stream via [`replay`]. [`metrics`] renders `/metrics`; [`error`] maps
-//! failures to HTTP. Nothing here calls an agent directly: everything goes through NATS.
+//! replaying from the stream via [`replay`]; [`signing`] refuses events not signed by the
+//! machine they name (keys learned from the registry), in ingestion and replay alike;
+//! [`metrics`] renders `/metrics`; [`error`] maps failures to HTTP. Nothing here calls an agent
+//! directly: everything goes through NATS.
 
 pub mod api;
 pub mod auth;
@@ -37,6 +39,7 @@ pub mod regression;
 pub mod replay;
 pub mod results;
 pub mod runs_compare;
+pub mod signing;
 pub mod sse;
 pub mod stall;
 pub mod store;
@@ -154,6 +157,7 @@ impl Shared {
             hub: &self.hub,
             metrics: &self.metrics,
             results: &self.results,
+            keys: self.registry.keys(),
             shutdown: &self.shutdown,
         }
     }
@@ -274,6 +278,11 @@ pub async fn start(
     let stream = assets.events;
     let agents_kv = assets.agents;
     let registry = registry::Registry::new(cfg.machines.clone());
+    registry
+        .keys()
+        .open(&js, &agents_kv, cfg.signatures, shutdown.clone())
+        .await
+        .map_err(|e| setup(signing::KEYS_BUCKET, e))?;
     match tokio::time::timeout(std::time::Duration::from_secs(5), registry.load(&agents_kv)).await {
         Ok(Ok(n)) => tracing::info!(agents = n, "registry loaded"),
         Ok(Err(e)) => {

@@ -18,6 +18,11 @@ pub struct Metrics {
     pub events_sampled: AtomicU64,
     /// Messages on the stream that were not events.
     pub events_invalid: AtomicU64,
+    /// Events refused as forged: not signed by a key of the machine they name.
+    pub events_forged: AtomicU64,
+    /// Events accepted without a signature check: no key known for their machine
+    /// (`signatures: verify`).
+    pub events_unsigned: AtomicU64,
     /// Batches persisted.
     pub batches: AtomicU64,
     /// KV writes that failed (and were retried).
@@ -149,6 +154,18 @@ pub fn render(shared: &crate::Shared) -> String {
         "counter",
         "Stream messages that were not valid events (unparsable, invalid ids, or a job_id the subject does not name).",
         &[("", load(&m.events_invalid))],
+    );
+    metric(
+        "bench_central_events_forged_total",
+        "counter",
+        "Events refused (not applied, not shown): not signed by a key of the machine they name.",
+        &[("", load(&m.events_forged))],
+    );
+    metric(
+        "bench_central_events_unsigned_total",
+        "counter",
+        "Events accepted unchecked: no signing key known for their machine (signatures: verify).",
+        &[("", load(&m.events_unsigned))],
     );
     metric(
         "bench_central_index_batches_total",

@@ -1,6 +1,7 @@
 //! The fleet as central sees it: `machines.yaml` (labels, notes, display order) merged with the
 //! `bench_agents` KV bucket the agents heart-beat into, watched live. A status change goes out
-//! on the hub as an `event: machine`.
+//! on the hub as an `event: machine`. The signing key in an entry goes to [`crate::signing`]:
+//! central learns a machine's keys from nowhere else.
 
 use crate::config::MachineConfig;
 use crate::hub::{Hub, HubMsg};
@@ -9,7 +10,7 @@ use bench_schemas::{AgentInfo, AgentStatus, Hardware};
 use futures::StreamExt;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -85,6 +86,7 @@ pub struct Registry {
     configured_at: HashMap<String, usize>,
     agents: RwLock<BTreeMap<String, Seen>>,
     last_status: Mutex<HashMap<String, MachineStatus>>,
+    keys: Arc<crate::signing::Keys>,
 }
 
 impl Registry {
@@ -100,7 +102,13 @@ impl Registry {
             configured_at,
             agents: RwLock::default(),
             last_status: Mutex::default(),
+            keys: Arc::default(),
         }
+    }
+
+    /// The machines' signing keys, as learned from their entries (see [`crate::signing`]).
+    pub fn keys(&self) -> &Arc<crate::signing::Keys> {
+        &self.keys
     }
 
     fn config_of(&self, machine_id: &str) -> Option<&MachineConfig> {
@@ -277,6 +285,11 @@ impl Registry {
             kv::Operation::Put => match serde_json::from_slice::<AgentInfo>(&entry.value) {
                 Ok(info) => {
                     let seen_ms = (entry.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+                    // The bucket key, never the entry's own machine_id: under auth.conf only
+                    // the agent of that id can write it.
+                    if let Some(key) = &info.signing_key {
+                        self.keys.learn(&entry.key, key, seen_ms);
+                    }
                     agents.insert(
                         entry.key.clone(),
                         Seen {
@@ -414,6 +427,24 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_signing_key_is_learned_for_the_bucket_key_only() {
+        let r = Registry::new(Vec::new());
+        // Agent `a` writes its own key (all auth.conf lets it write) claiming to be `b`.
+        let mut e = beat("a", "idle", 1_764_340_000_000);
+        let mut v: serde_json::Value = serde_json::from_slice(&e.value).unwrap();
+        let key = v["signing_key"].as_str().unwrap().to_string();
+        v["machine_id"] = "b".into();
+        e.value = serde_json::to_vec(&v).unwrap().into();
+        r.apply(&e);
+        let stored = r.keys().stored("a").expect("a's key learned");
+        assert_eq!(
+            (stored.keys, stored.since_ms),
+            (vec![key], 1_764_340_000_000)
+        );
+        assert!(r.keys().stored("b").is_none());
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub async fn write(shared: &Shared, job_id: &str) -> Result<PathBuf, async_nats:
     let Some(record) = shared.record(job_id).await.map_err(|e| e.to_string())? else {
         return Err(format!("job {job_id} is not indexed").into());
     };
-    let events = replay::read_all(&shared.stream, job_id).await?;
+    let events = replay::read_all(&shared.stream, shared.registry.keys(), job_id).await?;
     let detail = compare::detail(&record, &shared.registry, None).map_err(|e| e.to_string())?;
     let metadata = json!({
         "job_id": record.job_id,

@@ -136,7 +136,7 @@ pub async fn job_events(
     {
         return Err(ApiError::NotFound(format!("no job {job_id}")));
     }
-    let replay = replay::open(&state.stream, &job_id, after)
+    let replay = replay::open(&state.stream, state.registry.keys(), &job_id, after)
         .await
         .map_err(ApiError::nats)?;
     let follow = JobFollow {

@@ -177,6 +177,7 @@ fn heartbeat(machine_id: &str, boot_id: &str) -> AgentInfo {
         heartbeat_s: 1.0,
         current_job: None,
         queued: 0,
+        signing_key: None,
     }
 }
 

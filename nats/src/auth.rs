@@ -211,4 +211,51 @@ mod tests {
         );
         assert!(conf.contains("_INBOX_box-a.>"));
     }
+
+    /// NATS subject matching: `*` is one token, `>` the rest.
+    fn matches(pattern: &str, subject: &str) -> bool {
+        let (mut p, mut s) = (pattern.split('.'), subject.split('.'));
+        loop {
+            match (p.next(), s.next()) {
+                (Some(">"), Some(_)) => return true,
+                (Some(a), Some(b)) if a == "*" || a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    /// The quoted subjects of the `publish: { allow: [...]` list.
+    fn publish_allow(perms: &str) -> Vec<String> {
+        let list = perms
+            .split_once("publish: { allow: [")
+            .and_then(|(_, rest)| rest.split_once(']'))
+            .map(|(l, _)| l)
+            .expect("a publish allow list");
+        list.split(", ")
+            .map(|s| s.trim_matches('"').to_string())
+            .collect()
+    }
+
+    #[test]
+    fn no_agent_can_write_central_s_signing_keys() {
+        let allow = publish_allow(&agent_permissions("box-a"));
+        let may = |subject: &str| allow.iter().any(|p| matches(p, subject));
+        assert!(may("$KV.bench_agents.box-a"), "{allow:?}");
+        assert!(!may("$KV.bench_agents.box-b"), "another machine's entry");
+        let keys = subjects::KEYS_BUCKET;
+        let stream = format!("KV_{keys}");
+        for subject in [
+            format!("$KV.{keys}.box-a"),
+            format!("$KV.{keys}.box-b"),
+            format!("$JS.API.STREAM.CREATE.{stream}"),
+            format!("$JS.API.STREAM.UPDATE.{stream}"),
+            format!("$JS.API.STREAM.PURGE.{stream}"),
+            format!("$JS.API.STREAM.DELETE.{stream}"),
+            format!("$JS.API.STREAM.MSG.DELETE.{stream}"),
+        ] {
+            assert!(!may(&subject), "an agent may publish {subject}: {allow:?}");
+        }
+        assert!(matches("bench.events.*", "bench.events.j") && !matches("a.*", "a.b.c"));
+    }
 }

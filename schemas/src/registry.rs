@@ -93,4 +93,10 @@ pub struct AgentInfo {
     /// Jobs waiting behind it.
     #[serde(default)]
     pub queued: u32,
+    /// The public nkey (`U...`) this agent signs its events with (header
+    /// [`crate::subjects::SIGNATURE_HEADER`]). Central learns a machine's keys only from here: under
+    /// `nats/conf/auth.conf` only that agent may write its entry. Absent from agents that do not
+    /// sign.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
 }

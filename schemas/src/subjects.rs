@@ -19,6 +19,13 @@ pub const INDEXER_CONSUMER: &str = "bench-central-indexer";
 pub const JOBS_BUCKET: &str = "bench_jobs";
 /// NATS micro service name every agent registers under.
 pub const SERVICE_NAME: &str = "bench-agent";
+/// KV bucket central keeps every machine's signing keys in (key = machine_id, value: the keys
+/// it has seen in that machine's registry entries). Central's alone: no agent may write it.
+pub const KEYS_BUCKET: &str = "bench_keys";
+/// Header on every event an agent publishes: the ed25519 signature, by the agent's nkey, over
+/// the exact payload bytes, base64url without padding. The payload names job, machine, run and
+/// seq, so a signed event cannot be re-aimed at another job or machine.
+pub const SIGNATURE_HEADER: &str = "Bench-Sig";
 
 /// `bench.jobs.<machine_id>`; `jobs("all")` is the broadcast subject.
 pub fn jobs(machine_id: &str) -> String {

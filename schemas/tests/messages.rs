@@ -120,6 +120,7 @@ fn metrics_and_registry() {
     assert!(m.ttft_ms < m.total_ms);
     let a: AgentInfo = load("agent_info.json");
     assert_eq!(a.machine_id, "macbook");
+    assert!(a.signing_key.as_deref().is_some_and(|k| k.starts_with('U')));
     assert_eq!(a.hardware.gpus[0].cores, Some(40));
     let t = m.telemetry.expect("telemetry summary");
     assert_eq!(t.power_source.as_deref(), Some("rapl+nvml"));
