@@ -407,6 +407,9 @@ fn spawn_heartbeats(
                 info.engine = "mock".into();
                 info.models = vec!["fake-7b".into()];
                 info.labels = Default::default();
+                // The fake agents do not sign: a key in their entries would make central
+                // refuse their events (the cost of signing is `scripts/bench signing`).
+                info.signing_key = None;
                 info.status = if job.is_some() {
                     AgentStatus::Busy
                 } else {
