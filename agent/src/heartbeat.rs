@@ -49,7 +49,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut store = None;
     loop {
         if store.is_none() {
-            match bench_nats::streams::ensure_agents_bucket(&js, bench_nats::streams::AGENTS_TTL)
+            match bench_nats::streams::ensure_agents_bucket(&js, bench_nats::streams::AGENTS_TTL, 1)
                 .await
             {
                 Ok(s) => store = Some(s),

@@ -172,7 +172,7 @@ pub async fn start(
     let js = async_nats::jetstream::new(client.clone());
     match tokio::time::timeout(
         Duration::from_secs(5),
-        bench_nats::streams::open_or_create_events_stream(&js, &Default::default()),
+        bench_nats::streams::open_or_create_events_stream(&js, &Default::default(), 1),
     )
     .await
     {

@@ -109,10 +109,10 @@ async fn per_agent_permissions_central_observer_and_no_anonymous() {
     // Central defines the stream and the registry bucket.
     let (central, _central_errs) = connect_as(&url, &fleet.central, None).await;
     let js = async_nats::jetstream::new(central.clone());
-    streams::ensure_events_stream(&js, &Default::default())
+    streams::ensure_events_stream(&js, &Default::default(), 1)
         .await
         .expect("central creates the stream");
-    let kv = streams::ensure_agents_bucket(&js, Duration::from_secs(15))
+    let kv = streams::ensure_agents_bucket(&js, Duration::from_secs(15), 1)
         .await
         .expect("central creates the bucket");
 

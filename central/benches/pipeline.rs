@@ -388,7 +388,8 @@ fn spawn_heartbeats(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let Ok(kv) =
-            bench_nats::streams::ensure_agents_bucket(&js, bench_nats::streams::AGENTS_TTL).await
+            bench_nats::streams::ensure_agents_bucket(&js, bench_nats::streams::AGENTS_TTL, 1)
+                .await
         else {
             eprintln!(
                 "warning: no {} bucket; no heartbeats",
@@ -1133,7 +1134,7 @@ async fn ceiling(
     agents: &mut Vec<Agent>,
     n: u64,
 ) -> anyhow::Result<Value> {
-    let mut cfg = bench_nats::streams::events_stream_config(&Default::default());
+    let mut cfg = bench_nats::streams::events_stream_config(&Default::default(), 1);
     cfg.name = "BENCH_CEILING".into();
     cfg.subjects = vec![format!("{}.ceiling.>", subjects::PREFIX)];
     js.create_stream(cfg.clone())

@@ -33,6 +33,9 @@ pub const DEFAULT_SSE_BUFFER: usize = 16_384;
 pub const DEFAULT_INDEX_CACHE_JOBS: usize = 500;
 /// Keep-alive comment period on SSE connections.
 pub const DEFAULT_SSE_KEEPALIVE_S: f64 = 15.0;
+/// Servers that keep each of central's streams and buckets (`replicas`): 1 for a single
+/// nats-server; 3 on a cluster of three or more.
+pub const DEFAULT_REPLICAS: usize = 1;
 
 /// One machine as written in `machines.yaml`.
 #[derive(Deserialize, Debug, Clone, PartialEq)]
@@ -80,6 +83,8 @@ pub struct RawConfig {
     pub events_max_age_days: Option<f64>,
     /// Cap the event stream at this many bytes.
     pub events_max_bytes: Option<i64>,
+    /// Servers keeping each stream and bucket (`CENTRAL_REPLICAS`), 1..=5.
+    pub replicas: Option<i64>,
     /// When set, mutating API calls need `Authorization: Bearer <token>` (`CENTRAL_API_TOKEN`).
     pub api_token: Option<String>,
     /// Origins other pages may call the API from (CORS). Empty: same origin only.
@@ -140,6 +145,8 @@ pub struct Config {
     pub signatures: crate::signing::SignatureMode,
     /// `BENCH_EVENTS` limits.
     pub retention: EventsRetention,
+    /// Replicas of `BENCH_EVENTS`, `bench_jobs` and `bench_agents` (set at every start).
+    pub replicas: usize,
 }
 
 impl Config {
@@ -171,6 +178,7 @@ impl Default for Config {
             cors_origins: Vec::new(),
             signatures: crate::signing::SignatureMode::default(),
             retention: EventsRetention::default(),
+            replicas: DEFAULT_REPLICAS,
         }
     }
 }
@@ -348,6 +356,27 @@ impl Config {
             retention.max_bytes = bytes;
         }
 
+        let replicas_fix = "use 1 for a single nats-server, 3 (or 5) on a cluster of at least that many JetStream servers; at most 5";
+        let replicas_env = get("CENTRAL_REPLICAS");
+        let replicas = match &replicas_env {
+            Some(v) => v.trim().parse::<i64>().map_err(|_| {
+                env_err(
+                    "CENTRAL_REPLICAS",
+                    format!("{v:?} is not a number"),
+                    replicas_fix,
+                )
+            })?,
+            None => raw.replicas.unwrap_or(d.replicas as i64),
+        };
+        if !(1..=bench_nats::streams::MAX_REPLICAS as i64).contains(&replicas) {
+            let problem = format!("{replicas} is out of range 1..=5");
+            return Err(match replicas_env {
+                Some(_) => env_err("CENTRAL_REPLICAS", problem, replicas_fix),
+                None => err("replicas", problem, replicas_fix),
+            });
+        }
+        let replicas = replicas as usize;
+
         let api_token = get("CENTRAL_API_TOKEN").or(raw.api_token);
         if api_token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err(err(
@@ -398,6 +427,7 @@ impl Config {
             sse_keepalive: d.sse_keepalive,
             index_cache_jobs,
             retention,
+            replicas,
             api_token,
             cors_origins,
             signatures,
@@ -433,6 +463,10 @@ mod tests {
         assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 0));
         assert_eq!(c.machines[0].label.as_deref(), Some("Box One"));
         assert_eq!(c.nats.url.as_deref(), Some("nats://h:1"));
+        assert_eq!(c.replicas, DEFAULT_REPLICAS);
+        assert_eq!(parse("replicas: 3\n", &[]).unwrap().replicas, 3);
+        let c = parse("replicas: 3\n", &[("CENTRAL_REPLICAS", "5")]).unwrap();
+        assert_eq!(c.replicas, 5, "the environment wins");
         use crate::signing::SignatureMode;
         assert_eq!(c.signatures, SignatureMode::Verify);
         assert_eq!(
@@ -457,6 +491,13 @@ mod tests {
         assert_eq!(e.key, "CENTRAL_PORT");
         let e = parse("stall_timeout_s: -1\n", &[]).unwrap_err();
         assert_eq!(e.key, "stall_timeout_s");
+        for bad in ["replicas: 0\n", "replicas: 6\n", "replicas: -1\n"] {
+            assert_eq!(parse(bad, &[]).unwrap_err().key, "replicas", "{bad}");
+        }
+        let e = parse("", &[("CENTRAL_REPLICAS", "three")]).unwrap_err();
+        assert_eq!(e.key, "CENTRAL_REPLICAS");
+        let e = parse("", &[("CENTRAL_REPLICAS", "9")]).unwrap_err();
+        assert_eq!(e.key, "CENTRAL_REPLICAS");
         let missing =
             Config::load(Some(Path::new("/nonexistent/machines.yaml")), &Env::new()).unwrap_err();
         assert!(missing.to_string().contains("cannot read"), "{missing}");

@@ -254,7 +254,9 @@ pub async fn start(
     store::wait_connected(&client, &cfg.nats.effective_url(), cfg.nats_wait).await?;
     let js = jetstream::new(client.clone());
     store::check_server(&client, &js).await?;
-    let assets = store::ensure_assets(&js, &cfg.retention).await?;
+    let cluster = client.server_info().cluster;
+    let assets =
+        store::ensure_assets(&js, &cfg.retention, cfg.replicas, cluster.as_deref()).await?;
     let setup = |what: &str, e: async_nats::Error| StartError::Setup {
         what: what.into(),
         detail: e.to_string(),

@@ -1,6 +1,6 @@
 //! JetStream assets central owns: the start-up checks (connected, server >= 2.11, JetStream on),
-//! the `BENCH_EVENTS` stream and buckets (created or updated idempotently), and the durable
-//! indexer consumer.
+//! the `BENCH_EVENTS` stream and buckets (created or updated idempotently, each kept on the
+//! configured number of servers: `replicas`), and the durable indexer consumer.
 
 use crate::error::StartError;
 use async_nats::jetstream::{self, consumer, kv, stream};
@@ -92,6 +92,31 @@ pub fn jobs_bucket_config(max_age: Duration) -> kv::Config {
     }
 }
 
+/// What start-up found and did about one asset's replica count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssetReplicas {
+    /// The stream (a bucket's is `KV_<bucket>`).
+    pub stream: String,
+    /// Its count before start-up touched it (None: it did not exist, and was created).
+    pub found: Option<usize>,
+    /// Its count now: the configured one.
+    pub now: usize,
+}
+
+impl AssetReplicas {
+    /// The start-up log line: `BENCH_EVENTS: replicas 1 -> 3`, `... replicas 3 (as
+    /// configured)`, `... created with replicas 3`.
+    pub fn describe(&self) -> String {
+        match self.found {
+            None => format!("{}: created with replicas {}", self.stream, self.now),
+            Some(f) if f == self.now => {
+                format!("{}: replicas {} (as configured)", self.stream, self.now)
+            }
+            Some(f) => format!("{}: replicas {f} -> {}", self.stream, self.now),
+        }
+    }
+}
+
 /// The assets central works on.
 pub struct Assets {
     /// `BENCH_EVENTS`.
@@ -102,25 +127,99 @@ pub struct Assets {
     pub jobs_stream: stream::Stream,
     /// `bench_agents`.
     pub agents: kv::Store,
+    /// Each asset's replica count, before and now (events, jobs, agents).
+    pub replicas: Vec<AssetReplicas>,
 }
 
-/// Creates or updates the stream and both buckets (an existing jobs bucket gets the
-/// configured max age).
+/// A start-up error that names the `replicas` key and the fix.
+fn replicas_error(what: &str, replicas: usize, e: impl std::fmt::Display) -> StartError {
+    StartError::Setup {
+        what: format!("{what} with replicas: {replicas}"),
+        detail: format!(
+            "{e}. Fix: `replicas: {replicas}` (or CENTRAL_REPLICAS) needs a NATS cluster of at \
+             least {replicas} JetStream servers; on a single nats-server set `replicas: 1` \
+             (the default), or start a cluster (scripts/nats cluster start) and list its URLs \
+             in NATS_URL"
+        ),
+    }
+}
+
+/// Brings an existing stream to `replicas`; None when it does not exist yet.
+async fn existing_replicas(
+    js: &jetstream::Context,
+    what: &str,
+    stream: &str,
+    replicas: usize,
+) -> Result<Option<bench_nats::streams::Replicas>, StartError> {
+    match bench_nats::streams::ensure_replicas(js, stream, replicas).await {
+        Ok(r) => Ok(Some(r)),
+        Err(bench_nats::streams::ReplicasError::NotFound { .. }) => Ok(None),
+        Err(e @ bench_nats::streams::ReplicasError::Placement { .. }) => {
+            Err(replicas_error(what, replicas, e))
+        }
+        Err(e) => Err(setup(what, e)),
+    }
+}
+
+/// Refuses `replicas` > 1 on a server that is not in a cluster, before anything is touched.
+fn check_clustered(client_cluster: Option<&str>, replicas: usize) -> Result<(), StartError> {
+    if replicas > 1 && client_cluster.is_none_or(str::is_empty) {
+        return Err(replicas_error(
+            "JetStream",
+            replicas,
+            "the connected nats-server is not part of a cluster",
+        ));
+    }
+    Ok(())
+}
+
+/// Creates or updates the stream and both buckets with `replicas` each (an existing jobs
+/// bucket also gets the configured max age; an existing asset with another replica count is
+/// changed to `replicas`, and each asset's outcome is logged and returned). `cluster` is the
+/// connected server's cluster name (`server_info().cluster`).
 pub async fn ensure_assets(
     js: &jetstream::Context,
     retention: &bench_nats::streams::EventsRetention,
+    replicas: usize,
+    cluster: Option<&str>,
 ) -> Result<Assets, StartError> {
-    let events = bench_nats::streams::ensure_events_stream(js, retention)
+    check_clustered(cluster, replicas)?;
+    let mut outcomes = Vec::new();
+    let mut note = |stream: &str, found: Option<bench_nats::streams::Replicas>| {
+        let r = AssetReplicas {
+            stream: stream.to_string(),
+            found: found.map(|r| r.found),
+            now: replicas,
+        };
+        tracing::info!(stream, found = ?r.found, now = r.now, "{}", r.describe());
+        outcomes.push(r);
+    };
+
+    let events_name = subjects::EVENTS_STREAM;
+    let before = existing_replicas(js, events_name, events_name, replicas).await?;
+    let events = bench_nats::streams::ensure_events_stream(js, retention, replicas)
         .await
-        .map_err(|e| setup(subjects::EVENTS_STREAM, e))?;
+        .map_err(|e| match replicas {
+            1 => setup(events_name, e),
+            _ => replicas_error(events_name, replicas, e),
+        })?;
+    note(events_name, before);
+
+    let stream_name = bench_nats::streams::kv_stream_name(JOBS_BUCKET);
+    let before = existing_replicas(js, JOBS_BUCKET, &stream_name, replicas).await?;
     let jobs = match js.get_key_value(JOBS_BUCKET).await {
         Ok(kv) => kv,
         Err(_) => js
-            .create_key_value(jobs_bucket_config(retention.max_age))
+            .create_key_value(kv::Config {
+                num_replicas: replicas,
+                ..jobs_bucket_config(retention.max_age)
+            })
             .await
-            .map_err(|e| setup(JOBS_BUCKET, e))?,
+            .map_err(|e| match replicas {
+                1 => setup(JOBS_BUCKET, e),
+                _ => replicas_error(JOBS_BUCKET, replicas, e),
+            })?,
     };
-    let stream_name = format!("KV_{JOBS_BUCKET}");
     let mut jobs_stream = js
         .get_stream(&stream_name)
         .await
@@ -140,14 +239,30 @@ pub async fn ensure_assets(
         .await
         .map_err(|e| setup(JOBS_BUCKET, e))?;
     }
-    let agents = bench_nats::streams::ensure_agents_bucket(js, AGENTS_TTL)
+    note(&stream_name, before);
+
+    let agents_name = bench_nats::streams::kv_stream_name(subjects::AGENTS_BUCKET);
+    let before = existing_replicas(js, subjects::AGENTS_BUCKET, &agents_name, replicas).await?;
+    let agents = bench_nats::streams::ensure_agents_bucket(js, AGENTS_TTL, replicas)
         .await
-        .map_err(|e| setup(subjects::AGENTS_BUCKET, e))?;
+        .map_err(|e| match replicas {
+            1 => setup(subjects::AGENTS_BUCKET, e),
+            _ => replicas_error(subjects::AGENTS_BUCKET, replicas, e),
+        })?;
+    // An agent may have created the bucket between the check and here, with its own count.
+    let before = match before {
+        Some(b) => Some(b),
+        None => existing_replicas(js, subjects::AGENTS_BUCKET, &agents_name, replicas)
+            .await?
+            .filter(|r| r.changed()),
+    };
+    note(&agents_name, before);
     Ok(Assets {
         events,
         jobs,
         jobs_stream,
         agents,
+        replicas: outcomes,
     })
 }
 

@@ -94,7 +94,7 @@ async fn catch_up_rate_and_a_stalled_sse_client() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let js = jetstream::new(client(&nats.url()).await);
-    bench_nats::streams::ensure_events_stream(&js, &Default::default())
+    bench_nats::streams::ensure_events_stream(&js, &Default::default(), 1)
         .await
         .unwrap();
 

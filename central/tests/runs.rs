@@ -208,7 +208,7 @@ async fn a_run_of_an_agent_that_restarted_fails_with_a_reason() {
     })
     .await;
     // The machine's agent is back, as a new process: its queue is gone.
-    let agents = bench_nats::streams::ensure_agents_bucket(&js, bench_nats::streams::AGENTS_TTL)
+    let agents = bench_nats::streams::ensure_agents_bucket(&js, bench_nats::streams::AGENTS_TTL, 1)
         .await
         .unwrap();
     let t0 = Instant::now();
