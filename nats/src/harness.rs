@@ -1,4 +1,6 @@
-//! A real `nats-server` with JetStream for tests: a free port, a temp store, killed on drop.
+//! A real `nats-server` with JetStream for tests: a free port, a temp store, killed on drop;
+//! [`NatsCluster`]: several, routed into one JetStream cluster, each node killable and
+//! restartable on its own.
 //!
 //! The binary is `NATS_SERVER_BIN`, else the one `scripts/nats install` put under `.tools/`,
 //! else `nats-server` on PATH. When none exists the test fails with the command that installs it.
@@ -212,6 +214,232 @@ impl Drop for NatsServer {
     }
 }
 
+/// The cluster's name (as `scripts/nats cluster` names it).
+pub const CLUSTER_NAME: &str = "bench_race";
+
+/// One node of a [`NatsCluster`].
+struct Node {
+    name: String,
+    port: u16,
+    route_port: u16,
+    http_port: u16,
+    store: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A real nats-server cluster with JetStream on every node, started from `nats/conf/cluster.conf`
+/// (the file `scripts/nats cluster` uses): each node on its own free client, route and
+/// monitoring ports with its own store, routes between all of them, named `bench_n1`,
+/// `bench_n2`, ...; every node killed on drop.
+pub struct NatsCluster {
+    nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes and returns once each answers `/healthz` (JetStream up, in contact
+    /// with the meta leader) and they agree on a meta leader.
+    pub fn start(n: usize) -> Self {
+        assert!(n >= 1, "a cluster has at least one node");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nodes = (0..n)
+            .map(|i| Node {
+                name: format!("bench_n{}", i + 1),
+                port: free_port(),
+                route_port: free_port(),
+                http_port: free_port(),
+                store: dir.path().join(format!("n{}", i + 1)),
+                log: dir.path().join(format!("n{}.log", i + 1)),
+                child: None,
+            })
+            .collect();
+        let mut c = Self { nodes, _dir: dir };
+        for i in 0..n {
+            c.spawn(i);
+        }
+        c.wait_meta_leader(Duration::from_secs(30));
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let routes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.route_port))
+            .collect();
+        let node = &mut self.nodes[i];
+        let mut cmd = Command::new(server_binary());
+        cmd.arg("-c")
+            .arg(workspace_root().join("nats/conf/cluster.conf"))
+            .args(["-n", &node.name, "-a", "127.0.0.1", "-p"])
+            .arg(node.port.to_string())
+            .arg("-m")
+            .arg(node.http_port.to_string())
+            .arg("--cluster")
+            .arg(format!("nats://127.0.0.1:{}", node.route_port))
+            .args([
+                "--cluster_name",
+                CLUSTER_NAME,
+                "--routes",
+                &routes.join(","),
+            ])
+            .arg("-sd")
+            .arg(&node.store)
+            .arg("-l")
+            .arg(&node.log);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()));
+        node.child = Some(child);
+    }
+
+    /// Polls until every running node is healthy and all name the same meta leader.
+    fn wait_meta_leader(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            for (i, n) in self.nodes.iter_mut().enumerate() {
+                if let Some(Ok(Some(status))) = n.child.as_mut().map(|c| c.try_wait()) {
+                    panic!(
+                        "nats-server node {} exited with {status}: {}",
+                        i + 1,
+                        std::fs::read_to_string(&n.log).unwrap_or_default()
+                    );
+                }
+            }
+            let running: Vec<usize> = (0..self.nodes.len())
+                .filter(|&i| self.nodes[i].child.is_some())
+                .collect();
+            let healthy = running.iter().all(|&i| {
+                http_get(self.nodes[i].http_port, "/healthz").is_some_and(|(s, _)| s == 200)
+            });
+            let leaders: Vec<Option<String>> = running
+                .iter()
+                .map(|&i| self.meta_leader_seen_by(i))
+                .collect();
+            if healthy
+                && leaders.first().is_some_and(Option::is_some)
+                && leaders.windows(2).all(|w| w[0] == w[1])
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats cluster: no agreed meta leader in {limit:?} (healthy: {healthy}, leaders: {leaders:?}); first log: {}",
+                self.log_text(running.first().copied().unwrap_or(0))
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// How many nodes it has.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether it has no nodes (never: `start` needs one).
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// `nats://127.0.0.1:<port>` of node `i` (0-based).
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].port)
+    }
+
+    /// Every node's URL, comma-separated (a `NATS_URL` list).
+    pub fn urls(&self) -> String {
+        (0..self.nodes.len())
+            .map(|i| self.url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `i`'s server name (`bench_n<i+1>`).
+    pub fn name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// The node with this server name (as stream info's `cluster.leader` names it).
+    pub fn node_of(&self, server_name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == server_name)
+    }
+
+    /// Node `i`'s monitoring port (`/varz`, `/jsz`, `/healthz`).
+    pub fn http_port(&self, i: usize) -> u16 {
+        self.nodes[i].http_port
+    }
+
+    /// GET `path` on node `i`'s monitoring port: the status and body, None when it does not
+    /// answer (down).
+    pub fn monitor(&self, i: usize, path: &str) -> Option<(u16, String)> {
+        http_get(self.nodes[i].http_port, path)
+    }
+
+    /// The JetStream meta leader node `i` knows of (from its `/jsz`).
+    pub fn meta_leader_seen_by(&self, i: usize) -> Option<String> {
+        let (_, body) = self.monitor(i, "/jsz")?;
+        json_string_in(&body, "meta_cluster", "leader")
+    }
+
+    /// The meta leader as the first running node sees it.
+    pub fn meta_leader(&self) -> Option<String> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].child.is_some())
+            .find_map(|i| self.meta_leader_seen_by(i))
+    }
+
+    /// Whether node `i` is running (not killed).
+    pub fn is_running(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some()
+    }
+
+    /// Node `i`'s log so far (every start, appended).
+    pub fn log_text(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    /// Kills node `i` with SIGKILL (no lame-duck mode, no goodbye to its routes) and waits for
+    /// it to exit.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i` again on the same ports with the same store, and waits until it is
+    /// healthy and agrees with the others on the meta leader.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+        self.wait_meta_leader(Duration::from_secs(30));
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// The string value of `"key"` inside the object `"object": {...}` of a JSON text, without a
+/// JSON parser (the harness has none): enough for the server's own `/jsz`.
+fn json_string_in(body: &str, object: &str, key: &str) -> Option<String> {
+    let start = body.find(&format!("\"{object}\""))?;
+    let rest = &body[start..];
+    let at = rest.find(&format!("\"{key}\""))? + key.len() + 2;
+    let rest = rest[at..].trim_start().strip_prefix(':')?.trim_start();
+    let rest = rest.strip_prefix('"')?;
+    let value = &rest[..rest.find('"')?];
+    (!value.is_empty()).then(|| value.to_string())
+}
+
 /// Where `scripts/engine install` puts llama-server and the model, relative to the root.
 pub const TOOLS_LLAMA_SERVER: &str = ".tools/llama-server-11434.0.0/llama-server";
 /// The gemma model file, relative to the root.
@@ -340,6 +568,21 @@ fn http_get_status(port: u16, path: &str) -> Option<u16> {
     let n = s.read(&mut buf).ok()?;
     let head = std::str::from_utf8(&buf[..n]).ok()?;
     head.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A minimal HTTP/1.0 GET on loopback: the status code and the body (read to the end, for at
+/// most 2 s per read).
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((status, body.to_string()))
 }
 
 /// Upper bound for anything a test awaits.

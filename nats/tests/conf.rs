@@ -47,6 +47,7 @@ fn configs_are_valid() {
     check(&conf.join("dev.conf"));
     check_with(&conf.join("leaf.conf"), &LEAF_ENV);
     check_with(&conf.join("leaf-proxy.conf"), &LEAF_ENV);
+    check(&conf.join("cluster.conf"));
     // auth.conf includes ../../var/auth/accounts.conf: lay out the same tree in a temp dir.
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(tmp.path().join("nats/conf")).unwrap();
