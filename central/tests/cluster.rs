@@ -315,16 +315,30 @@ async fn race_survives_killing_the_events_stream_leader() {
     let election = since
         .map(|t| Duration::from_nanos((t.unix_timestamp_nanos() - kill_unix_ns).max(0) as u64));
     let new_leader = leader_of(&elected).unwrap();
-    info_when(&js, subjects::EVENTS_STREAM, "events stored again", |i| {
-        i.state.last_sequence > before.state.last_sequence
-    })
-    .await;
-    let resumed = t_kill.elapsed();
-
     let healths: Vec<String> = agents
         .iter()
         .map(|a| format!("http://{}/health", a.http_addr()))
         .collect();
+    let deadline = Instant::now() + CLUSTER_WAIT;
+    loop {
+        let i = info(&js, subjects::EVENTS_STREAM).await;
+        if i.state.last_sequence > before.state.last_sequence {
+            break;
+        }
+        if Instant::now() > deadline {
+            let mut publishers = Vec::new();
+            for url in &healths {
+                publishers.push(get(url, "").await.1["publisher"].to_string());
+            }
+            panic!(
+                "no event stored in {CLUSTER_WAIT:?} after the kill: stream {:?} {:?}; agents' publishers {publishers:#?}",
+                i.state, i.cluster
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resumed = t_kill.elapsed();
+
     let done = finished_or_dump(&base, job_id, &js, &nc, &healths).await;
     let race_time = t_race.elapsed();
     let after_kill = t_kill.elapsed();

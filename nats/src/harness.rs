@@ -242,6 +242,20 @@ impl NatsCluster {
     /// with the meta leader) and they agree on a meta leader.
     pub fn start(n: usize) -> Self {
         assert!(n >= 1, "a cluster has at least one node");
+        // A port found free may be taken (by any client's outgoing connection) before the node
+        // binds it: then start over on new ports.
+        for _ in 0..4 {
+            let mut c = Self::spawn_all(n);
+            match c.wait_meta_leader(Duration::from_secs(30)) {
+                Ok(()) => return c,
+                Err(e) if e.contains("address already in use") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("nats cluster: ports taken four times over");
+    }
+
+    fn spawn_all(n: usize) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let nodes = (0..n)
             .map(|i| Node {
@@ -258,7 +272,6 @@ impl NatsCluster {
         for i in 0..n {
             c.spawn(i);
         }
-        c.wait_meta_leader(Duration::from_secs(30));
         c
     }
 
@@ -297,17 +310,18 @@ impl NatsCluster {
         node.child = Some(child);
     }
 
-    /// Polls until every running node is healthy and all name the same meta leader.
-    fn wait_meta_leader(&mut self, limit: Duration) {
+    /// Polls until every running node is healthy and all name the same meta leader; the error
+    /// says why not (a node that exited, with its log).
+    fn wait_meta_leader(&mut self, limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         loop {
             for (i, n) in self.nodes.iter_mut().enumerate() {
                 if let Some(Ok(Some(status))) = n.child.as_mut().map(|c| c.try_wait()) {
-                    panic!(
+                    return Err(format!(
                         "nats-server node {} exited with {status}: {}",
                         i + 1,
                         std::fs::read_to_string(&n.log).unwrap_or_default()
-                    );
+                    ));
                 }
             }
             let running: Vec<usize> = (0..self.nodes.len())
@@ -324,13 +338,14 @@ impl NatsCluster {
                 && leaders.first().is_some_and(Option::is_some)
                 && leaders.windows(2).all(|w| w[0] == w[1])
             {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
+            if Instant::now() >= deadline {
+                return Err(format!(
                 "nats cluster: no agreed meta leader in {limit:?} (healthy: {healthy}, leaders: {leaders:?}); first log: {}",
                 self.log_text(running.first().copied().unwrap_or(0))
-            );
+            ));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -416,7 +431,9 @@ impl NatsCluster {
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         self.spawn(i);
-        self.wait_meta_leader(Duration::from_secs(30));
+        if let Err(e) = self.wait_meta_leader(Duration::from_secs(30)) {
+            panic!("{e}");
+        }
     }
 }
 
