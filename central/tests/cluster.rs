@@ -549,6 +549,15 @@ async fn existing_r1_assets_are_scaled_to_the_configured_replicas() {
             .collect()
     };
     assert_eq!(assets.replicas, expect(1));
+    // Central's next step takes a consumer of the stream's count at once: the scaled stream
+    // must have its replicas placed by now.
+    within(
+        "the indexer consumer on the scaled stream",
+        WAIT,
+        store::open_indexer(&assets.events),
+    )
+    .await
+    .expect("indexer consumer on R3");
     assert_eq!(
         assets.replicas[0].describe(),
         "BENCH_EVENTS: replicas 1 -> 3"

@@ -176,9 +176,10 @@ async fn replicas_of(
 }
 
 /// Brings the existing stream `stream_name` to `replicas` (a KV bucket: its stream,
-/// [`kv_stream_name`]), changing nothing else in its config, and says what it found. The new
-/// replicas catch up in the background; the count is checked after the update, so a server
-/// that answers without applying it is an error too, never a silent R1.
+/// [`kv_stream_name`]), changing nothing else in its config, and says what it found. The count
+/// is checked after the update, so a server that answers without applying it is an error too,
+/// never a silent R1; after a change it returns once every replica is placed and current (at
+/// most [`REPLICAS_SETTLE`]).
 pub async fn ensure_replicas(
     js: &jetstream::Context,
     stream_name: &str,
@@ -223,5 +224,37 @@ pub async fn ensure_replicas(
     if now != replicas {
         return Err(placement(format!("the server kept {now}")));
     }
-    Ok(Replicas { found, now })
+    // Until the new peers are placed and current, the stream cannot take consumers of its own
+    // replica count ("insufficient resources"): the caller's next step would fail.
+    tracing::info!(
+        stream = stream_name,
+        found,
+        now,
+        "waiting for the stream's replicas to be placed and current"
+    );
+    let deadline = tokio::time::Instant::now() + REPLICAS_SETTLE;
+    loop {
+        let info = stream.info().await.map_err(|e| ReplicasError::Info {
+            stream: stream_name.to_string(),
+            detail: e.to_string(),
+        })?;
+        let settled = info.cluster.as_ref().map_or(replicas == 1, |c| {
+            c.leader.is_some()
+                && c.replicas.len() + 1 == replicas
+                && c.replicas.iter().all(|p| p.current && !p.offline)
+        });
+        if settled {
+            return Ok(Replicas { found, now });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(placement(format!(
+                "set to {replicas}, but its replicas were not all placed and current within {REPLICAS_SETTLE:?} ({:?})",
+                info.cluster
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
+
+/// How long [`ensure_replicas`] waits for a changed stream's replicas to be placed and current.
+pub const REPLICAS_SETTLE: Duration = Duration::from_secs(120);
