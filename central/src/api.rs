@@ -44,6 +44,9 @@ pub async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
         "ok": connected,
         "nats": if connected { "connected" } else { "disconnected" },
         "version": crate::VERSION,
+        "central_id": state.role.id,
+        "role": if state.role.is_leader() { "leader" } else { "follower" },
+        "leader": state.role.holder().map(|h| h.central_id),
     }))
 }
 

@@ -93,6 +93,11 @@ pub struct RawConfig {
     /// `verify` (default) or `require`: whether events of a machine with no known signing
     /// key are accepted (`CENTRAL_SIGNATURES`; see [`crate::signing`]).
     pub signatures: Option<crate::signing::SignatureMode>,
+    /// This central's name among several on the same NATS (`CENTRAL_ID`; default: host name
+    /// and a random suffix).
+    pub central_id: Option<String>,
+    /// How long the indexing lease outlives its holder's last renewal, in seconds.
+    pub leader_ttl_s: Option<f64>,
 }
 
 /// A machine from `machines.yaml`, validated.
@@ -147,6 +152,11 @@ pub struct Config {
     pub retention: EventsRetention,
     /// Replicas of `BENCH_EVENTS`, `bench_jobs` and `bench_agents` (set at every start).
     pub replicas: usize,
+    /// This central's id when configured (shown in `/health`, held in the lease while it
+    /// indexes); None: `<host>-<HTTP port>`, stable across restarts on the same port.
+    pub central_id: Option<String>,
+    /// The indexing lease's lifetime without renewal (see [`crate::leader`]).
+    pub leader_ttl: Duration,
 }
 
 impl Config {
@@ -179,8 +189,35 @@ impl Default for Config {
             signatures: crate::signing::SignatureMode::default(),
             retention: EventsRetention::default(),
             replicas: DEFAULT_REPLICAS,
+            central_id: None,
+            leader_ttl: Duration::from_secs_f64(DEFAULT_LEADER_TTL_S),
         }
     }
+}
+
+/// The default indexing lease lifetime: a dead leader is replaced within about this long.
+pub const DEFAULT_LEADER_TTL_S: f64 = 5.0;
+
+/// This host's name, made id-safe (a central's default id is `<host>-<HTTP port>`).
+pub fn host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| {
+            h.trim()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '-'
+                    }
+                })
+                .take(40)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "central".into())
 }
 
 impl Config {
@@ -385,6 +422,20 @@ impl Config {
                 "use a long random token, e.g. `openssl rand -hex 24`",
             ));
         }
+        let central_id = match get("CENTRAL_ID").or(raw.central_id) {
+            Some(id) => {
+                validate_machine_id(&id).map_err(|e| {
+                    err(
+                        "central_id",
+                        e.to_string(),
+                        "use a-z, 0-9, '_' and '-' (it names this central in the lease and logs)",
+                    )
+                })?;
+                Some(id)
+            }
+            None => None,
+        };
+        let leader_ttl = secs("leader_ttl_s", raw.leader_ttl_s, d.leader_ttl, 2.0..=120.0)?;
         let signatures = match get("CENTRAL_SIGNATURES") {
             Some(v) => crate::signing::SignatureMode::parse(&v).ok_or_else(|| {
                 env_err(
@@ -431,6 +482,8 @@ impl Config {
             api_token,
             cors_origins,
             signatures,
+            central_id,
+            leader_ttl,
         })
     }
 }
@@ -483,10 +536,6 @@ mod tests {
         assert_eq!(e.key, "machines[0].machine_id");
         let e = parse("prot: 1\n", &[]).unwrap_err();
         assert!(e.problem.contains("prot"), "{e}");
-        let e = parse("signatures: always\n", &[]).unwrap_err();
-        assert!(e.problem.contains("always"), "{e}");
-        let e = parse("", &[("CENTRAL_SIGNATURES", "yes")]).unwrap_err();
-        assert_eq!(e.key, "CENTRAL_SIGNATURES");
         let e = parse("", &[("CENTRAL_PORT", "http")]).unwrap_err();
         assert_eq!(e.key, "CENTRAL_PORT");
         let e = parse("stall_timeout_s: -1\n", &[]).unwrap_err();
@@ -494,6 +543,10 @@ mod tests {
         for bad in ["replicas: 0\n", "replicas: 6\n", "replicas: -1\n"] {
             assert_eq!(parse(bad, &[]).unwrap_err().key, "replicas", "{bad}");
         }
+        let e = parse("signatures: always\n", &[]).unwrap_err();
+        assert!(e.problem.contains("always"), "{e}");
+        let e = parse("", &[("CENTRAL_SIGNATURES", "yes")]).unwrap_err();
+        assert_eq!(e.key, "CENTRAL_SIGNATURES");
         let e = parse("", &[("CENTRAL_REPLICAS", "three")]).unwrap_err();
         assert_eq!(e.key, "CENTRAL_REPLICAS");
         let e = parse("", &[("CENTRAL_REPLICAS", "9")]).unwrap_err();
@@ -501,5 +554,37 @@ mod tests {
         let missing =
             Config::load(Some(Path::new("/nonexistent/machines.yaml")), &Env::new()).unwrap_err();
         assert!(missing.to_string().contains("cannot read"), "{missing}");
+        for bad in ["central_id: Lab.A\n", "central_id: \"\"\n"] {
+            assert_eq!(parse(bad, &[]).unwrap_err().key, "central_id", "{bad}");
+        }
+        for bad in ["leader_ttl_s: 1\n", "leader_ttl_s: 500\n"] {
+            assert_eq!(parse(bad, &[]).unwrap_err().key, "leader_ttl_s", "{bad}");
+        }
+    }
+
+    #[test]
+    fn several_centrals_keys() {
+        let c = parse("", &[]).unwrap();
+        assert_eq!(
+            (c.central_id.as_deref(), c.leader_ttl),
+            (None, Duration::from_secs(5))
+        );
+        let c = parse(
+            "central_id: lab-a\nleader_ttl_s: 3\n",
+            &[("CENTRAL_ID", "lab-b")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.central_id.as_deref(),
+            Some("lab-b"),
+            "the environment wins"
+        );
+        assert_eq!(c.leader_ttl, Duration::from_secs(3));
+        assert!(!host_id().is_empty() && validate_machine_id(&host_id()).is_ok());
+    }
+
+    #[test]
+    fn the_example_parses() {
+        parse(include_str!("../config/machines.example.yaml"), &[]).expect("example config");
     }
 }

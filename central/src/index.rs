@@ -88,12 +88,15 @@ struct Entry {
     revision: u64,
     /// LRU clock of the last use.
     used: u64,
+    /// A follower applied events to it that KV does not hold yet (see [`Index::mark_mirrored`]).
+    ahead: bool,
 }
 
 impl Entry {
     fn evictable(&self) -> bool {
         self.record.is_some()
             && self.written == self.version
+            && !self.ahead
             && self.item.status != JobStatus::Running
     }
 }
@@ -171,6 +174,7 @@ impl Index {
                 written: 0,
                 revision,
                 used,
+                ahead: false,
             },
         );
         if had.as_ref().is_none_or(|e| e.record.is_none()) {
@@ -354,6 +358,7 @@ impl Index {
                     written: 0,
                     revision: 0,
                     used,
+                    ahead: false,
                 },
             );
             inner.cached += 1;
@@ -451,6 +456,7 @@ impl Index {
                         written: 0,
                         revision: 0,
                         used,
+                        ahead: false,
                     },
                 );
                 inner.cached += 1;
@@ -491,6 +497,107 @@ impl Index {
     pub fn set_revision(&self, job_id: &str, revision: u64) {
         if let Some(e) = self.write().jobs.get_mut(job_id) {
             e.revision = revision;
+        }
+    }
+
+    /// The KV revision the record was last written or loaded at.
+    pub fn revision_of(&self, job_id: &str) -> Option<u64> {
+        self.read().jobs.get(job_id).map(|e| e.revision)
+    }
+
+    /// A follower applied events to these records that only the leader writes to KV: they are
+    /// not dirty for this central (it does not write them) but ahead of KV until the leader's
+    /// write is adopted ([`Index::adopt`]), and kept in memory until then.
+    pub fn mark_mirrored<'a>(&self, job_ids: impl IntoIterator<Item = &'a String>) {
+        let mut inner = self.write();
+        for id in job_ids {
+            if let Some(e) = inner.jobs.get_mut(id) {
+                if e.version != e.written {
+                    e.written = e.version;
+                    e.ahead = true;
+                }
+            }
+        }
+    }
+
+    /// On becoming the leader: every record ahead of KV becomes dirty (to be written now),
+    /// since the durable consumer's redelivery of those events is a duplicate and would not.
+    pub fn take_ahead(&self) -> Vec<String> {
+        let mut inner = self.write();
+        let mut ids = Vec::new();
+        for (id, e) in inner.jobs.iter_mut().filter(|(_, e)| e.ahead) {
+            e.ahead = false;
+            e.version += 1;
+            ids.push(id.clone());
+        }
+        ids
+    }
+
+    /// A record another central (the leader) wrote to KV at `revision`, seen by a follower:
+    /// it replaces ours unless ours came from a later revision or holds later events (then the
+    /// leader's next write catches up). Returns what changed, to announce.
+    pub fn adopt(&self, record: JobRecord, revision: u64) -> Option<Change> {
+        if self.was_deleted(&record.job_id) {
+            return None;
+        }
+        let mut inner = self.write();
+        inner.clock += 1;
+        let used = inner.clock;
+        let inner = &mut *inner;
+        let item = JobListItem::of(&record);
+        let finished = record.is_finished();
+        match inner.jobs.get_mut(&record.job_id) {
+            Some(e) => {
+                if e.revision >= revision {
+                    return None;
+                }
+                e.revision = revision;
+                if e.last_stream_seq > record.last_stream_seq {
+                    return None;
+                }
+                let was = (e.item.status, e.item.machines.len());
+                let was_finished = e.item.status != JobStatus::Running;
+                if e.record.is_none() {
+                    inner.cached += 1;
+                }
+                e.item = item.clone();
+                e.last_stream_seq = record.last_stream_seq;
+                e.record = Some(record);
+                e.written = e.version;
+                e.ahead = false;
+                e.used = used;
+                let change = Change {
+                    item: (was != (item.status, item.machines.len())).then_some(item),
+                    finished_at: (finished && !was_finished).then_some(e.last_stream_seq),
+                };
+                self.evict(inner);
+                Some(change)
+            }
+            None => {
+                let id = record.job_id.clone();
+                inner
+                    .order
+                    .insert((Reverse(item.created_ms), Reverse(id.clone())));
+                inner.jobs.insert(
+                    id,
+                    Entry {
+                        item: item.clone(),
+                        last_stream_seq: record.last_stream_seq,
+                        record: Some(record),
+                        version: 0,
+                        written: 0,
+                        revision,
+                        used,
+                        ahead: false,
+                    },
+                );
+                inner.cached += 1;
+                self.evict(inner);
+                Some(Change {
+                    item: Some(item),
+                    finished_at: None,
+                })
+            }
         }
     }
 
@@ -553,6 +660,40 @@ mod tests {
                 fingerprint: None,
             }),
         }
+    }
+
+    #[test]
+    fn a_follower_adopts_the_leaders_writes_unless_it_is_ahead() {
+        let index = Index::new(10);
+        let mut kv = JobRecord::dispatched("j", Job::new("m", "p"), &["a".into()], 1);
+        // A new job from the leader's write: adopted and announced.
+        let c = index.adopt(kv.clone(), 5).expect("new job");
+        assert!(c.item.is_some());
+        // The same or an older revision: nothing.
+        assert!(index.adopt(kv.clone(), 5).is_none());
+        // The follower applies an event the leader has not written yet: it is ahead, kept in
+        // memory, not dirty for this central.
+        index.apply_event(&accepted("j"), 7, 100, 0);
+        index.mark_mirrored([&"j".to_string()]);
+        assert!(index.dirty_ids().is_empty());
+        // The leader's write of an older state (seq 0 < 7) is not adopted, only its revision.
+        assert!(index.adopt(kv.clone(), 6).is_none());
+        assert_eq!(index.revision_of("j"), Some(6));
+        assert_eq!(index.get("j").unwrap().last_stream_seq, 7);
+        // Once the leader's write holds the event, it replaces ours and we are no longer ahead.
+        kv.apply(&accepted("j"), 7, 100);
+        kv.dispatching = false;
+        index.adopt(kv.clone(), 8).expect("caught up");
+        assert!(
+            !index.get("j").unwrap().dispatching,
+            "the leader's own fields adopted"
+        );
+        assert!(index.take_ahead().is_empty());
+        // Taking the lease while ahead: the record becomes dirty, to be written.
+        index.apply_event(&accepted("j"), 9, 100, 0);
+        index.mark_mirrored([&"j".to_string()]);
+        assert_eq!(index.take_ahead(), vec!["j".to_string()]);
+        assert_eq!(index.dirty_ids(), vec!["j".to_string()]);
     }
 
     #[test]

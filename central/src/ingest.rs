@@ -49,6 +49,9 @@ pub struct Ingest<'a> {
     pub keys: &'a crate::signing::Keys,
     /// Stops everything.
     pub shutdown: &'a CancellationToken,
+    /// A follower's mirror: a job it has not seen is looked up in KV before its first event is
+    /// applied (the leader wrote it at dispatch), so it is not taken for an external job.
+    pub load_unknown: bool,
 }
 
 /// Tells listeners about a change of a job and, when it finished, queues its results.
@@ -74,7 +77,11 @@ fn is_status(kind: &EventKind) -> bool {
 
 impl Ingest<'_> {
     /// Applies a batch to memory and the hub; returns whether it changed a status.
-    async fn apply(&self, batch: &[jetstream::Message], touched: &mut HashSet<String>) -> bool {
+    pub(crate) async fn apply(
+        &self,
+        batch: &[jetstream::Message],
+        touched: &mut HashSet<String>,
+    ) -> bool {
         let mut urgent = false;
         let now = crate::now_ms();
         for msg in batch {
@@ -132,6 +139,9 @@ impl Ingest<'_> {
             }
             if self.index.was_deleted(&event.job_id) {
                 continue;
+            }
+            if self.load_unknown && !self.index.contains(&event.job_id) {
+                self.load(&event.job_id).await;
             }
             let (applied, change) = loop {
                 match self

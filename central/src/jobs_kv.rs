@@ -162,6 +162,16 @@ impl JobsKv {
             .unwrap_or(0))
     }
 
+    /// Every write to the bucket from `revision` on (a follower's view of the leader's writes).
+    pub async fn watch_from(&self, revision: u64) -> Result<kv::Watch, async_nats::Error> {
+        Ok(self.kv.watch_all_from_revision(revision.max(1)).await?)
+    }
+
+    /// The bucket's last revision (0 when it is empty).
+    pub async fn last_revision(&self) -> Result<u64, async_nats::Error> {
+        Ok(self.stream.get_info().await?.state.last_sequence)
+    }
+
     /// Removes the key and its history.
     pub async fn purge(&self, job_id: &str) -> Result<(), async_nats::Error> {
         Ok(self.kv.purge(job_id).await?)

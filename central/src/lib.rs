@@ -32,6 +32,7 @@ pub mod hub;
 pub mod index;
 pub mod ingest;
 pub mod jobs_kv;
+pub mod leader;
 pub mod metrics;
 pub mod record;
 pub mod registry;
@@ -48,6 +49,7 @@ use async_nats::jetstream;
 use axum::extract::State;
 use axum::routing::{any, get, post};
 use axum::Router;
+use bench_schemas::subjects;
 use config::Config;
 use error::StartError;
 use std::net::SocketAddr;
@@ -90,6 +92,8 @@ pub struct Shared {
     pub results: results::Results,
     /// Fires on shutdown.
     pub shutdown: CancellationToken,
+    /// Leader (indexes) or follower (see [`leader`]).
+    pub role: leader::Role,
 }
 
 impl Shared {
@@ -108,7 +112,12 @@ impl Shared {
         if let Some(r) = self.index.get(job_id) {
             return Ok(Some(r));
         }
-        if !self.index.needs_load(job_id) {
+        // A follower may not have seen the leader's write of a new job yet: ask KV.
+        if !self.index.needs_load(job_id)
+            && (self.role.is_leader()
+                || self.index.contains(job_id)
+                || self.index.was_deleted(job_id))
+        {
             return Ok(None);
         }
         self.require_nats()?;
@@ -159,6 +168,7 @@ impl Shared {
             results: &self.results,
             keys: self.registry.keys(),
             shutdown: &self.shutdown,
+            load_unknown: false,
         }
     }
 
@@ -220,6 +230,10 @@ pub fn app(state: AppState) -> Router {
         .fallback(api::static_files)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            leader::forward_writes,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             auth::require_token,
         ))
         .layer(auth::cors(&state.cfg.cors_origins))
@@ -264,6 +278,23 @@ pub async fn start(
     // Leave room for the KV headers under the server's max_payload.
     let max_value = client.server_info().max_payload.max(64 * 1024) - 4096;
     let jobs_kv = jobs_kv::JobsKv::new(assets.jobs, assets.jobs_stream, max_value);
+    let lease = leader::lease_bucket(&js, cfg.leader_ttl, cfg.replicas)
+        .await
+        .map_err(|e| setup(subjects::CENTRAL_BUCKET, e))?;
+    let central_id = cfg.central_id.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            config::host_id(),
+            listener.local_addr().map_or(0, |a| a.port())
+        )
+    });
+    // The follower's KV watch starts here: every later write is adopted (earlier ones are in
+    // what load_all reads).
+    let kv_from = jobs_kv
+        .last_revision()
+        .await
+        .map_err(|e| setup(store::JOBS_BUCKET, e))?
+        + 1;
     let index = index::Index::new(cfg.index_cache_jobs);
     let t0 = std::time::Instant::now();
     // In the order they were last written, so the cache keeps the most recently written.
@@ -294,9 +325,17 @@ pub async fn start(
             tracing::warn!("reading the agent registry took over 5 s; it fills from the watch")
         }
     }
-    let consumer = store::open_indexer(&stream)
+    let role = leader::Role::new(central_id.clone());
+    let (held, holder) = leader::try_acquire(&lease, &central_id)
         .await
-        .map_err(|e| setup(store::INDEXER_CONSUMER, e))?;
+        .map_err(|e| setup(subjects::CENTRAL_BUCKET, e))?;
+    role.set(held.is_some(), holder.clone());
+    match &held {
+        Some(_) => tracing::info!(%central_id, "holding the indexing lease: this central indexes"),
+        None => {
+            tracing::info!(%central_id, leader = ?holder.map(|h| h.central_id), "another central indexes: following it")
+        }
+    }
     let (results, results_rx) = results::Results::channel();
     let addr = listener.local_addr()?;
     let state = Arc::new(Shared {
@@ -311,17 +350,11 @@ pub async fn start(
         client,
         cfg,
         shutdown: shutdown.clone(),
+        role,
     });
     results::backfill(&state);
     let tasks = vec![
-        {
-            let s = state.clone();
-            tokio::spawn(async move { ingest::run(s.ingest(), &s.stream, consumer).await })
-        },
-        {
-            let s = state.clone();
-            tokio::spawn(async move { stall::run(s.watch()).await })
-        },
+        tokio::spawn(leader::run(state.clone(), lease, held, kv_from)),
         {
             let (s, token) = (state.clone(), shutdown.clone());
             tokio::spawn(

@@ -128,6 +128,24 @@ pub fn render(shared: &crate::Shared) -> String {
         &[("", load(&m.events_sampled))],
     );
     metric(
+        "bench_central_leader",
+        "gauge",
+        "1 while this central holds the indexing lease (indexes, writes records), 0 while it follows.",
+        &[("", f64::from(u8::from(shared.role.is_leader())))],
+    );
+    metric(
+        "bench_central_takeovers_total",
+        "counter",
+        "Times this central took the indexing lease from a follower's role.",
+        &[("", load(&shared.role.takeovers))],
+    );
+    metric(
+        "bench_central_forwarded_writes_total",
+        "counter",
+        "API writes this central forwarded to the indexing central.",
+        &[("", load(&shared.role.forwarded))],
+    );
+    metric(
         "bench_central_kv_writes_total",
         "counter",
         "Job records written to the jobs bucket.",

@@ -104,6 +104,8 @@ pub fn central_permissions() -> String {
     let publish = vec![
         format!("{}.jobs.*", subjects::PREFIX),
         format!("{}.cancel.*", subjects::PREFIX),
+        // API writes a follower forwards to the indexing central, and its answers.
+        subjects::CENTRAL_API.to_string(),
         "$JS.API.>".to_string(),
         // The indexer acknowledges what it stored in the jobs bucket.
         "$JS.ACK.>".to_string(),
@@ -112,11 +114,13 @@ pub fn central_permissions() -> String {
     ];
     let subscribe = vec![
         "_INBOX.>".to_string(),
+        subjects::CENTRAL_API.to_string(),
         format!("{}.events.>", subjects::PREFIX),
         "$KV.>".to_string(),
     ];
+    // allow_responses: the indexing central answers a follower's forwarded write.
     format!(
-        "permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }} }}",
+        "permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }}, allow_responses: true }}",
         list(&publish),
         list(&subscribe)
     )

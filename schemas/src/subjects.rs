@@ -17,6 +17,13 @@ pub const AGENTS_BUCKET: &str = "bench_agents";
 pub const INDEXER_CONSUMER: &str = "bench-central-indexer";
 /// KV bucket central keeps its job index in.
 pub const JOBS_BUCKET: &str = "bench_jobs";
+/// KV bucket of central's indexing lease (key [`LEADER_KEY`]): with several centrals on one
+/// NATS, the holder indexes and the others follow.
+pub const CENTRAL_BUCKET: &str = "bench_central";
+/// The lease's key in [`CENTRAL_BUCKET`].
+pub const LEADER_KEY: &str = "indexer";
+/// Where a central that does not hold the lease forwards API writes (the holder answers).
+pub const CENTRAL_API: &str = "bench.central.api";
 /// NATS micro service name every agent registers under.
 pub const SERVICE_NAME: &str = "bench-agent";
 /// KV bucket central keeps every machine's signing keys in (key = machine_id, value: the keys
