@@ -10,7 +10,7 @@ use crate::Shared;
 use async_nats::service::Request;
 use bench_schemas::event::{Accepted, Cancelled, Failed};
 use bench_schemas::{
-    subjects, validate_job_id, ErrorBody, ErrorCode, Event, EventKind, Job, JobReply,
+    subjects, validate_job_id, ErrorBody, ErrorCode, Event, EventKind, Job, JobReply, Selector,
 };
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +45,12 @@ pub async fn handle_job(
         if !sel.matches(machine_id, &shared.cfg.labels) {
             tracing::debug!(?sel, "selector excludes this agent");
             return None;
+        }
+        // Picked by an id list (which grows with the fleet): the rest of the list is the
+        // publisher's business, so it is not validated, kept, or echoed in job_accepted by
+        // each of N machines (N x N ids through the server).
+        if matches!(sel, Selector::Machines(_)) {
+            job.selector = Some(Selector::Machines(vec![machine_id.clone()]));
         }
     }
     if job.job_id.is_none() {

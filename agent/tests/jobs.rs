@@ -425,6 +425,34 @@ async fn broadcast_with_selector_and_shared_job_id() {
         ev.seen.iter().all(|e| e.machine_id == "ga"),
         "gb stayed silent for the nvidia selector"
     );
+
+    // An id list: only the listed machine runs it, and its job_accepted echoes the job with
+    // only its own id (the list grows with the fleet; the others' ids are not its business).
+    let mut ev3 = Events::watch(&c, "bc-3").await;
+    c.publish(
+        subjects::JOBS_ALL,
+        job_json(
+            "mock-7b",
+            json!({"job_id": "bc-3", "selector": ["gb", "elsewhere-1", "elsewhere-2"]}),
+        )
+        .into(),
+    )
+    .await
+    .unwrap();
+    ev3.terminal("gb").await;
+    let accepted = ev3
+        .seen
+        .iter()
+        .find_map(|e| match &e.kind {
+            EventKind::JobAccepted(a) => Some(a.clone()),
+            _ => None,
+        })
+        .expect("job_accepted");
+    assert_eq!(
+        accepted.job.selector,
+        Some(bench_schemas::Selector::Machines(vec!["gb".into()]))
+    );
+    assert!(ev3.seen.iter().all(|e| e.machine_id == "gb"), "ga stayed silent");
 }
 
 fn uuid_like(s: &str) -> bool {
