@@ -735,7 +735,12 @@ async fn run(
                 }
                 backoff = MIN_BACKOFF;
             }
-            Step::Ack(Err(e)) if e.kind() == PublishErrorKind::StreamNotFound => {
+            // "No responders" also answers a publish while a clustered stream elects a new
+            // leader: fall back to core NATS only when JetStream says there is no stream, else
+            // the event is re-sent like any unacknowledged one (it was lost from the stream).
+            Step::Ack(Err(e))
+                if e.kind() == PublishErrorKind::StreamNotFound && no_stream(&l.js).await =>
+            {
                 // No stream (nobody created BENCH_EVENTS): live subscribers still get it.
                 if !warned_no_stream {
                     tracing::warn!(
@@ -786,6 +791,24 @@ async fn run(
     }
     if let Some(l) = link {
         let _ = l.client.flush().await;
+    }
+}
+
+/// Whether JetStream answers that `BENCH_EVENTS` does not exist (no answer within 2 s, or a
+/// failed question, is not one: the caller re-sends).
+async fn no_stream(js: &jetstream::Context) -> bool {
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        js.get_stream(subjects::EVENTS_STREAM),
+    )
+    .await
+    {
+        Ok(Err(e)) => matches!(
+            e.kind(),
+            jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+        ),
+        _ => false,
     }
 }
 

@@ -222,9 +222,6 @@ async fn sse_to_end(url: String) -> (Vec<Frame>, u32) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "fails until the agent's publisher stops treating 'no responders' (a clustered stream \
-            electing its leader) as 'no stream': it then publishes on core NATS only and those \
-            events never reach BENCH_EVENTS; run with --include-ignored"]
 async fn race_survives_killing_the_events_stream_leader() {
     let t_test = Instant::now();
     let mut cluster = NatsCluster::start(3);
