@@ -114,6 +114,8 @@ pub struct Signer {
     key: nkeys::KeyPair,
     public: String,
     source: KeySource,
+    /// The `Bench-Key` header value.
+    id: String,
 }
 
 impl std::fmt::Debug for Signer {
@@ -226,16 +228,24 @@ impl Signer {
 
     fn from_pair(key: nkeys::KeyPair, source: KeySource) -> Self {
         let public = key.public_key();
+        // Central's `signing::key_id`: the 8 characters after the 'U'.
+        let id = public.chars().skip(1).take(8).collect();
         Self {
             key,
             public,
             source,
+            id,
         }
     }
 
     /// The public key (`U...`), as the registry entry carries it.
     pub fn public_key(&self) -> &str {
         &self.public
+    }
+
+    /// The `Bench-Key` header value: the key's id, so that central verifies one key only.
+    pub fn key_id(&self) -> &str {
+        &self.id
     }
 
     /// Where the key came from.
@@ -283,12 +293,13 @@ impl Outgoing {
         }
     }
 
-    /// With the `Bench-Sig` header (added once, as the event leaves the queue: a re-sent copy
-    /// keeps it).
+    /// With the `Bench-Sig` and `Bench-Key` headers (added once, as the event leaves the
+    /// queue: a re-sent copy keeps them).
     fn signed(mut self, signer: &Signer) -> Self {
         let sig = signer.signature(&self.payload);
         self.headers
             .insert(subjects::SIGNATURE_HEADER, sig.as_str());
+        self.headers.insert(subjects::KEY_HEADER, signer.key_id());
         self
     }
 }
@@ -881,6 +892,9 @@ mod tests {
             .unwrap()
             .verify(&event.payload, &raw)
             .expect("verifies");
+        // And names its key for central: the 8 characters after the 'U'.
+        let id = event.headers.get(subjects::KEY_HEADER).expect("key id");
+        assert_eq!(id.as_str(), &signer.public_key()[1..9]);
         // No nkey and nowhere to keep a key (no HOME in the environment): a key per process.
         let cfg = crate::config::Config::parse(
             "machine_id: a\nengine: mock\n",

@@ -84,6 +84,9 @@ impl Ingest<'_> {
     ) -> bool {
         let mut urgent = false;
         let now = crate::now_ms();
+        // Parsed and checked for well-formed ids first, then every signature of the batch
+        // verified in one pass (see crate::signing), then applied in order.
+        let mut events = Vec::with_capacity(batch.len());
         for msg in batch {
             let Ok(info) = msg.info() else {
                 self.metrics.events_invalid.fetch_add(1, Ordering::Relaxed);
@@ -115,18 +118,24 @@ impl Ingest<'_> {
                 tracing::warn!(subject = %msg.subject, stream_seq, job_id = %event.job_id, machine_id = %event.machine_id, "event with invalid ids or a job_id its subject does not name; skipped");
                 continue;
             }
-            // Any agent may publish on bench.events.*: only a key the named machine announced
-            // in its own registry entry vouches for an event (see crate::signing).
-            match self
-                .keys
-                .check(
-                    &event.machine_id,
-                    &msg.payload,
-                    msg.headers.as_ref(),
-                    published_ms,
-                )
-                .await
-            {
+            events.push((msg, event, stream_seq, published_ms));
+        }
+        // Any agent may publish on bench.events.*: only a key the named machine announced in
+        // its own registry entry vouches for an event (see crate::signing).
+        let verdicts = {
+            let items: Vec<_> = events
+                .iter()
+                .map(|(msg, event, _, published_ms)| crate::signing::Item {
+                    machine: &event.machine_id,
+                    payload: &msg.payload,
+                    headers: msg.headers.as_ref(),
+                    stored_ms: *published_ms,
+                })
+                .collect();
+            self.keys.check_batch(&items).await
+        };
+        for ((msg, event, stream_seq, published_ms), verdict) in events.into_iter().zip(verdicts) {
+            match verdict {
                 crate::signing::Verdict::Signed => {}
                 crate::signing::Verdict::Unsigned => {
                     self.metrics.events_unsigned.fetch_add(1, Ordering::Relaxed);

@@ -1,16 +1,21 @@
 //! Reading one job's stored events back from `BENCH_EVENTS`, in stream order, from any
 //! sequence: the SSE replay, the `.ndjson` export and `events.ndjson` all come from here.
 //! Each event is checked as ingestion checks it ([`crate::signing`]): a forged one (not signed
-//! by the machine it names) is never handed out.
+//! by the machine it names) is never handed out. The events already received are checked
+//! together (up to [`CHECK_BATCH`]: one batch verification, not one verification each).
 
-use crate::signing::{Keys, Verdict};
+use crate::signing::{Item, Keys, Verdict};
 use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use bench_schemas::subjects;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
+use std::collections::VecDeque;
 use std::sync::Arc;
+
+/// Most stored events checked in one go: those already received when the first arrives.
+pub const CHECK_BATCH: usize = 256;
 
 /// A replay in progress: yields stored events after `after`, up to what the stream held when it
 /// was opened.
@@ -20,6 +25,10 @@ pub struct Replay {
     pub until: u64,
     done: bool,
     keys: Arc<Keys>,
+    /// Checked, not yet handed out.
+    ready: VecDeque<(u64, Bytes)>,
+    /// An error that came after events still in `ready`.
+    failed: Option<async_nats::Error>,
 }
 
 /// The job's last stored sequence, 0 when it has none.
@@ -60,6 +69,8 @@ pub async fn open(
         until,
         done: false,
         keys: keys.clone(),
+        ready: VecDeque::new(),
+        failed: None,
     }))
 }
 
@@ -69,55 +80,109 @@ const STALL: std::time::Duration = std::time::Duration::from_secs(10);
 impl Replay {
     /// The next `(stream_seq, payload)`, or None at the end.
     pub async fn next(&mut self) -> Result<Option<(u64, Bytes)>, async_nats::Error> {
-        while !self.done {
-            // The events may be purged under us (a DELETE racing the job's end): then nothing
-            // more arrives, and waiting for `until` would hang the caller.
-            let next = tokio::time::timeout(STALL, self.messages.next()).await;
-            let m = match next {
-                Err(_) | Ok(None) => {
-                    self.done = true;
-                    return Ok(None);
+        loop {
+            if let Some(item) = self.ready.pop_front() {
+                return Ok(Some(item));
+            }
+            if let Some(e) = self.failed.take() {
+                return Err(e);
+            }
+            if self.done {
+                return Ok(None);
+            }
+            self.receive().await?;
+        }
+    }
+
+    /// Waits for the next stored message, takes those already received after it (up to
+    /// [`CHECK_BATCH`]), checks them together and queues those allowed.
+    async fn receive(&mut self) -> Result<(), async_nats::Error> {
+        let mut got = Vec::new();
+        while !self.done && got.len() < CHECK_BATCH {
+            let next = if got.is_empty() {
+                // The events may be purged under us (a DELETE racing the job's end): then
+                // nothing more arrives, and waiting for `until` would hang the caller.
+                tokio::time::timeout(STALL, self.messages.next())
+                    .await
+                    .unwrap_or_default()
+            } else {
+                match self.messages.next().now_or_never() {
+                    // Not received yet: check what is here first.
+                    None => break,
+                    Some(next) => next,
                 }
-                Ok(Some(Err(e))) => return Err(e.into()),
-                Ok(Some(Ok(m))) => m,
+            };
+            let m = match next {
+                None => {
+                    self.done = true;
+                    break;
+                }
+                Some(Err(e)) if got.is_empty() => return Err(e.into()),
+                Some(Err(e)) => {
+                    self.failed = Some(e.into());
+                    break;
+                }
+                Some(Ok(m)) => m,
             };
             let info = m.info()?;
-            let seq = info.stream_sequence;
+            let (seq, stored_ms) = (
+                info.stream_sequence,
+                (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+            );
             if seq >= self.until || info.pending == 0 {
                 self.done = true;
             }
-            if allowed(&self.keys, &m, &info).await {
-                return Ok(Some((seq, m.payload.clone())));
-            }
+            got.push((seq, stored_ms, m));
         }
-        Ok(None)
+        let allowed = allowed(&self.keys, &got).await;
+        self.ready.extend(
+            got.into_iter()
+                .zip(allowed)
+                .filter(|(_, ok)| *ok)
+                .map(|((seq, _, m), _)| (seq, m.payload.clone())),
+        );
+        Ok(())
     }
 }
 
-/// Whether the event passes the check ingestion made (not counted again: ingestion counted it;
-/// what is not an event at all is left to the reader, as before).
-async fn allowed(
-    keys: &Keys,
-    m: &async_nats::jetstream::Message,
-    info: &async_nats::jetstream::message::Info<'_>,
-) -> bool {
+/// Whether each event passes the check ingestion made (not counted again: ingestion counted
+/// it; what is not an event at all is left to the reader, as before).
+async fn allowed(keys: &Keys, got: &[(u64, u64, async_nats::jetstream::Message)]) -> Vec<bool> {
     #[derive(serde::Deserialize)]
     struct Names<'a> {
         #[serde(borrow)]
         machine_id: std::borrow::Cow<'a, str>,
     }
-    let Ok(names) = serde_json::from_slice::<Names<'_>>(&m.payload) else {
-        return true;
-    };
-    let stored_ms = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-    let verdict = keys
-        .check(&names.machine_id, &m.payload, m.headers.as_ref(), stored_ms)
-        .await;
-    if let Verdict::Forged(why) = verdict {
-        tracing::debug!(subject = %m.subject, stream_seq = info.stream_sequence, machine_id = %names.machine_id, why = why.as_str(), "forged event left out of a replay");
-        return false;
-    }
-    true
+    let names: Vec<Option<Names<'_>>> = got
+        .iter()
+        .map(|(_, _, m)| serde_json::from_slice(&m.payload).ok())
+        .collect();
+    let items: Vec<Item<'_>> = got
+        .iter()
+        .zip(&names)
+        .filter_map(|((_, stored_ms, m), names)| {
+            Some(Item {
+                machine: &names.as_ref()?.machine_id,
+                payload: &m.payload,
+                headers: m.headers.as_ref(),
+                stored_ms: *stored_ms,
+            })
+        })
+        .collect();
+    let mut verdicts = keys.check_batch(&items).await.into_iter();
+    got.iter()
+        .zip(&names)
+        .map(|((seq, _, m), names)| {
+            let Some(names) = names else {
+                return true;
+            };
+            let Some(Verdict::Forged(why)) = verdicts.next() else {
+                return true;
+            };
+            tracing::debug!(subject = %m.subject, stream_seq = seq, machine_id = %names.machine_id, why = why.as_str(), "forged event left out of a replay");
+            false
+        })
+        .collect()
 }
 
 /// Every stored event of the job, in stream order.

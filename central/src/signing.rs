@@ -16,14 +16,25 @@
 //! event that fails is checked once more after reading M's entry straight from `bench_agents`
 //! (at most once a second per machine, [`REFRESHES_PER_S`] in all). The agent stores a
 //! heartbeat with its key before its first event, so that read always finds it.
+//!
+//! Cost: an ed25519 verification is ~40x central's own work on an event, so it is bounded. An
+//! agent names the key it signed with ([`subjects::KEY_HEADER`], [`key_id`]): central verifies
+//! under that key only, and a named key the machine never announced is refused without any
+//! verification; only an event without the header (agents before it) is tried under every key.
+//! Ingestion and replay check a batch at a time ([`Keys::check_batch`]): one ed25519 batch
+//! verification per [`CHUNK_MAX`] events, chunks beyond [`INLINE_MAX`] events on blocking
+//! threads (in parallel, and no runtime worker blocked for long); a chunk that fails as a whole
+//! is verified event by event, so one forged event costs its chunk one more pass.
 
 use async_nats::jetstream::{self, kv};
 use async_nats::{HeaderMap, HeaderName};
 use bench_schemas::{subjects, AgentInfo};
+use bytes::Bytes;
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -41,6 +52,23 @@ const REFRESH_EVERY: Duration = Duration::from_secs(1);
 pub const REFRESHES_PER_S: u32 = 20;
 /// Bytes of an ed25519 signature.
 const SIG_LEN: usize = 64;
+/// Characters of a key's id in [`subjects::KEY_HEADER`] (after the key's leading `U`): 37 bits
+/// of the key, enough to tell a machine's [`MAX_KEYS`] keys apart.
+pub const KEY_ID_LEN: usize = 8;
+/// Signatures of a batch verified on the calling (runtime) thread: up to ~0.3 ms of work.
+pub const INLINE_MAX: usize = 16;
+/// Most signatures in one batch verification, all of one machine: a forged event makes its
+/// chunk be verified once more, one by one, so this bounds what one forgery costs.
+pub const CHUNK_MAX: usize = 64;
+/// After a refused event, a machine's events are verified one by one (no batch to fail and
+/// redo) for this long: a forger who keeps sending gets one verification per forged event.
+const SUSPECT_FOR: Duration = Duration::from_secs(1);
+
+/// The id of a public key (`U...`) that [`subjects::KEY_HEADER`] carries: its [`KEY_ID_LEN`]
+/// characters after the `U` ("" for a string too short to be a key).
+pub fn key_id(public_key: &str) -> &str {
+    public_key.get(1..1 + KEY_ID_LEN).unwrap_or("")
+}
 
 /// `signatures:` in `machines.yaml` (`CENTRAL_SIGNATURES`).
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,6 +102,8 @@ pub enum Forgery {
     Malformed,
     /// It verifies under none of the machine's keys.
     BadSignature,
+    /// Its `Bench-Key` names no key of the machine (refused unverified).
+    UnknownKey,
     /// `signatures: require` and no key is known for the machine.
     UnknownMachine,
 }
@@ -85,6 +115,7 @@ impl Forgery {
             Self::NoSignature => "missing signature",
             Self::Malformed => "malformed signature",
             Self::BadSignature => "bad signature (none of the machine's keys)",
+            Self::UnknownKey => "signed by a key the machine never announced (Bench-Key)",
             Self::UnknownMachine => "no key known for the machine (signatures: require)",
         }
     }
@@ -118,7 +149,110 @@ pub struct StoredKeys {
 struct Known {
     since_ms: u64,
     /// Newest first.
-    keys: Vec<(String, nkeys::KeyPair)>,
+    keys: Vec<(String, VerifyingKey)>,
+    /// Until when (ms of [`mono_ms`]) its events are not batch-verified: one was refused.
+    suspect_until: Arc<AtomicU64>,
+}
+
+/// Ms since this process first asked (a monotonic clock for [`Known::suspect_until`]).
+fn mono_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// What an event needs before (or instead of) a signature verification.
+enum Step {
+    /// Decided without one.
+    Done(Verdict),
+    /// Verify under this key (the hinted one, or a machine's only key).
+    One(VerifyingKey, Signature),
+    /// No hint: verify under any of the machine's keys.
+    Any(Signature),
+}
+
+/// One event of a batch, owned, so that it can be verified on a blocking thread.
+#[derive(Clone)]
+struct Job {
+    at: usize,
+    known: Arc<Known>,
+    step: StepOwned,
+    payload: Bytes,
+}
+
+#[derive(Clone)]
+enum StepOwned {
+    One(VerifyingKey, Signature),
+    Any(Signature),
+}
+
+/// One event to check with [`Keys::check_batch`] (what [`Keys::check`] takes).
+#[derive(Clone, Copy)]
+pub struct Item<'a> {
+    /// The machine it names.
+    pub machine: &'a str,
+    /// The exact payload.
+    pub payload: &'a Bytes,
+    /// Its headers.
+    pub headers: Option<&'a HeaderMap>,
+    /// The stream's time for it (unix ms).
+    pub stored_ms: u64,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Single verifications made on this thread (tests count them).
+    static VERIFIED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn verify_one(key: &VerifyingKey, payload: &[u8], sig: &Signature) -> bool {
+    #[cfg(test)]
+    VERIFIED.with(|n| n.set(n.get() + 1));
+    key.verify(payload, sig).is_ok()
+}
+
+fn signed_if(ok: bool) -> Verdict {
+    if ok {
+        Verdict::Signed
+    } else {
+        Verdict::Forged(Forgery::BadSignature)
+    }
+}
+
+impl Job {
+    fn verify(&self) -> bool {
+        match &self.step {
+            StepOwned::One(key, sig) => verify_one(key, &self.payload, sig),
+            StepOwned::Any(sig) => self
+                .known
+                .keys
+                .iter()
+                .any(|(_, k)| verify_one(k, &self.payload, sig)),
+        }
+    }
+}
+
+/// `(at, verified)` of each job of a unit.
+fn verify_unit(jobs: &[Job]) -> Vec<(usize, bool)> {
+    jobs.iter().map(|j| j.at).zip(verify_jobs(jobs)).collect()
+}
+
+/// Whether each job's signature verifies: one batch verification for the one-key jobs, and
+/// one by one when that fails (to find the bad ones) and for the jobs of any key.
+fn verify_jobs(jobs: &[Job]) -> Vec<bool> {
+    let mut msgs = Vec::with_capacity(jobs.len());
+    let mut sigs = Vec::with_capacity(jobs.len());
+    let mut keys = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        if let StepOwned::One(k, s) = &j.step {
+            msgs.push(&j.payload[..]);
+            sigs.push(*s);
+            keys.push(*k);
+        }
+    }
+    let batch_ok = msgs.len() > 1 && ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok();
+    jobs.iter()
+        .map(|j| (batch_ok && matches!(j.step, StepOwned::One(..))) || j.verify())
+        .collect()
 }
 
 impl Known {
@@ -167,10 +301,12 @@ impl Default for Keys {
 }
 
 /// A user public key, parsed (None for anything else).
-fn parse_key(key: &str) -> Option<nkeys::KeyPair> {
+fn parse_key(key: &str) -> Option<VerifyingKey> {
     nkeys::KeyPair::from_public_key(key)
         .ok()
-        .filter(|k| k.key_pair_type() == nkeys::KeyPairType::User)
+        .filter(|k| k.key_pair_type() == nkeys::KeyPairType::User)?;
+    let (_, raw) = nkeys::from_public_key(key).ok()?;
+    VerifyingKey::from_bytes(&raw).ok()
 }
 
 impl Keys {
@@ -265,6 +401,7 @@ impl Keys {
             .unwrap_or(Known {
                 since_ms: s.since_ms,
                 keys: Vec::new(),
+                suspect_until: Arc::default(),
             });
         known.since_ms = known.since_ms.min(s.since_ms);
         for key in &s.keys {
@@ -303,6 +440,7 @@ impl Keys {
                 .unwrap_or(Known {
                     since_ms: seen_ms,
                     keys: Vec::new(),
+                    suspect_until: Arc::default(),
                 });
             known.keys.retain(|(k, _)| k != key);
             known.keys.insert(0, (key.to_string(), pair));
@@ -327,8 +465,62 @@ impl Keys {
             .map(|k| k.stored())
     }
 
+    /// What `unknown` machines get in the mode in force.
+    fn unknown(&self) -> Verdict {
+        match self.mode() {
+            SignatureMode::Verify => Verdict::Unsigned,
+            SignatureMode::Require => Verdict::Forged(Forgery::UnknownMachine),
+        }
+    }
+
+    /// Everything before the signature verification: the machine's keys, the signature decoded
+    /// (on the stack) and the key its hint names. None: no key is known for the machine.
+    fn prepare(&self, machine: &str, headers: Option<&HeaderMap>) -> Option<(Arc<Known>, Step)> {
+        let known = self
+            .machines
+            .read()
+            .expect("keys lock")
+            .get(machine)
+            .cloned()?;
+        let Some(sig) =
+            headers.and_then(|h| h.get(HeaderName::from_static(subjects::SIGNATURE_HEADER)))
+        else {
+            return Some((known, Step::Done(Verdict::Forged(Forgery::NoSignature))));
+        };
+        let sig = sig.as_str().as_bytes();
+        let mut raw = [0u8; SIG_LEN];
+        let enc = data_encoding::BASE64URL_NOPAD;
+        if enc.decode_len(sig.len()) != Ok(SIG_LEN) || enc.decode_mut(sig, &mut raw).is_err() {
+            return Some((known, Step::Done(Verdict::Forged(Forgery::Malformed))));
+        }
+        let sig = Signature::from_bytes(&raw);
+        let hint = headers.and_then(|h| h.get(HeaderName::from_static(subjects::KEY_HEADER)));
+        let step = match hint {
+            // The newest key of that id (two of a machine's keys sharing 37 bits: the older
+            // one's events no longer verify; never more than one verification).
+            Some(id) => match known.keys.iter().find(|(k, _)| key_id(k) == id.as_str()) {
+                Some((_, key)) => Step::One(*key, sig),
+                None => Step::Done(Verdict::Forged(Forgery::UnknownKey)),
+            },
+            None if known.keys.len() == 1 => Step::One(known.keys[0].1, sig),
+            None => Step::Any(sig),
+        };
+        Some((known, step))
+    }
+
+    /// A verdict on an event stored at `stored_ms`, given the machine's keys.
+    fn judged(&self, verdict: Verdict, known: &Known, stored_ms: u64) -> Verdict {
+        // Stored before central knew any key of the machine: judged as then (a good signature
+        // still counts).
+        if verdict != Verdict::Signed && stored_ms < known.since_ms {
+            return self.unknown();
+        }
+        verdict
+    }
+
     /// Checks one event's payload and headers (`stored_ms`: the stream's time for it) without
-    /// any I/O. O(1) in the number of machines; no allocation.
+    /// any I/O: at most one ed25519 verification when it names its key (`Bench-Key`), none
+    /// when that names no key of the machine. O(1) in the number of machines; no allocation.
     pub fn verify(
         &self,
         machine: &str,
@@ -336,48 +528,17 @@ impl Keys {
         headers: Option<&HeaderMap>,
         stored_ms: u64,
     ) -> Verdict {
-        let known = self
-            .machines
-            .read()
-            .expect("keys lock")
-            .get(machine)
-            .cloned();
-        let unknown = match self.mode() {
-            SignatureMode::Verify => Verdict::Unsigned,
-            SignatureMode::Require => Verdict::Forged(Forgery::UnknownMachine),
+        let Some((known, step)) = self.prepare(machine, headers) else {
+            return self.unknown();
         };
-        let Some(known) = known else {
-            return unknown;
-        };
-        let verdict = match headers
-            .and_then(|h| h.get(HeaderName::from_static(subjects::SIGNATURE_HEADER)))
-        {
-            None => Verdict::Forged(Forgery::NoSignature),
-            Some(sig) => {
-                let sig = sig.as_str().as_bytes();
-                let mut raw = [0u8; SIG_LEN];
-                let enc = data_encoding::BASE64URL_NOPAD;
-                if enc.decode_len(sig.len()) != Ok(SIG_LEN)
-                    || enc.decode_mut(sig, &mut raw).is_err()
-                {
-                    Verdict::Forged(Forgery::Malformed)
-                } else if known
-                    .keys
-                    .iter()
-                    .any(|(_, k)| k.verify(payload, &raw).is_ok())
-                {
-                    Verdict::Signed
-                } else {
-                    Verdict::Forged(Forgery::BadSignature)
-                }
+        let verdict = match step {
+            Step::Done(v) => v,
+            Step::One(key, sig) => signed_if(verify_one(&key, payload, &sig)),
+            Step::Any(sig) => {
+                signed_if(known.keys.iter().any(|(_, k)| verify_one(k, payload, &sig)))
             }
         };
-        // Stored before central knew any key of the machine: judged as then (a good signature
-        // still counts).
-        if verdict != Verdict::Signed && stored_ms < known.since_ms {
-            return unknown;
-        }
-        verdict
+        self.judged(verdict, &known, stored_ms)
     }
 
     /// [`Self::verify`], and for an event it refuses for want of a key, once more after reading
@@ -390,9 +551,133 @@ impl Keys {
         stored_ms: u64,
     ) -> Verdict {
         let verdict = self.verify(machine, payload, headers, stored_ms);
+        self.recheck(verdict, machine, payload, headers, stored_ms)
+            .await
+    }
+
+    /// [`Self::check`] of every item, in order, with the signatures verified together: ed25519
+    /// batch verification per chunk of at most [`CHUNK_MAX`], one by one in a chunk that fails;
+    /// up to [`INLINE_MAX`] signatures on this thread, more split over blocking threads.
+    pub async fn check_batch(&self, items: &[Item<'_>]) -> Vec<Verdict> {
+        let mut verdicts = Vec::with_capacity(items.len());
+        let mut jobs = Vec::new();
+        for (at, item) in items.iter().enumerate() {
+            let Some((known, step)) = self.prepare(item.machine, item.headers) else {
+                verdicts.push(self.unknown());
+                continue;
+            };
+            let step = match step {
+                Step::Done(v) => {
+                    verdicts.push(self.judged(v, &known, item.stored_ms));
+                    continue;
+                }
+                Step::One(k, s) => StepOwned::One(k, s),
+                Step::Any(s) => StepOwned::Any(s),
+            };
+            // Decided below.
+            verdicts.push(Verdict::Signed);
+            jobs.push(Job {
+                at,
+                known,
+                step,
+                payload: item.payload.clone(),
+            });
+        }
+        // Units of one batch verification: a machine's events (a failure redoes only its own),
+        // at most CHUNK_MAX; one event each for a machine under suspicion.
+        let now = mono_ms();
+        let mut order: Vec<usize> = (0..jobs.len()).collect();
+        order.sort_by_key(|&i| Arc::as_ptr(&jobs[i].known) as usize);
+        let mut units: Vec<Vec<Job>> = Vec::new();
+        for i in order {
+            let job = &jobs[i];
+            let batchable = job.known.suspect_until.load(Ordering::Relaxed) <= now;
+            match units.last_mut() {
+                Some(u)
+                    if batchable && u.len() < CHUNK_MAX && Arc::ptr_eq(&u[0].known, &job.known) =>
+                {
+                    u.push(job.clone())
+                }
+                _ => units.push(vec![job.clone()]),
+            }
+        }
+        let ok: Vec<(usize, bool)> = if jobs.len() <= INLINE_MAX {
+            units.iter().flat_map(|u| verify_unit(u)).collect()
+        } else {
+            // Units packed into tasks of about an equal share per core.
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let share = jobs.len().div_ceil(threads).clamp(INLINE_MAX, CHUNK_MAX);
+            let mut tasks: Vec<Vec<Vec<Job>>> = vec![Vec::new()];
+            let mut in_task = 0;
+            for u in units {
+                if in_task >= share {
+                    tasks.push(Vec::new());
+                    in_task = 0;
+                }
+                in_task += u.len();
+                tasks.last_mut().expect("a task").push(u);
+            }
+            let running: Vec<_> = tasks
+                .into_iter()
+                .map(|t| {
+                    let mine = t.clone();
+                    let task = tokio::task::spawn_blocking(move || {
+                        t.iter().flat_map(|u| verify_unit(u)).collect::<Vec<_>>()
+                    });
+                    (mine, task)
+                })
+                .collect();
+            let mut ok = Vec::with_capacity(jobs.len());
+            for (units, task) in running {
+                match task.await {
+                    Ok(v) => ok.extend(v),
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // The runtime is shutting down: still no event is refused unchecked.
+                    Err(_) => ok.extend(units.iter().flat_map(|u| verify_unit(u))),
+                }
+            }
+            ok
+        };
+        let until = now + SUSPECT_FOR.as_millis() as u64;
+        // Each item's job, if it has one.
+        let mut job_of = vec![usize::MAX; items.len()];
+        for (k, job) in jobs.iter().enumerate() {
+            job_of[job.at] = k;
+        }
+        for (at, ok) in ok {
+            let known = &jobs[job_of[at]].known;
+            if !ok {
+                known.suspect_until.store(until, Ordering::Relaxed);
+            }
+            verdicts[at] = self.judged(signed_if(ok), known, items[at].stored_ms);
+        }
+        for (item, verdict) in items.iter().zip(verdicts.iter_mut()) {
+            *verdict = self
+                .recheck(
+                    *verdict,
+                    item.machine,
+                    item.payload,
+                    item.headers,
+                    item.stored_ms,
+                )
+                .await;
+        }
+        verdicts
+    }
+
+    /// `verdict` as it stands, or for an event refused for want of a key, the verdict after
+    /// reading the machine's registry entry again (rate-limited).
+    async fn recheck(
+        &self,
+        verdict: Verdict,
+        machine: &str,
+        payload: &[u8],
+        headers: Option<&HeaderMap>,
+        stored_ms: u64,
+    ) -> Verdict {
         let may_be_new_key = matches!(
             verdict,
-            Verdict::Forged(Forgery::BadSignature | Forgery::UnknownMachine)
+            Verdict::Forged(Forgery::BadSignature | Forgery::UnknownKey | Forgery::UnknownMachine)
         );
         if !may_be_new_key || !self.refresh_allowed(machine) {
             return verdict;
@@ -613,6 +898,196 @@ mod tests {
             Verdict::Forged(Forgery::UnknownMachine),
             "require: no key known then means no key"
         );
+    }
+
+    /// Signed as the agent signs (its `Signer`): `Bench-Sig` and `Bench-Key`.
+    fn agent_signed(signer: &bench_agent::publisher::Signer, payload: &[u8]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            subjects::SIGNATURE_HEADER,
+            signer.signature(payload).as_str(),
+        );
+        h.insert(subjects::KEY_HEADER, signer.key_id());
+        h
+    }
+
+    /// Verdict and the single verifications it took.
+    fn counted(keys: &Keys, machine: &str, p: &[u8], h: Option<&HeaderMap>) -> (Verdict, usize) {
+        let before = VERIFIED.with(|n| n.get());
+        let v = keys.verify(machine, p, h, 2000);
+        (v, VERIFIED.with(|n| n.get()) - before)
+    }
+
+    #[test]
+    fn the_key_hint_picks_one_key_and_an_unknown_one_costs_nothing() {
+        let old = bench_agent::publisher::Signer::ephemeral();
+        let new = bench_agent::publisher::Signer::ephemeral();
+        assert_eq!(
+            old.key_id(),
+            key_id(old.public_key()),
+            "agent and central agree"
+        );
+        assert_eq!(old.key_id().len(), KEY_ID_LEN);
+        let keys = Keys::default();
+        keys.learn("m", old.public_key(), 1000);
+        keys.learn("m", new.public_key(), 1000);
+        let p = event("m");
+        // The oldest key, named: one verification (not one per key).
+        let h = agent_signed(&old, &p);
+        assert_eq!(counted(&keys, "m", &p, Some(&h)), (Verdict::Signed, 1));
+        // Named wrongly: only the named key is tried, although the other would verify.
+        let mut wrong = h.clone();
+        wrong.insert(subjects::KEY_HEADER, new.key_id());
+        assert_eq!(
+            counted(&keys, "m", &p, Some(&wrong)),
+            (Verdict::Forged(Forgery::BadSignature), 1)
+        );
+        // A key the machine never announced: refused without any verification.
+        let forger = bench_agent::publisher::Signer::ephemeral();
+        assert_eq!(
+            counted(&keys, "m", &p, Some(&agent_signed(&forger, &p))),
+            (Verdict::Forged(Forgery::UnknownKey), 0)
+        );
+        // No hint (an agent before it): every key is tried, newest first.
+        let mut bare = HeaderMap::new();
+        bare.insert(subjects::SIGNATURE_HEADER, old.signature(&p).as_str());
+        assert_eq!(counted(&keys, "m", &p, Some(&bare)), (Verdict::Signed, 2));
+        let mut bare_forged = HeaderMap::new();
+        bare_forged.insert(subjects::SIGNATURE_HEADER, forger.signature(&p).as_str());
+        assert_eq!(
+            counted(&keys, "m", &p, Some(&bare_forged)),
+            (Verdict::Forged(Forgery::BadSignature), 2)
+        );
+        // Stored before central knew a key: still judged as of a machine without one.
+        assert_eq!(
+            keys.verify("m", &p, Some(&agent_signed(&forger, &p)), 999),
+            Verdict::Unsigned
+        );
+    }
+
+    /// A batch of `n` signed events of machine "m" by `signer`, and their headers.
+    fn batch_of(
+        signer: &bench_agent::publisher::Signer,
+        n: usize,
+    ) -> (Vec<Bytes>, Vec<Option<HeaderMap>>) {
+        let payloads: Vec<Bytes> = (0..n)
+            .map(|i| {
+                Bytes::from(
+                    String::from_utf8(event("m"))
+                        .unwrap()
+                        .replace(r#""seq":1"#, &format!(r#""seq":{i}"#)),
+                )
+            })
+            .collect();
+        let headers = payloads
+            .iter()
+            .map(|p| Some(agent_signed(signer, p)))
+            .collect();
+        (payloads, headers)
+    }
+
+    fn items<'a>(payloads: &'a [Bytes], headers: &'a [Option<HeaderMap>]) -> Vec<Item<'a>> {
+        payloads
+            .iter()
+            .zip(headers)
+            .map(|(p, h)| Item {
+                machine: "m",
+                payload: p,
+                headers: h.as_ref(),
+                stored_ms: 2000,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_refuses_only_its_forged_events_in_order() {
+        let agent = bench_agent::publisher::Signer::ephemeral();
+        let forger = bench_agent::publisher::Signer::ephemeral();
+        let keys = Keys::default();
+        keys.learn("m", agent.public_key(), 1000);
+        // Inline (a few events) and over blocking threads (several chunks).
+        for n in [5, INLINE_MAX + 1, 3 * CHUNK_MAX + 7] {
+            let (payloads, mut headers) = batch_of(&agent, n);
+            let all = keys.check_batch(&items(&payloads, &headers)).await;
+            assert!(all.iter().all(|v| *v == Verdict::Signed), "{n}: {all:?}");
+            // One in the middle signed by another key under the agent's key id.
+            let mid = n / 2;
+            let mut forged = agent_signed(&forger, &payloads[mid]);
+            forged.insert(subjects::KEY_HEADER, agent.key_id());
+            headers[mid] = Some(forged);
+            // Others: without a signature, and an agent's event without a key id.
+            headers[0] = None;
+            let mut bare = HeaderMap::new();
+            bare.insert(
+                subjects::SIGNATURE_HEADER,
+                agent.signature(&payloads[n - 1]).as_str(),
+            );
+            headers[n - 1] = Some(bare);
+            let got = keys.check_batch(&items(&payloads, &headers)).await;
+            let want: Vec<Verdict> = (0..n)
+                .map(|i| match i {
+                    0 => Verdict::Forged(Forgery::NoSignature),
+                    i if i == mid => Verdict::Forged(Forgery::BadSignature),
+                    _ => Verdict::Signed,
+                })
+                .collect();
+            assert_eq!(got, want, "{n} events");
+            // The same as one by one.
+            let one_by_one: Vec<Verdict> = items(&payloads, &headers)
+                .iter()
+                .map(|i| keys.verify(i.machine, i.payload, i.headers, i.stored_ms))
+                .collect();
+            assert_eq!(got, one_by_one);
+        }
+        // Machines with no key and several of them in one batch.
+        let (payloads, headers) = batch_of(&agent, 3);
+        let mut mixed = items(&payloads, &headers);
+        mixed[1].machine = "nobody";
+        assert_eq!(
+            keys.check_batch(&mixed).await,
+            [Verdict::Signed, Verdict::Unsigned, Verdict::Signed]
+        );
+        assert!(keys.check_batch(&[]).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refused_event_puts_its_machine_on_single_verifications() {
+        let (a, b) = (
+            bench_agent::publisher::Signer::ephemeral(),
+            bench_agent::publisher::Signer::ephemeral(),
+        );
+        let keys = Keys::default();
+        keys.learn("m", a.public_key(), 1000);
+        keys.learn("n", b.public_key(), 1000);
+        async fn singles(keys: &Keys, items: Vec<Item<'_>>) -> (Vec<Verdict>, usize) {
+            let before = VERIFIED.with(|n| n.get());
+            let v = keys.check_batch(&items).await;
+            (v, VERIFIED.with(|n| n.get()) - before)
+        }
+        // Inline batches (counted on this thread).
+        let (payloads, mut headers) = batch_of(&a, INLINE_MAX);
+        let (v, n) = singles(&keys, items(&payloads, &headers)).await;
+        assert!(v.iter().all(|v| *v == Verdict::Signed));
+        assert_eq!(n, 0, "one batch verification, no single one");
+        let mut forged = agent_signed(&b, &payloads[3]);
+        forged.insert(subjects::KEY_HEADER, a.key_id());
+        headers[3] = Some(forged);
+        let (v, n) = singles(&keys, items(&payloads, &headers)).await;
+        assert_eq!(v[3], Verdict::Forged(Forgery::BadSignature));
+        assert_eq!(n, INLINE_MAX, "the failed batch, one by one");
+        // Now m's events are verified one by one: forged events cost one verification each.
+        let (v, n) = singles(&keys, items(&payloads, &headers)).await;
+        assert_eq!(v.iter().filter(|v| **v != Verdict::Signed).count(), 1);
+        assert_eq!(n, INLINE_MAX, "no batch to fail and redo");
+        // Other machines' batches are not affected.
+        let (pn, hn) = batch_of(&b, INLINE_MAX);
+        let mut other = items(&pn, &hn);
+        for i in &mut other {
+            i.machine = "n";
+        }
+        let (v, n) = singles(&keys, other).await;
+        assert!(v.iter().all(|v| *v == Verdict::Signed));
+        assert_eq!(n, 0);
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub const KEYS_BUCKET: &str = "bench_keys";
 /// the exact payload bytes, base64url without padding. The payload names job, machine, run and
 /// seq, so a signed event cannot be re-aimed at another job or machine.
 pub const SIGNATURE_HEADER: &str = "Bench-Sig";
+/// Header beside [`SIGNATURE_HEADER`]: which of the machine's keys signed it, as the 8
+/// characters after the leading `U` of the nkey public key. Central verifies under that key
+/// only; an event without it (older agents) is tried under each key the machine announced.
+pub const KEY_HEADER: &str = "Bench-Key";
 
 /// `bench.jobs.<machine_id>`; `jobs("all")` is the broadcast subject.
 pub fn jobs(machine_id: &str) -> String {
