@@ -452,7 +452,10 @@ async fn broadcast_with_selector_and_shared_job_id() {
         accepted.job.selector,
         Some(bench_schemas::Selector::Machines(vec!["gb".into()]))
     );
-    assert!(ev3.seen.iter().all(|e| e.machine_id == "gb"), "ga stayed silent");
+    assert!(
+        ev3.seen.iter().all(|e| e.machine_id == "gb"),
+        "ga stayed silent"
+    );
 }
 
 fn uuid_like(s: &str) -> bool {
