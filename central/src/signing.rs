@@ -171,7 +171,6 @@ enum Step {
 }
 
 /// One event of a batch, owned, so that it can be verified on a blocking thread.
-#[derive(Clone)]
 struct Job {
     at: usize,
     known: Arc<Known>,
@@ -179,7 +178,6 @@ struct Job {
     payload: Bytes,
 }
 
-#[derive(Clone)]
 enum StepOwned {
     One(VerifyingKey, Signature),
     Any(Signature),
@@ -231,14 +229,23 @@ impl Job {
     }
 }
 
-/// `(at, verified)` of each job of a unit.
-fn verify_unit(jobs: &[Job]) -> Vec<(usize, bool)> {
-    jobs.iter().map(|j| j.at).zip(verify_jobs(jobs)).collect()
+/// `(job, verified)` for the jobs of each unit (a range of `order`, indexes of `jobs`).
+fn verify_units(
+    jobs: &[Job],
+    order: &[usize],
+    units: &[std::ops::Range<usize>],
+) -> Vec<(usize, bool)> {
+    let mut out = Vec::new();
+    for u in units {
+        let unit: Vec<&Job> = order[u.clone()].iter().map(|&k| &jobs[k]).collect();
+        out.extend(order[u.clone()].iter().copied().zip(verify_jobs(&unit)));
+    }
+    out
 }
 
 /// Whether each job's signature verifies: one batch verification for the one-key jobs, and
 /// one by one when that fails (to find the bad ones) and for the jobs of any key.
-fn verify_jobs(jobs: &[Job]) -> Vec<bool> {
+fn verify_jobs(jobs: &[&Job]) -> Vec<bool> {
     let mut msgs = Vec::with_capacity(jobs.len());
     let mut sigs = Vec::with_capacity(jobs.len());
     let mut keys = Vec::with_capacity(jobs.len());
@@ -584,72 +591,70 @@ impl Keys {
             });
         }
         // Units of one batch verification: a machine's events (a failure redoes only its own),
-        // at most CHUNK_MAX; one event each for a machine under suspicion.
+        // at most CHUNK_MAX; one event each for a machine under suspicion. Ranges of `order`.
         let now = mono_ms();
         let mut order: Vec<usize> = (0..jobs.len()).collect();
-        order.sort_by_key(|&i| Arc::as_ptr(&jobs[i].known) as usize);
-        let mut units: Vec<Vec<Job>> = Vec::new();
-        for i in order {
-            let job = &jobs[i];
-            let batchable = job.known.suspect_until.load(Ordering::Relaxed) <= now;
+        order.sort_by_key(|&k| Arc::as_ptr(&jobs[k].known) as usize);
+        let mut units: Vec<std::ops::Range<usize>> = Vec::new();
+        for (at, &k) in order.iter().enumerate() {
+            let known = &jobs[k].known;
+            let batchable = known.suspect_until.load(Ordering::Relaxed) <= now;
             match units.last_mut() {
                 Some(u)
-                    if batchable && u.len() < CHUNK_MAX && Arc::ptr_eq(&u[0].known, &job.known) =>
+                    if batchable
+                        && u.len() < CHUNK_MAX
+                        && Arc::ptr_eq(&jobs[order[u.start]].known, known) =>
                 {
-                    u.push(job.clone())
+                    u.end = at + 1
                 }
-                _ => units.push(vec![job.clone()]),
+                _ => units.push(at..at + 1),
             }
         }
+        let (jobs, order, units) = (Arc::new(jobs), Arc::new(order), Arc::new(units));
         let ok: Vec<(usize, bool)> = if jobs.len() <= INLINE_MAX {
-            units.iter().flat_map(|u| verify_unit(u)).collect()
+            verify_units(&jobs, &order, &units)
         } else {
             // Units packed into tasks of about an equal share per core.
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let share = jobs.len().div_ceil(threads).clamp(INLINE_MAX, CHUNK_MAX);
-            let mut tasks: Vec<Vec<Vec<Job>>> = vec![Vec::new()];
-            let mut in_task = 0;
-            for u in units {
+            let mut tasks: Vec<std::ops::Range<usize>> = Vec::new();
+            let mut in_task = share;
+            for (i, u) in units.iter().enumerate() {
                 if in_task >= share {
-                    tasks.push(Vec::new());
+                    tasks.push(i..i);
                     in_task = 0;
                 }
                 in_task += u.len();
-                tasks.last_mut().expect("a task").push(u);
+                tasks.last_mut().expect("a task").end = i + 1;
             }
             let running: Vec<_> = tasks
                 .into_iter()
                 .map(|t| {
+                    let (jobs, order, units) = (jobs.clone(), order.clone(), units.clone());
                     let mine = t.clone();
-                    let task = tokio::task::spawn_blocking(move || {
-                        t.iter().flat_map(|u| verify_unit(u)).collect::<Vec<_>>()
-                    });
+                    let task =
+                        tokio::task::spawn_blocking(move || verify_units(&jobs, &order, &units[t]));
                     (mine, task)
                 })
                 .collect();
             let mut ok = Vec::with_capacity(jobs.len());
-            for (units, task) in running {
+            for (t, task) in running {
                 match task.await {
                     Ok(v) => ok.extend(v),
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                     // The runtime is shutting down: still no event is refused unchecked.
-                    Err(_) => ok.extend(units.iter().flat_map(|u| verify_unit(u))),
+                    Err(_) => ok.extend(verify_units(&jobs, &order, &units[t])),
                 }
             }
             ok
         };
         let until = now + SUSPECT_FOR.as_millis() as u64;
-        // Each item's job, if it has one.
-        let mut job_of = vec![usize::MAX; items.len()];
-        for (k, job) in jobs.iter().enumerate() {
-            job_of[job.at] = k;
-        }
-        for (at, ok) in ok {
-            let known = &jobs[job_of[at]].known;
+        for (k, ok) in ok {
+            let job = &jobs[k];
             if !ok {
-                known.suspect_until.store(until, Ordering::Relaxed);
+                job.known.suspect_until.store(until, Ordering::Relaxed);
             }
-            verdicts[at] = self.judged(signed_if(ok), known, items[at].stored_ms);
+            verdicts[job.at] = self.judged(signed_if(ok), &job.known, items[job.at].stored_ms);
         }
         for (item, verdict) in items.iter().zip(verdicts.iter_mut()) {
             *verdict = self
