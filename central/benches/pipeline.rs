@@ -1,7 +1,8 @@
 //! Pipeline benchmark (not a test): what a race costs between the agents and the browsers.
 //!
-//! K fake agents (one NATS connection each, publishing exactly what `bench-agent` publishes, with
-//! a window of JetStream acks in flight so the agent side is not the limit) -> a real
+//! K fake agents (one NATS connection each, publishing exactly what `bench-agent` publishes,
+//! signed as it signs with a key announced in their heartbeats, with a window of JetStream acks
+//! in flight so the agent side is not the limit) -> a real
 //! nats-server -> a real `bench-central` (the release binary, a child process with its own temp
 //! config, results folder and HTTP port) -> M SSE clients reading `GET /api/jobs/{id}/events`
 //! over real HTTP, which reconnect with `Last-Event-ID` after `event: lagged` like a browser.
@@ -219,11 +220,14 @@ fn find_sent_ns(data: &[u8]) -> Option<u64> {
 
 // ---------------------------------------------------------------- fake agent
 
-/// One fake machine: its own NATS connection, a boot id, runs numbered like the agent's.
+/// One fake machine: its own NATS connection, a boot id, runs numbered like the agent's, its
+/// own signing key (the agent's `Signer`: `Bench-Sig` and `Bench-Key` on every event).
 struct Agent {
     machine_id: String,
     label: String,
     boot_id: String,
+    /// None with `--unsigned` (agents before signatures: what central cost without them).
+    signer: Option<Arc<bench_agent::publisher::Signer>>,
     runs: u64,
     js: jetstream::Context,
     inflight: VecDeque<PublishAckFuture>,
@@ -243,7 +247,7 @@ struct Run {
 }
 
 impl Agent {
-    async fn connect(url: &str, machine_id: String) -> anyhow::Result<Self> {
+    async fn connect(url: &str, machine_id: String, sign: bool) -> anyhow::Result<Self> {
         let client = async_nats::ConnectOptions::new()
             .name(format!("bench-pipeline-{machine_id}"))
             .connect(url)
@@ -257,6 +261,7 @@ impl Agent {
             label: format!("Fake {machine_id}"),
             machine_id,
             boot_id,
+            signer: sign.then(|| Arc::new(bench_agent::publisher::Signer::ephemeral())),
             runs: 0,
             js: jetstream::new(client.clone()),
             inflight: VecDeque::new(),
@@ -287,6 +292,13 @@ impl Agent {
             "Nats-Msg-Id",
             msg_id(&run.job_id, &self.machine_id, &run.run_id, run.seq).as_str(),
         );
+        if let Some(signer) = &self.signer {
+            headers.insert(
+                subjects::SIGNATURE_HEADER,
+                signer.signature(&payload).as_str(),
+            );
+            headers.insert(subjects::KEY_HEADER, signer.key_id());
+        }
         while self.inflight.len() >= WINDOW {
             self.ack_one().await?;
         }
@@ -380,10 +392,10 @@ async fn flood_run(
 }
 
 /// The agents' registry entries, refreshed every 3 s like `bench-agent`'s heartbeat (central
-/// judges runs against them: boot id, current job).
+/// judges runs against them: boot id, current job; and learns their signing keys).
 fn spawn_heartbeats(
     js: jetstream::Context,
-    agents: Vec<(String, String, String)>,
+    agents: Vec<(String, String, String, Option<String>)>,
     current: Arc<Mutex<Option<String>>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -401,16 +413,14 @@ fn spawn_heartbeats(
             serde_json::from_str(EX_AGENT_INFO).expect("checked-in agent_info parses");
         loop {
             let job = current.lock().expect("current job").clone();
-            for (machine_id, label, boot_id) in &agents {
+            for (machine_id, label, boot_id, key) in &agents {
                 let mut info = base.clone();
                 info.machine_id = machine_id.clone();
                 info.label = label.clone();
                 info.engine = "mock".into();
                 info.models = vec!["fake-7b".into()];
                 info.labels = Default::default();
-                // The fake agents do not sign: a key in their entries would make central
-                // refuse their events (the cost of signing is `scripts/bench signing`).
-                info.signing_key = None;
+                info.signing_key = key.clone();
                 info.status = if job.is_some() {
                     AgentStatus::Busy
                 } else {
@@ -1186,11 +1196,14 @@ struct Opts {
     quick: bool,
     label: Option<String>,
     jobs: u64,
+    /// The fake agents neither sign nor announce a key.
+    unsigned: bool,
 }
 
 const USAGE: &str = "usage: pipeline [pipeline] [--central-bin PATH] [-k AGENTS] [-m CLIENTS] \
-[-n N[,N...]] [--rate R[,R...]] [--paced-secs S] [--ceiling-n N] [--timeout S] [--quick] [--label L]
-       pipeline jobs [N] [--central-bin PATH] [--label L]";
+[-n N[,N...]] [--rate R[,R...]] [--paced-secs S] [--ceiling-n N] [--timeout S] [--quick] [--label L] \
+[--unsigned]
+       pipeline jobs [N] [--central-bin PATH] [--label L] [--unsigned]";
 
 fn list(v: &str) -> anyhow::Result<Vec<u64>> {
     v.split(',')
@@ -1220,6 +1233,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         quick: false,
         label: None,
         jobs: 10_000,
+        unsigned: false,
     };
     let mut args = std::env::args().skip(1);
     let mut positional = Vec::new();
@@ -1237,6 +1251,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--timeout" => o.timeout = Duration::from_secs_f64(val(&a)?.parse()?),
             "--label" => o.label = Some(val(&a)?),
             "--quick" => o.quick = true,
+            "--unsigned" => o.unsigned = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -1328,10 +1343,15 @@ fn thousands(v: f64) -> String {
 
 // ---------------------------------------------------------------- pipeline mode
 
-async fn connect_agents(url: &str, k: usize, prefix: &str) -> anyhow::Result<Vec<Agent>> {
+async fn connect_agents(
+    url: &str,
+    k: usize,
+    prefix: &str,
+    sign: bool,
+) -> anyhow::Result<Vec<Agent>> {
     let mut agents = Vec::new();
     for i in 0..k {
-        agents.push(Agent::connect(url, format!("{prefix}-{i}")).await?);
+        agents.push(Agent::connect(url, format!("{prefix}-{i}"), sign).await?);
     }
     Ok(agents)
 }
@@ -1390,7 +1410,7 @@ async fn pipeline(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
     let control = bench_nats::harness::client(&nats.url()).await;
     let js = jetstream::new(control.clone());
     let server_version = control.server_info().version.clone();
-    let mut agents = connect_agents(&nats.url(), o.k, "fake").await?;
+    let mut agents = connect_agents(&nats.url(), o.k, "fake", !o.unsigned).await?;
 
     let ceiling_n = o
         .ceiling_n
@@ -1414,7 +1434,14 @@ async fn pipeline(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
         js.clone(),
         agents
             .iter()
-            .map(|a| (a.machine_id.clone(), a.label.clone(), a.boot_id.clone()))
+            .map(|a| {
+                (
+                    a.machine_id.clone(),
+                    a.label.clone(),
+                    a.boot_id.clone(),
+                    a.signer.as_ref().map(|s| s.public_key().to_string()),
+                )
+            })
             .collect(),
         current_job.clone(),
     );
@@ -1467,6 +1494,11 @@ async fn pipeline(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
         ));
     }
     beats.abort();
+    // Every event went through central's signature check, and passed it.
+    let base = b.central.base();
+    let forged = counter_metric(&b.http, &base, "bench_central_events_forged_total").await;
+    let unsigned = counter_metric(&b.http, &base, "bench_central_events_unsigned_total").await;
+
     let central_rss_kb = rss_kb(b.central.pid());
     b.central.stop();
 
@@ -1582,6 +1614,24 @@ async fn pipeline(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
             lost == 0,
         );
     }
+    let checked = format!(
+        "{} forged, {} unsigned",
+        forged.map_or("?".into(), |n| n.to_string()),
+        unsigned.map_or("?".into(), |n| n.to_string())
+    );
+    if o.unsigned {
+        target(
+            "--unsigned: no event refused (0 forged)".into(),
+            checked,
+            forged == Some(0),
+        );
+    } else {
+        target(
+            "events signed by the agents' announced keys (0 forged, 0 unsigned)".into(),
+            checked,
+            forged == Some(0) && unsigned == Some(0),
+        );
+    }
     for (rate, r) in &paced {
         let limit = if *rate <= 100 { 5.0 } else { 10.0 };
         let p99 = r.pct_ms(99.0);
@@ -1611,7 +1661,7 @@ async fn pipeline(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
         "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "unix_ms": unix_ms(),
         "loadavg_1m_at_start": load_start,
-        "k": o.k, "m": o.m, "window": WINDOW, "text_len": TEXT_LEN,
+        "k": o.k, "m": o.m, "signed": !o.unsigned, "window": WINDOW, "text_len": TEXT_LEN,
         "ceiling": ceiling,
         "flat": flat.iter().map(|(n, r)| json!({"events_per_agent": n, "result": r.json()})).collect::<Vec<_>>(),
         "paced": paced.iter().map(|(rate, r)| json!({"events_per_s_per_agent": rate, "seconds": o.paced_secs, "result": r.json()})).collect::<Vec<_>>(),
@@ -1621,6 +1671,28 @@ async fn pipeline(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
     });
     drop(nats);
     Ok((doc, lost_any))
+}
+
+/// A counter in central's /metrics, if it has it.
+async fn counter_metric(http: &reqwest::Client, base: &str, name: &str) -> Option<u64> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|v| v as u64)
 }
 
 // ---------------------------------------------------------------- jobs mode
@@ -1712,7 +1784,7 @@ async fn jobs(o: &Opts, label: &str) -> anyhow::Result<Value> {
         Central::start(&o.central_bin, dir.path(), &nats.url(), &http, SETUP_WAIT).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss_kb(central.pid());
-    let mut agents = connect_agents(&nats.url(), o.k, "stored").await?;
+    let mut agents = connect_agents(&nats.url(), o.k, "stored", !o.unsigned).await?;
     let prefix = format!("stored-{}", unique());
     let n = o.jobs;
     eprintln!(
