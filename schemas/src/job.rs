@@ -27,13 +27,49 @@ pub enum Mode {
 }
 
 /// Which agents take part in a broadcast job. Agents that don't match stay silent.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Debug, Clone, PartialEq)]
 #[serde(untagged)]
 pub enum Selector {
     /// Only these machine ids.
     Machines(Vec<String>),
     /// Only agents whose configured labels contain every pair.
     Labels(BTreeMap<String, String>),
+}
+
+/// A list is [`Selector::Machines`], a map [`Selector::Labels`], read in one pass. (serde's
+/// `untagged` would first copy the whole value into a buffer and then try each variant: twice
+/// the work for every agent of a broadcast that lists the fleet's ids.)
+impl<'de> Deserialize<'de> for Selector {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = Selector;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of machine ids or a map of labels")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Selector, A::Error> {
+                let mut ids = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(id) = seq.next_element::<String>()? {
+                    ids.push(id);
+                }
+                Ok(Selector::Machines(ids))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Selector, A::Error> {
+                let mut labels = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, String>()? {
+                    labels.insert(k, v);
+                }
+                Ok(Selector::Labels(labels))
+            }
+        }
+        d.deserialize_any(Either)
+    }
 }
 
 impl Selector {
@@ -779,5 +815,15 @@ mod tests {
         let s: Selector = serde_json::from_str(r#"["a","b"]"#).unwrap();
         assert!(s.matches("b", &BTreeMap::new()));
         assert!(!s.matches("c", &labels));
+        assert_eq!(serde_json::to_string(&s).unwrap(), r#"["a","b"]"#);
+        for bad in ["7", r#""x""#, r#"[1]"#, r#"{"a":1}"#, "null"] {
+            let e = serde_json::from_str::<Selector>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("list of machine ids or a map of labels") || e.contains("invalid type"),
+                "{bad}: {e}"
+            );
+        }
     }
 }
