@@ -1673,17 +1673,21 @@ async fn pipeline(o: &Opts, label: &str) -> anyhow::Result<(Value, bool)> {
     Ok((doc, lost_any))
 }
 
-/// A counter in central's /metrics, if it has it.
-async fn counter_metric(http: &reqwest::Client, base: &str, name: &str) -> Option<u64> {
-    let text = http
-        .get(format!("{base}/metrics"))
+/// Central's /metrics text (None when it does not answer within 5 s).
+async fn metrics_text(http: &reqwest::Client, base: &str) -> Option<String> {
+    http.get(format!("{base}/metrics"))
         .timeout(Duration::from_secs(5))
         .send()
         .await
         .ok()?
         .text()
         .await
-        .ok()?;
+        .ok()
+}
+
+/// A counter in central's /metrics, if it has it.
+async fn counter_metric(http: &reqwest::Client, base: &str, name: &str) -> Option<u64> {
+    let text = metrics_text(http, base).await?;
     text.lines()
         .find_map(|l| {
             l.strip_prefix(name)?
@@ -1699,15 +1703,7 @@ async fn counter_metric(http: &reqwest::Client, base: &str, name: &str) -> Optio
 
 /// Jobs central counts: the sum of `bench_central_jobs{state=...}` in /metrics, if it has one.
 async fn jobs_metric(http: &reqwest::Client, base: &str) -> Option<u64> {
-    let text = http
-        .get(format!("{base}/metrics"))
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = metrics_text(http, base).await?;
     let mut found = false;
     let sum: f64 = text
         .lines()

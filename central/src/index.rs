@@ -93,6 +93,20 @@ struct Entry {
 }
 
 impl Entry {
+    /// A record as read from KV at `revision`: nothing unwritten.
+    fn loaded(item: JobListItem, record: JobRecord, revision: u64, used: u64) -> Self {
+        Self {
+            item,
+            last_stream_seq: record.last_stream_seq,
+            record: Some(record),
+            version: 0,
+            written: 0,
+            revision,
+            used,
+            ahead: false,
+        }
+    }
+
     fn evictable(&self) -> bool {
         self.record.is_some()
             && self.written == self.version
@@ -164,19 +178,9 @@ impl Index {
         inner
             .order
             .insert((Reverse(item.created_ms), Reverse(id.clone())));
-        let had = inner.jobs.insert(
-            id,
-            Entry {
-                last_stream_seq: record.last_stream_seq,
-                item,
-                record: Some(record),
-                version: 0,
-                written: 0,
-                revision,
-                used,
-                ahead: false,
-            },
-        );
+        let had = inner
+            .jobs
+            .insert(id, Entry::loaded(item, record, revision, used));
         if had.as_ref().is_none_or(|e| e.record.is_none()) {
             inner.cached += 1;
         }
@@ -578,19 +582,9 @@ impl Index {
                 inner
                     .order
                     .insert((Reverse(item.created_ms), Reverse(id.clone())));
-                inner.jobs.insert(
-                    id,
-                    Entry {
-                        item: item.clone(),
-                        last_stream_seq: record.last_stream_seq,
-                        record: Some(record),
-                        version: 0,
-                        written: 0,
-                        revision,
-                        used,
-                        ahead: false,
-                    },
-                );
+                inner
+                    .jobs
+                    .insert(id, Entry::loaded(item.clone(), record, revision, used));
                 inner.cached += 1;
                 self.evict(inner);
                 Some(Change {

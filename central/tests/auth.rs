@@ -3,7 +3,7 @@
 
 mod common;
 
-use bench_nats::auth::{agent_inbox_prefix, render_accounts, Identity};
+use bench_nats::auth::{agent_inbox_prefix, Identity};
 use common::*;
 use serde_json::json;
 
@@ -15,37 +15,14 @@ async fn central_runs_as_the_central_user() {
         Identity::generate(),
         Identity::generate(),
     );
-    let conf = render_accounts(
-        &[("sec-a".into(), agent.public.clone())],
-        &central_id.public,
-        &observer.public,
-    );
-    let nats = NatsServer::start_with_config(Some(&conf));
-    let seed = |name: &str, id: &Identity| {
-        let p = dir.path().join(format!("{name}.nk"));
-        std::fs::write(&p, &id.seed).unwrap();
-        p
-    };
+    let nats = least_privilege_server(&[("sec-a", &agent)], &central_id, &observer);
+    let seed = |name: &str, id: &Identity| seed_file(dir.path(), name, id);
 
     let mut cfg = central_config(&nats.url(), dir.path());
     cfg.nats.nkey_seed_file = Some(seed("central", &central_id));
-    let client = bench_nats::connect(&cfg.nats, "bench-central")
+    let central = start_central_connected(cfg)
         .await
-        .expect("central connects");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let token = tokio_util::sync::CancellationToken::new();
-    let handle = within(
-        "central start",
-        WAIT,
-        bench_central::start(cfg, client.clone(), listener, token.clone()),
-    )
-    .await
-    .expect("central starts under its own permissions");
-    let central = TestCentral {
-        handle: Some(handle),
-        token,
-        client,
-    };
+        .expect("central starts under its own permissions");
     let base = central.base();
 
     let yaml = format!(

@@ -23,7 +23,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "mock-7b";
 /// Slow enough that the race outlives a leader election (a few seconds) by a margin.
@@ -52,21 +51,7 @@ async fn cluster_client(urls: &str, name: &str) -> async_nats::Client {
 /// Central started in-process on its config's URL list (as `bench-central` connects).
 async fn start_central_on(cfg: Config) -> Result<TestCentral, StartError> {
     let client = cluster_client(&cfg.nats.effective_url(), "bench-central").await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let token = CancellationToken::new();
-    let handle = within(
-        "central start",
-        WAIT,
-        bench_central::start(cfg, client.clone(), listener, token.clone()),
-    )
-    .await?;
-    Ok(TestCentral {
-        handle: Some(handle),
-        token,
-        client,
-    })
+    common::start_central_on(cfg, client).await
 }
 
 /// Stream info, retried until the cluster answers (an election may be under way).

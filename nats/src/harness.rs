@@ -91,6 +91,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Starts a server process with no stdin and its output discarded (it logs to its `-l` file).
+fn spawn_quiet(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()))
+}
+
 /// A running nats-server.
 pub struct NatsServer {
     child: Option<Child>,
@@ -144,13 +153,7 @@ impl NatsServer {
                 .expect("write server config");
             cmd.arg("-c").arg(&path);
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()));
-        self.child = Some(child);
+        self.child = Some(spawn_quiet(&mut cmd));
         self.wait_ready();
     }
 
@@ -301,13 +304,7 @@ impl NatsCluster {
             .arg(&node.store)
             .arg("-l")
             .arg(&node.log);
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()));
-        node.child = Some(child);
+        node.child = Some(spawn_quiet(&mut cmd));
     }
 
     /// Polls until every running node is healthy and all name the same meta leader; the error

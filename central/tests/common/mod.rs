@@ -87,6 +87,28 @@ impl Drop for TestCentral {
     }
 }
 
+/// A nats-server with the least-privilege accounts of `nats/conf/auth.conf` for these agents
+/// (machine id, identity), central and an observer.
+pub fn least_privilege_server(
+    agents: &[(&str, &bench_nats::auth::Identity)],
+    central: &bench_nats::auth::Identity,
+    observer: &bench_nats::auth::Identity,
+) -> NatsServer {
+    let users: Vec<(String, String)> = agents
+        .iter()
+        .map(|(id, who)| (id.to_string(), who.public.clone()))
+        .collect();
+    let conf = bench_nats::auth::render_accounts(&users, &central.public, &observer.public);
+    NatsServer::start_with_config(Some(&conf))
+}
+
+/// Writes `id`'s seed to `<dir>/<name>.nk` (a client's `nkey_seed_file`).
+pub fn seed_file(dir: &Path, name: &str, id: &bench_nats::auth::Identity) -> std::path::PathBuf {
+    let p = dir.join(format!("{name}.nk"));
+    std::fs::write(&p, &id.seed).expect("seed file");
+    p
+}
+
 /// A test config: results in `results_dir`, short timeouts.
 pub fn central_config(nats_url: &str, results_dir: &Path) -> Config {
     let mut cfg = Config::default();
@@ -102,6 +124,14 @@ pub fn central_config(nats_url: &str, results_dir: &Path) -> Config {
 pub async fn start_central(cfg: Config) -> TestCentral {
     let url = cfg.nats.url.clone().expect("url");
     let client = client(&url).await;
+    start_central_on(cfg, client).await.expect("central starts")
+}
+
+/// Central in-process on `client` (connected as the test needs) and a free loopback port.
+pub async fn start_central_on(
+    cfg: Config,
+    client: async_nats::Client,
+) -> Result<TestCentral, bench_central::error::StartError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -111,13 +141,22 @@ pub async fn start_central(cfg: Config) -> TestCentral {
         WAIT,
         bench_central::start(cfg, client.clone(), listener, token.clone()),
     )
-    .await
-    .expect("central starts");
-    TestCentral {
+    .await?;
+    Ok(TestCentral {
         handle: Some(handle),
         token,
         client,
-    }
+    })
+}
+
+/// Central connected as its config says (credentials, URL list), as `bench-central` connects.
+pub async fn start_central_connected(
+    cfg: Config,
+) -> Result<TestCentral, bench_central::error::StartError> {
+    let client = bench_nats::connect(&cfg.nats, "bench-central")
+        .await
+        .expect("central connects");
+    start_central_on(cfg, client).await
 }
 
 /// The real-engine race: the demo llama-server, a nats-server, central, an agent on the
