@@ -176,6 +176,8 @@ describe('matrix races, sweeps and compare in headless Chromium (fake central)',
   it('sweep chart with an SLO far above every point: the axis fits the points, the SLO in words, labels apart', async () => {
     await open('#job=fx-load');
     await page.waitForSelector('#sweeps:not([hidden]) .sweep-chart', { timeout: T });
+    // The previous view's sweep may still be on screen for a moment: wait for this job's groups.
+    await page.waitForFunction(() => [...document.querySelectorAll('#sweeps-body .sweep-fig')].map((x) => x.dataset.group).join() === 'max_tokens=8,max_tokens=16', null, { timeout: T });
     assert.deepEqual(await page.$$eval('#sweeps-body .sweep-fig', (f) => f.map((x) => x.dataset.group)), ['max_tokens=8', 'max_tokens=16']);
     for (const group of ['max_tokens=8', 'max_tokens=16']) {
       const fig = `#sweeps-body .sweep-fig[data-group="${group}"]`;
