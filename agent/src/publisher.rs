@@ -73,6 +73,10 @@ const GIVE_UP_AFTER: Duration = Duration::from_secs(600);
 /// (NATS away, or a registry this agent cannot write: the events then go out anyway).
 pub const ANNOUNCE_WAIT: Duration = Duration::from_secs(10);
 
+/// How long the question that primes a new event connection is kept open (its answer is not
+/// needed, and no answer is not an error).
+const PRIME_WAIT: Duration = Duration::from_secs(2);
+
 /// Where the signing key came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
@@ -631,6 +635,14 @@ async fn try_connect(
         .max_ack_inflight(window)
         .backpressure_on_inflight(true)
         .build(client.clone());
+    // A connection's first request subscribes its reply inbox, which the server files in its
+    // subject index (a cost that grows with the server's subscriptions). Done now, not by the
+    // first event: when a broadcast job reaches a fleet of 500, 500 first events meant 500 such
+    // subscriptions in the very moment every agent answers it. Nothing waits for the answer.
+    let prime = js.clone();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(PRIME_WAIT, prime.get_stream(subjects::EVENTS_STREAM)).await;
+    });
     Ok(Link { client, js })
 }
 
