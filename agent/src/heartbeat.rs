@@ -1,5 +1,5 @@
-//! Keeps this agent's entry in the `bench_agents` KV bucket fresh: every `heartbeat_s`, and at
-//! once when it turns busy or idle. The bucket's max age (15 s) makes a dead agent's entry
+//! Keeps this agent's entry in the `bench_agents` KV bucket fresh: every `heartbeat_s`, and
+//! within [`STATUS_COALESCE`] when it turns busy or idle. The bucket's max age (15 s) makes a dead agent's entry
 //! expire; a clean shutdown deletes it. The entry's models come from the cache while a job runs
 //! (see [`crate::models`]): a heartbeat never asks a busy engine. The entry carries the public
 //! key the agent signs its events with: the first stored heartbeat releases the publisher
@@ -10,6 +10,10 @@ use async_nats::jetstream;
 use bench_schemas::{AgentInfo, AgentStatus};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+/// How long a change of busy or idle waits for the changes that follow it before the entry is
+/// stored.
+pub const STATUS_COALESCE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// This agent's registry entry now.
 pub async fn info(shared: &Shared) -> AgentInfo {
@@ -59,6 +63,9 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
         }
         if let Some(kv) = &store {
+            // What this entry says is what the queue says now: a change already seen is not
+            // sent again.
+            occupancy.borrow_and_update();
             let body = serde_json::to_vec(&info(&shared).await).expect("serialises");
             match kv.put(&shared.cfg.machine_id, body.into()).await {
                 Ok(_) => shared.publisher.announced(),
@@ -68,7 +75,15 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(shared.cfg.heartbeat) => {}
-            _ = occupancy.changed() => {}
+            _ = occupancy.changed() => {
+                // A job's accept, start and end come within moments of each other (and a
+                // broadcast reaches the whole fleet at once): one entry for all of them, sent
+                // once the moment has passed, instead of one store each while the fleet answers.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(STATUS_COALESCE) => {}
+                }
+            }
         }
     }
     if let Some(kv) = store {
