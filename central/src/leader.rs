@@ -190,6 +190,34 @@ async fn mirror_start(s: &Shared) -> u64 {
     }
 }
 
+/// A follower's reader opened by `open`, tried again every second until it opens; None once
+/// `token` is cancelled.
+async fn open_until<T, E, F>(
+    token: &CancellationToken,
+    what: &str,
+    mut open: impl FnMut() -> F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    loop {
+        if token.is_cancelled() {
+            return None;
+        }
+        match open().await {
+            Ok(reader) => return Some(reader),
+            Err(e) => {
+                tracing::warn!(error = %e, "follower: cannot {what}; retrying");
+                tokio::select! {
+                    _ = token.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
 /// The follower's index feed: every event, applied and sent to SSE listeners as the leader
 /// does, never written.
 async fn mirror(s: &Shared, token: &CancellationToken) {
@@ -198,8 +226,8 @@ async fn mirror(s: &Shared, token: &CancellationToken) {
     ingest.load_unknown = true;
     let mut next = mirror_start(s).await;
     let mut touched = HashSet::new();
-    while !token.is_cancelled() {
-        let opened = async {
+    loop {
+        let opened = open_until(token, "read the event stream", || async {
             s.stream
                 .create_consumer(OrderedConfig {
                     filter_subject: subjects::EVENTS_ALL.to_string(),
@@ -212,16 +240,9 @@ async fn mirror(s: &Shared, token: &CancellationToken) {
                 .messages()
                 .await
                 .map_err(async_nats::Error::from)
-        };
-        let mut messages = match opened.await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "follower: cannot read the event stream; retrying");
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
+        });
+        let Some(mut messages) = opened.await else {
+            return;
         };
         loop {
             let first = tokio::select! {
@@ -260,16 +281,12 @@ async fn mirror(s: &Shared, token: &CancellationToken) {
 /// The follower's view of the leader's KV writes, from `from_revision` on.
 async fn follow_kv(s: &Shared, token: &CancellationToken, from_revision: u64) {
     let mut from = from_revision;
-    while !token.is_cancelled() {
-        let mut watch = match s.jobs_kv.watch_from(from).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "follower: cannot watch the jobs bucket; retrying");
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
+    loop {
+        let opened = open_until(token, "watch the jobs bucket", || {
+            s.jobs_kv.watch_from(from)
+        });
+        let Some(mut watch) = opened.await else {
+            return;
         };
         loop {
             let entry = tokio::select! {
