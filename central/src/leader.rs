@@ -22,7 +22,9 @@
 //!   floor (redelivered events are duplicates), and starts the stall loop.
 //!
 //! A central restarted with the same `central_id` (by default the host name and HTTP port)
-//! takes its own lease back at once instead of waiting for it to age out.
+//! takes its own lease back once it has seen no renewal for a renewal period and a half,
+//! instead of waiting for it to age out; a second live central given the same id sees the
+//! renewals, says so (error log) and follows.
 
 use crate::ingest::{announce, BATCH_MAX};
 use crate::{AppState, Shared};
@@ -59,6 +61,10 @@ const FORWARD_HEADERS: [&str; 3] = ["authorization", "content-type", "origin"];
 pub struct Lease {
     /// The holder's `central_id`.
     pub central_id: String,
+    /// The holder process (new at every start): tells a restart of this central, whose old
+    /// process is gone, from a second central configured with the same `central_id`.
+    #[serde(default)]
+    pub instance: String,
     /// When it took the lease (unix ms).
     pub since_ms: u64,
 }
@@ -68,6 +74,8 @@ pub struct Lease {
 pub struct Role {
     /// This central's id.
     pub id: String,
+    /// This process's [`Lease::instance`].
+    pub instance: String,
     leader: AtomicBool,
     holder: RwLock<Option<Lease>>,
     /// Times this central took the lease.
@@ -81,6 +89,7 @@ impl Role {
     pub fn new(id: String) -> Self {
         Self {
             id,
+            instance: uuid::Uuid::new_v4().simple().to_string(),
             leader: AtomicBool::new(false),
             holder: RwLock::new(None),
             takeovers: AtomicU64::new(0),
@@ -148,12 +157,16 @@ pub async fn lease_bucket(
 }
 
 /// One attempt to take the lease: `Ok(Some(revision))` when this central holds it now.
+/// `renew`: how often a holder renews it.
 pub async fn try_acquire(
     lease: &kv::Store,
-    me: &str,
+    role: &Role,
+    renew: Duration,
 ) -> Result<(Option<u64>, Option<Lease>), async_nats::Error> {
+    let me = role.id.as_str();
     let mine = Lease {
         central_id: me.to_string(),
+        instance: role.instance.clone(),
         since_ms: crate::now_ms(),
     };
     let value: bytes::Bytes = serde_json::to_vec(&mine)?.into();
@@ -170,7 +183,20 @@ pub async fn try_acquire(
     }
     let holder: Option<Lease> = serde_json::from_slice(&entry.value).ok();
     if holder.as_ref().is_some_and(|h| h.central_id == me) {
-        // Our own lease from before a restart: take it back now (compare-and-set).
+        // Our id, held by another process: this central before a restart (gone: take the lease
+        // back now rather than after its age) or a second central configured with the same id
+        // (alive: it renews). Seen unchanged for longer than a renewal, it is the first.
+        let ours = holder.as_ref().is_some_and(|h| h.instance == role.instance);
+        if !ours {
+            tokio::time::sleep(renew + renew / 2).await;
+            match lease.entry(subjects::LEADER_KEY).await? {
+                Some(now) if now.revision == entry.revision => {}
+                _ => {
+                    tracing::error!(central_id = %me, "another central runs with this central_id and holds the indexing lease: give each central its own central_id (CENTRAL_ID); this one follows");
+                    return Ok((None, holder));
+                }
+            }
+        }
         if let Ok(rev) = lease
             .update(subjects::LEADER_KEY, value, entry.revision)
             .await
@@ -403,7 +429,7 @@ pub async fn run(state: AppState, lease: kv::Store, mut held: Option<u64>, kv_fr
                     _ = shutdown.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                match try_acquire(&lease, &me).await {
+                match try_acquire(&lease, &state.role, period).await {
                     Ok((Some(rev), lease_now)) => {
                         held = Some(rev);
                         state.role.set(true, lease_now);
@@ -430,6 +456,7 @@ pub async fn run(state: AppState, lease: kv::Store, mut held: Option<u64>, kv_fr
         };
         let value: bytes::Bytes = serde_json::to_vec(&state.role.holder().unwrap_or(Lease {
             central_id: me.clone(),
+            instance: state.role.instance.clone(),
             since_ms: crate::now_ms(),
         }))
         .unwrap_or_default()
@@ -448,8 +475,9 @@ pub async fn run(state: AppState, lease: kv::Store, mut held: Option<u64>, kv_fr
                     match lease.entry(subjects::LEADER_KEY).await {
                         Ok(Some(entry))
                             if entry.operation == Operation::Put
-                                && serde_json::from_slice::<Lease>(&entry.value)
-                                    .is_ok_and(|l| l.central_id == me) =>
+                                && serde_json::from_slice::<Lease>(&entry.value).is_ok_and(
+                                    |l| l.central_id == me && l.instance == state.role.instance,
+                                ) =>
                         {
                             rev = entry.revision;
                         }

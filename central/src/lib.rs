@@ -326,7 +326,7 @@ pub async fn start(
         }
     }
     let role = leader::Role::new(central_id.clone());
-    let (held, holder) = leader::try_acquire(&lease, &central_id)
+    let (held, holder) = leader::try_acquire(&lease, &role, cfg.leader_ttl / 5)
         .await
         .map_err(|e| setup(subjects::CENTRAL_BUCKET, e))?;
     role.set(held.is_some(), holder.clone());

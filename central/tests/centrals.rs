@@ -285,3 +285,40 @@ async fn the_follower_takes_over_mid_race_and_both_agree() {
     assert_eq!(done["machines"].as_array().map(Vec::len), Some(3));
     drop(agents);
 }
+
+/// Two live centrals given the same `central_id`: the second sees the first renewing the lease
+/// under that id, says so and follows (it does not take the lease as if it were the first
+/// restarted); once the first is killed, the second takes the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_central_with_the_same_id_follows_until_the_first_is_gone() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let extra = format!("central_id: dup\nleader_ttl_s: {TTL_S}\n");
+    let mut ca = Central::new(&da, &nats.url(), &extra);
+    let mut cb = Central::new(&db, &nats.url(), &extra);
+    let http = Http::new(Duration::from_secs(20));
+
+    ca.proc.spawn();
+    role_is(&http, &ca, "leader", "dup", WAIT).await;
+    cb.proc.spawn();
+    let said = poll(WAIT, Duration::from_millis(50), || async {
+        cb.proc
+            .log_tail(200)
+            .contains("another central runs with this central_id")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        said.is_some(),
+        "no word of the duplicate id:\n{}",
+        cb.proc.log_tail(30)
+    );
+    role_is(&http, &cb, "follower", "dup", WAIT).await;
+    role_is(&http, &ca, "leader", "dup", WAIT).await;
+
+    assert!(ca.proc.kill9(), "the first was running");
+    role_is(&http, &cb, "leader", "dup", WAIT).await;
+}
