@@ -45,7 +45,13 @@ pip_fetch() {
     || die "could not download $1 from PyPI"
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# pid_alive PIDFILE: the process runs (a zombie, dead but not yet reaped by a parent that is
+# still waiting, does not count).
+pid_alive() {
+  local pid
+  [ -f "$1" ] && pid=$(cat "$1") && kill -0 "$pid" 2>/dev/null \
+    && [ "$(ps -o stat= -p "$pid" 2>/dev/null | cut -c1)" != Z ]
+}
 
 # stop_pid NAME PIDFILE: TERM, wait up to 10 s, then KILL.
 stop_pid() {
@@ -55,8 +61,8 @@ stop_pid() {
   fi
   pid=$(cat "$pidfile")
   kill "$pid" 2>/dev/null || true
-  for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
+  for i in $(seq 1 100); do pid_alive "$pidfile" || break; sleep 0.1; done
+  pid_alive "$pidfile" && kill -9 "$pid" 2>/dev/null || true
   rm -f "$pidfile"
   say "$name stopped"
 }
