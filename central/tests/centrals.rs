@@ -73,16 +73,27 @@ fn comparable(j: &Value) -> Value {
     j
 }
 
+/// Two centrals (not started) on `nats`, with these `central_id`s and a short lease, each in a
+/// data dir of its own under the returned one.
+fn two_centrals(nats: &NatsServer, a: &str, b: &str) -> (tempfile::TempDir, Central, Central) {
+    let dir = tempfile::tempdir().unwrap();
+    let central = |name: &str, id: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        Central::new(
+            &d,
+            &nats.url(),
+            &format!("central_id: {id}\nleader_ttl_s: {TTL_S}\n"),
+        )
+    };
+    let (ca, cb) = (central("a", a), central("b", b));
+    (dir, ca, cb)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_follower_takes_over_mid_race_and_both_agree() {
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
-    let extra = |id: &str| format!("central_id: {id}\nleader_ttl_s: {TTL_S}\n");
-    let mut ca = Central::new(&da, &nats.url(), &extra("ca"));
-    let mut cb = Central::new(&db, &nats.url(), &extra("cb"));
+    let (_dir, mut ca, mut cb) = two_centrals(&nats, "ca", "cb");
     let http = Http::new(Duration::from_secs(20));
 
     ca.proc.spawn();
@@ -292,13 +303,7 @@ async fn the_follower_takes_over_mid_race_and_both_agree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_central_with_the_same_id_follows_until_the_first_is_gone() {
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
-    let extra = format!("central_id: dup\nleader_ttl_s: {TTL_S}\n");
-    let mut ca = Central::new(&da, &nats.url(), &extra);
-    let mut cb = Central::new(&db, &nats.url(), &extra);
+    let (_dir, mut ca, mut cb) = two_centrals(&nats, "dup", "dup");
     let http = Http::new(Duration::from_secs(20));
 
     ca.proc.spawn();
