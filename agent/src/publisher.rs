@@ -298,9 +298,12 @@ impl Outgoing {
     }
 
     /// With the `Bench-Sig` and `Bench-Key` headers (added once, as the event leaves the
-    /// queue: a re-sent copy keeps them).
+    /// queue: a re-sent copy keeps them), and the start of the signature at the end of its
+    /// `Nats-Msg-Id` ([`subjects::signed_msg_id`]).
     fn signed(mut self, signer: &Signer) -> Self {
         let sig = signer.signature(&self.payload);
+        self.msg_id = subjects::signed_msg_id(&self.msg_id, &sig);
+        self.headers.insert("Nats-Msg-Id", self.msg_id.as_str());
         self.headers
             .insert(subjects::SIGNATURE_HEADER, sig.as_str());
         self.headers.insert(subjects::KEY_HEADER, signer.key_id());
@@ -907,6 +910,21 @@ mod tests {
         // And names its key for central: the 8 characters after the 'U'.
         let id = event.headers.get(subjects::KEY_HEADER).expect("key id");
         assert_eq!(id.as_str(), &signer.public_key()[1..9]);
+        // Its message id ends with the signature's start: the same for a copy of the same
+        // bytes (a retry is still dropped as one), unknown to anyone without the key.
+        let want = format!("j.a.b-1.1.{}", &sig[..subjects::MSG_ID_SIG_CHARS]);
+        let ids: Vec<_> = event.headers.get_all("Nats-Msg-Id").collect();
+        assert_eq!(ids.len(), 1, "one message id");
+        assert_eq!(ids[0].as_str(), want);
+        assert_eq!(event.msg_id, want);
+        let again = Outgoing {
+            subject: Subject::from("bench.events.j"),
+            msg_id: "j.a.b-1.1".into(),
+            headers: HeaderMap::new(),
+            payload: Bytes::from_static(br#"{"job_id":"j"}"#),
+        }
+        .signed(&signer);
+        assert_eq!(again.msg_id, want);
         // No nkey and nowhere to keep a key (no HOME in the environment): a key per process.
         let cfg = crate::config::Config::parse(
             "machine_id: a\nengine: mock\n",

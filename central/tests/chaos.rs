@@ -694,7 +694,11 @@ async fn chaos_run_accounts_for_every_run() {
             e["machine_id"].as_str().unwrap_or("?").to_string(),
             e["run_id"].as_str().unwrap_or("").to_string(),
         );
-        let want_id = format!("{}.{}.{}.{seq}", key.0, key.1, key.2);
+        // Signed by a real agent: the start of its signature ends the id.
+        let want_id = bench_schemas::subjects::signed_msg_id(
+            &format!("{}.{}.{}.{seq}", key.0, key.1, key.2),
+            m.signature.as_deref().unwrap_or(""),
+        );
         if m.msg_id.as_deref() != Some(want_id.as_str()) {
             problems.push(format!(
                 "stream seq {}: Nats-Msg-Id {:?}, expected {want_id}",

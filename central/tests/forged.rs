@@ -252,6 +252,77 @@ async fn an_agent_cannot_forge_another_machine_s_result() {
         text.contains("missing signature") && text.contains("bad signature"),
         "{text}"
     );
+
+    // Pre-empting b's next run: every part of a message id but the signature's end is
+    // public (b's next run id follows from its last one), so a publishes first under the ids
+    // b's next events would have had without it. JetStream would drop b's real events as
+    // duplicates of these; with the signature in the id they are not the same ids.
+    let (boot, n_run) = run_id.rsplit_once('-').expect("<boot_id>-<n>");
+    let next_run = subjects::run_id(boot, n_run.parse::<u64>().unwrap() + 1);
+    let squat = 40u64;
+    for seq in 1..=squat {
+        let mut v = example("event_llm_token.json");
+        v["job_id"] = job_id.clone().into();
+        v["machine_id"] = "b".into();
+        v["run_id"] = next_run.clone().into();
+        v["seq"] = seq.into();
+        let mut headers = async_nats::HeaderMap::new();
+        let id = subjects::msg_id(&job_id, "b", &next_run, seq);
+        headers.insert("Nats-Msg-Id", id.as_str());
+        let ack = js
+            .publish_with_headers(
+                subjects::events(&job_id),
+                headers,
+                serde_json::to_vec(&v).unwrap().into(),
+            )
+            .await
+            .expect("a may publish on bench.events.*");
+        within(
+            "squatting event stored",
+            WAIT,
+            std::future::IntoFuture::into_future(ack),
+        )
+        .await
+        .expect("stored in BENCH_EVENTS");
+    }
+    let (s, out) = post(
+        &base,
+        "/api/jobs",
+        &json!({"job_id": job_id, "machines": ["b"], "model": "mock-7b", "prompt": "hi", "max_tokens": 8, "repeat": 2}),
+    )
+    .await;
+    assert_eq!(s, 201, "re-run: {out}");
+    let rerun = job_when(&base, &job_id, "b's next run finished", |v| {
+        v["machines"].as_array().is_some_and(|ms| {
+            ms.iter().any(|m| {
+                m["machine_id"] == "b"
+                    && m["run_id"] == next_run.as_str()
+                    && m["status"] != "running"
+            })
+        })
+    })
+    .await;
+    let b_next = rerun["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["machine_id"] == "b")
+        .unwrap();
+    assert_eq!(
+        b_next["status"], "done",
+        "b's next run, under squatted ids: {b_next:#}"
+    );
+    assert_eq!(
+        b_next["repeats"].as_array().map(Vec::len),
+        Some(2),
+        "{b_next:#}"
+    );
+    assert_eq!(b_next["gaps"], 0, "{b_next:#}");
+    assert_eq!(
+        counter(&base, "bench_central_events_forged_total").await,
+        n + squat,
+        "the squatting events refused"
+    );
     eprintln!("forged test took {:?}", t0.elapsed());
 }
 

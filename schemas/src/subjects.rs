@@ -62,11 +62,26 @@ pub fn cancel(job_id: &str) -> String {
     format!("{PREFIX}.cancel.{job_id}")
 }
 
-/// The `Nats-Msg-Id` of one event: `<job_id>.<machine_id>.<run_id>.<seq>`. JetStream drops a
+/// The `Nats-Msg-Id` of one event: `<job_id>.<machine_id>.<run_id>.<seq>` (a signed event
+/// adds the start of its signature: [`signed_msg_id`]). JetStream drops a
 /// retried publish (same run, same seq) inside the duplicate window, while a new run of the same
 /// job (a re-used `job_id`) has its own `run_id` and is never mistaken for a retry.
 pub fn msg_id(job_id: &str, machine_id: &str, run_id: &str, seq: u64) -> String {
     format!("{job_id}.{machine_id}.{run_id}.{seq}")
+}
+
+/// Characters of an event's `Bench-Sig` at the end of its `Nats-Msg-Id` (66 bits).
+pub const MSG_ID_SIG_CHARS: usize = 11;
+
+/// The `Nats-Msg-Id` of a signed event: [`msg_id`], a dot, and the first
+/// [`MSG_ID_SIG_CHARS`] characters of its `Bench-Sig`. Everything else in a message id is
+/// public (job, machine, run and seq can be guessed), so without this an agent could publish
+/// first under another machine's next id and have JetStream drop that machine's real event as
+/// a duplicate; nobody without the machine's key can make this end. A retried publish of the
+/// same bytes has the same signature, so it is still dropped as a retry.
+pub fn signed_msg_id(msg_id: &str, signature: &str) -> String {
+    let end = signature.get(..MSG_ID_SIG_CHARS).unwrap_or(signature);
+    format!("{msg_id}.{end}")
 }
 
 /// A run's id: `<boot_id>-<n>`, the agent process's boot id and the n-th job it accepted since

@@ -42,7 +42,10 @@ class CliForms(unittest.IsolatedAsyncioTestCase):
             msg = await asyncio.wait_for(sub.next_msg(timeout=TIMEOUT), TIMEOUT)
             e = json.loads(msg.data)
             self.assertIn("Nats-Msg-Id", msg.headers or {}, "every event carries its dedup id")
-            self.assertEqual(msg.headers["Nats-Msg-Id"], f"{e['job_id']}.{e['machine_id']}.{e['run_id']}.{e['seq']}")
+            # <job>.<machine>.<run>.<seq>, then the start of the event's signature (unguessable).
+            sig = msg.headers.get("Bench-Sig", "")
+            self.assertEqual(msg.headers["Nats-Msg-Id"], f"{e['job_id']}.{e['machine_id']}.{e['run_id']}.{e['seq']}.{sig[:11]}")
+            self.assertEqual(len(sig), 86, "a signed event")
             events.append(e)
             if e["type"] in ("job_done", "job_error", "job_cancelled"):
                 pending.discard(e["machine_id"])

@@ -460,6 +460,8 @@ pub struct Stored {
     pub subject: String,
     /// `Nats-Msg-Id` header, when it had one.
     pub msg_id: Option<String>,
+    /// `Bench-Sig` header, when it had one.
+    pub signature: Option<String>,
     /// The payload parsed as JSON (Null when it is not JSON).
     pub event: Value,
 }
@@ -514,6 +516,11 @@ pub async fn read_stream(nc: &async_nats::Client) -> Vec<Stored> {
                 .headers
                 .as_ref()
                 .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.to_string()),
+            signature: m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(bench_schemas::subjects::SIGNATURE_HEADER))
                 .map(|v| v.to_string()),
             event: serde_json::from_slice(&m.payload).unwrap_or(Value::Null),
         });
