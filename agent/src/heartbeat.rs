@@ -1,4 +1,5 @@
-//! Keeps this agent's entry in the `bench_agents` KV bucket fresh: every `heartbeat_s`, and
+//! Keeps this agent's entry in the `bench_agents` KV bucket fresh: every `heartbeat_s` (at a
+//! phase of its own, so a fleet's beats stay spread), and
 //! within [`STATUS_COALESCE`] when it turns busy or idle. The bucket's max age (15 s) makes a dead agent's entry
 //! expire; a clean shutdown deletes it. The entry's models come from the cache while a job runs
 //! (see [`crate::models`]): a heartbeat never asks a busy engine. The entry carries the public
@@ -51,6 +52,13 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     let js = jetstream::new(shared.client.clone());
     let mut occupancy = shared.queue.watch();
     let mut store = None;
+    // The periodic beat keeps its own phase, from a random part of a period after start: a
+    // store for a busy/idle change does not move it. (Restarting the period at every store let
+    // one broadcast job line up a whole fleet's heartbeats: every agent's next beat came one
+    // period after the same job's end, all at once, and again every period after.)
+    let period = shared.cfg.heartbeat;
+    let phase = (uuid::Uuid::new_v4().as_u128() % 1024) as f64 / 1024.0;
+    let mut due = tokio::time::Instant::now() + period.mul_f64(phase);
     loop {
         if store.is_none() {
             match bench_nats::streams::ensure_agents_bucket(&js, bench_nats::streams::AGENTS_TTL, 1)
@@ -74,7 +82,14 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(shared.cfg.heartbeat) => {}
+            _ = tokio::time::sleep_until(due) => {
+                let now = tokio::time::Instant::now();
+                due += period;
+                if due <= now {
+                    // The last store took longer than a period (NATS away): a period from now.
+                    due = now + period;
+                }
+            }
             _ = occupancy.changed() => {
                 // A job's accept, start and end come within moments of each other (and a
                 // broadcast reaches the whole fleet at once): one entry for all of them, sent
