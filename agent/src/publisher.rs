@@ -282,24 +282,23 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// An event with its message id.
+    /// An event with its message id (its headers, the id's among them, are set once it is
+    /// signed: [`Self::signed`]).
     pub fn new(event: &Event, msg_id: String) -> Self {
         // Events are plain data (strings, numbers, non-finite floats written as null):
         // serialising them cannot fail.
         let payload = Bytes::from(serde_json::to_vec(event).expect("events serialise"));
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", msg_id.as_str());
         Self {
             subject: Subject::from(subjects::events(&event.job_id)),
             msg_id,
-            headers,
+            headers: HeaderMap::new(),
             payload,
         }
     }
 
-    /// With the `Bench-Sig` and `Bench-Key` headers (added once, as the event leaves the
-    /// queue: a re-sent copy keeps them), and the start of the signature at the end of its
-    /// `Nats-Msg-Id` ([`subjects::signed_msg_id`]).
+    /// With its headers, set once as the event leaves the queue (a re-sent copy keeps them):
+    /// `Bench-Sig`, `Bench-Key`, and `Nats-Msg-Id` ending with the start of the signature
+    /// ([`subjects::signed_msg_id`]).
     fn signed(mut self, signer: &Signer) -> Self {
         let sig = signer.signature(&self.payload);
         self.msg_id = subjects::signed_msg_id(&self.msg_id, &sig);
@@ -888,13 +887,16 @@ mod tests {
         let signer = Signer::load(&cfg).unwrap();
         assert_eq!(signer.public_key(), nkey.public_key());
         assert_eq!(signer.source(), &KeySource::Nkey(seed_file));
-        let event = Outgoing {
-            subject: Subject::from("bench.events.j"),
-            msg_id: "j.a.b-1.1".into(),
-            headers: HeaderMap::new(),
-            payload: Bytes::from_static(br#"{"job_id":"j"}"#),
-        }
-        .signed(&signer);
+        let signed = || {
+            Outgoing {
+                subject: Subject::from("bench.events.j"),
+                msg_id: "j.a.b-1.1".into(),
+                headers: HeaderMap::new(),
+                payload: Bytes::from_static(br#"{"job_id":"j"}"#),
+            }
+            .signed(&signer)
+        };
+        let event = signed();
         let sig = event
             .headers
             .get(subjects::SIGNATURE_HEADER)
@@ -917,14 +919,7 @@ mod tests {
         assert_eq!(ids.len(), 1, "one message id");
         assert_eq!(ids[0].as_str(), want);
         assert_eq!(event.msg_id, want);
-        let again = Outgoing {
-            subject: Subject::from("bench.events.j"),
-            msg_id: "j.a.b-1.1".into(),
-            headers: HeaderMap::new(),
-            payload: Bytes::from_static(br#"{"job_id":"j"}"#),
-        }
-        .signed(&signer);
-        assert_eq!(again.msg_id, want);
+        assert_eq!(signed().msg_id, want);
         // No nkey and nowhere to keep a key (no HOME in the environment): a key per process.
         let cfg = crate::config::Config::parse(
             "machine_id: a\nengine: mock\n",
