@@ -67,6 +67,44 @@ fn example(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// A message example made an event of machine `b`'s run `run_id` of `job_id`, at `seq`.
+fn example_of_b(name: &str, job_id: &str, run_id: &str, seq: u64) -> Value {
+    let mut v = example(name);
+    v["job_id"] = job_id.into();
+    v["machine_id"] = "b".into();
+    v["run_id"] = run_id.into();
+    v["seq"] = seq.into();
+    v
+}
+
+/// Publishes `payload` on `job_id`'s events as agent a may (`js` holds a's credentials), under
+/// message id `id`, signed with `key` when given; waits until it is stored.
+async fn publish_as_a(
+    js: &async_nats::jetstream::Context,
+    job_id: &str,
+    id: &str,
+    payload: &[u8],
+    key: Option<&nkeys::KeyPair>,
+) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id);
+    if let Some(key) = key {
+        let sig = data_encoding::BASE64URL_NOPAD.encode(&key.sign(payload).unwrap());
+        headers.insert(subjects::SIGNATURE_HEADER, sig.as_str());
+    }
+    let ack = js
+        .publish_with_headers(subjects::events(job_id), headers, payload.to_vec().into())
+        .await
+        .expect("a may publish on bench.events.*");
+    within(
+        "a's event stored",
+        WAIT,
+        std::future::IntoFuture::into_future(ack),
+    )
+    .await
+    .expect("stored in BENCH_EVENTS");
+}
+
 #[tokio::test]
 async fn an_agent_cannot_forge_another_machine_s_result() {
     let logs = Logs::install();
@@ -147,11 +185,7 @@ async fn an_agent_cannot_forge_another_machine_s_result() {
     let js = async_nats::jetstream::new(forger);
     let a_key = nkeys::KeyPair::from_seed(&a.seed).unwrap();
     let forge = |name: &str, seq: u64| {
-        let mut v = example(name);
-        v["job_id"] = job_id.clone().into();
-        v["machine_id"] = "b".into();
-        v["run_id"] = run_id.clone().into();
-        v["seq"] = seq.into();
+        let mut v = example_of_b(name, &job_id, &run_id, seq);
         match v["type"].as_str().unwrap() {
             "job_done" => {
                 v["payload"]["output_text"] = "FORGED".into();
@@ -170,24 +204,9 @@ async fn an_agent_cannot_forge_another_machine_s_result() {
         (forge("event_llm_token.json", last_seq + 5), true),
     ];
     for (i, (payload, sign)) in forged.iter().enumerate() {
-        let mut headers = async_nats::HeaderMap::new();
         let id = subjects::msg_id(&job_id, "b", &run_id, last_seq + 1 + i as u64);
-        headers.insert("Nats-Msg-Id", id.as_str());
-        if *sign {
-            let sig = data_encoding::BASE64URL_NOPAD.encode(&a_key.sign(payload).unwrap());
-            headers.insert(subjects::SIGNATURE_HEADER, sig.as_str());
-        }
-        let ack = js
-            .publish_with_headers(subjects::events(&job_id), headers, payload.clone().into())
-            .await
-            .expect("a may publish on bench.events.*");
-        within(
-            "forged event stored",
-            WAIT,
-            std::future::IntoFuture::into_future(ack),
-        )
-        .await
-        .expect("stored in BENCH_EVENTS");
+        let key = sign.then_some(&a_key);
+        publish_as_a(&js, &job_id, &id, payload, key).await;
     }
 
     let n = forged.len() as u64;
@@ -261,29 +280,9 @@ async fn an_agent_cannot_forge_another_machine_s_result() {
     let next_run = subjects::run_id(boot, n_run.parse::<u64>().unwrap() + 1);
     let squat = 40u64;
     for seq in 1..=squat {
-        let mut v = example("event_llm_token.json");
-        v["job_id"] = job_id.clone().into();
-        v["machine_id"] = "b".into();
-        v["run_id"] = next_run.clone().into();
-        v["seq"] = seq.into();
-        let mut headers = async_nats::HeaderMap::new();
+        let v = example_of_b("event_llm_token.json", &job_id, &next_run, seq);
         let id = subjects::msg_id(&job_id, "b", &next_run, seq);
-        headers.insert("Nats-Msg-Id", id.as_str());
-        let ack = js
-            .publish_with_headers(
-                subjects::events(&job_id),
-                headers,
-                serde_json::to_vec(&v).unwrap().into(),
-            )
-            .await
-            .expect("a may publish on bench.events.*");
-        within(
-            "squatting event stored",
-            WAIT,
-            std::future::IntoFuture::into_future(ack),
-        )
-        .await
-        .expect("stored in BENCH_EVENTS");
+        publish_as_a(&js, &job_id, &id, &serde_json::to_vec(&v).unwrap(), None).await;
     }
     let (s, out) = post(
         &base,
