@@ -471,6 +471,30 @@ async fn race_survives_killing_the_events_stream_leader() {
     drop(agents);
 }
 
+/// Publishes one message and awaits its ack. Right after a stream is created on a cluster, the
+/// server this client is on may not have heard of the stream's interest yet (it crosses the routes
+/// after the create reply): that answer, "no responders", is retried; any other error fails.
+async fn publish_stored(js: &jetstream::Context, subject: String, body: String) {
+    within("publish, stored", WAIT, async {
+        loop {
+            let err = match js.publish(subject.clone(), body.clone().into()).await {
+                Ok(ack) => match ack.await {
+                    Ok(_) => return,
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            assert_eq!(
+                err.kind(),
+                jetstream::context::PublishErrorKind::StreamNotFound,
+                "{err}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
 /// Creates the three assets as an agent (and an older central) would: one replica each.
 async fn r1_assets(js: &jetstream::Context) {
     bench_nats::streams::ensure_events_stream(js, &EventsRetention::default(), 1)
@@ -493,15 +517,7 @@ async fn existing_r1_assets_are_scaled_to_the_configured_replicas() {
     let js = jetstream::new(nc.clone());
     r1_assets(&js).await;
     for i in 0..5u64 {
-        within(
-            "publish",
-            WAIT,
-            js.publish(subjects::events("r1-job"), format!("{{\"n\":{i}}}").into()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        publish_stored(&js, subjects::events("r1-job"), format!("{{\"n\":{i}}}")).await;
     }
     let names = [
         subjects::EVENTS_STREAM.to_string(),
