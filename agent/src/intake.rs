@@ -125,7 +125,12 @@ pub async fn handle_job(
     match shared.queue.push(&job_id, admit) {
         Ok((position, ctx)) => {
             tracing::info!(%job_id, run_id = %ctx.run_id, position, "job accepted");
-            Some(JobReply::accepted(&job_id, machine_id, position))
+            Some(JobReply::accepted(
+                &job_id,
+                machine_id,
+                &ctx.run_id,
+                position,
+            ))
         }
         Err(e) => Some(refuse(shared, Some(&job_id), e)),
     }

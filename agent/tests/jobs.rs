@@ -56,6 +56,15 @@ async fn mock_job_lifecycle_and_summary() {
     let seqs: Vec<u64> = ev.seen.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
     assert_eq!(ev.types()[0], "job_accepted");
+    // The answer named the run every event carries.
+    assert!(
+        ev.seen
+            .iter()
+            .all(|e| Some(e.run_id.as_str()) == reply.run_id.as_deref()),
+        "{:?} vs {:?}",
+        reply.run_id,
+        ev.seen.iter().map(|e| &e.run_id).collect::<Vec<_>>()
+    );
     let starts: Vec<(u32, bool)> = ev
         .seen
         .iter()
@@ -237,7 +246,22 @@ async fn queue_in_order_and_cancel_running_and_waiting() {
         job_json("mock-7b", json!({"job_id": "q-b"})),
     )
     .await;
+    assert_eq!(dup.run_id, None, "a refusal starts no run");
     assert_eq!(dup.error.map(|e| e.code), Some(ErrorCode::DuplicateJob));
+    // Each accept is a run of its own, of this agent's boot.
+    let runs: Vec<&str> = [&ra, &rb, &rc]
+        .iter()
+        .map(|r| r.run_id.as_deref().expect("an accept names its run"))
+        .collect();
+    assert_eq!(
+        runs.iter()
+            .map(|r| subjects::boot_of(r).unwrap())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        1,
+        "{runs:?}"
+    );
+    assert!(runs[0] != runs[1] && runs[1] != runs[2], "{runs:?}");
     // Cancel the waiting one first, then the running one once it streams.
     c.publish(subjects::cancel("q-b"), "".into()).await.unwrap();
     assert!(matches!(

@@ -41,6 +41,10 @@ pub struct MachineAnswer {
     pub machine_id: String,
     /// Its answer.
     pub status: Answer,
+    /// The run an accept starts (`<boot_id>-<n>`, as its events will carry). Absent for other
+    /// answers and from agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
     /// Why not accepted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
@@ -122,7 +126,34 @@ fn answer_of(reply: &JobReply) -> MachineAnswer {
         } else {
             Answer::Rejected
         },
+        // It becomes part of a record (and of the stall verdict, through its boot id): only a
+        // well-formed one is kept.
+        run_id: reply
+            .run_id
+            .clone()
+            .filter(|r| reply.accepted && is_run_id(r)),
         error: reply.error.clone().map(Into::into),
+    }
+}
+
+/// `<boot_id>-<n>` made of subject-token characters.
+fn is_run_id(run_id: &str) -> bool {
+    subjects::boot_of(run_id).is_some() && validate_job_id(run_id).is_ok()
+}
+
+/// Records the run an accept named, unless the machine's events already did: the machine is
+/// then a run with an id from its answer on, so one that dies before its first event is
+/// stored gets the exact verdict (`agent_restarted`, by the run's boot id), not an anonymous
+/// stall.
+fn record_accepted_run(m: &mut crate::record::MachineRun, run_id: &str) {
+    if m.run_id == run_id || m.earlier_runs.iter().any(|r| r.run_id == run_id) {
+        return;
+    }
+    if m.run_id.is_empty() && m.last_seq == 0 {
+        m.run_id = run_id.to_string();
+    } else if m.status.is_terminal() {
+        // A broadcast re-run: the machine's last run ended; this one starts now.
+        m.begin_run(run_id);
     }
 }
 
@@ -133,6 +164,7 @@ async fn request_one(shared: &Shared, machine_id: &str, payload: bytes::Bytes) -
     let offline = |code: &str, message: String| MachineAnswer {
         machine_id: machine_id.to_string(),
         status: Answer::Offline,
+        run_id: None,
         error: Some(ErrorInfo::new(code, message)),
     };
     match shared
@@ -148,6 +180,7 @@ async fn request_one(shared: &Shared, machine_id: &str, payload: bytes::Bytes) -
             Err(e) => MachineAnswer {
                 machine_id: machine_id.to_string(),
                 status: Answer::Rejected,
+                run_id: None,
                 error: Some(ErrorInfo::new(
                     "bad_reply",
                     format!("the agent's answer is not a job reply: {e}"),
@@ -307,6 +340,9 @@ pub async fn dispatch(
             let mut r = r?;
             for (id, a) in &by_id {
                 let m = r.machine_mut(id);
+                if let Some(run_id) = &a.run_id {
+                    record_accepted_run(m, run_id);
+                }
                 if a.status != Answer::Accepted
                     && m.status == RunStatus::Queued
                     && m.last_seq == 0
@@ -334,6 +370,46 @@ pub async fn dispatch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::MachineRun;
+
+    #[test]
+    fn an_accepted_run_is_recorded_once() {
+        // A listed machine: begun without an id at dispatch, the answer names it.
+        let mut m = MachineRun::new("a");
+        record_accepted_run(&mut m, "b1-1");
+        assert_eq!((m.run_id.as_str(), m.status), ("b1-1", RunStatus::Queued));
+        // The run's events were indexed first: nothing changes.
+        m.status = RunStatus::Done;
+        record_accepted_run(&mut m, "b1-1");
+        assert_eq!((m.run_id.as_str(), m.earlier_runs.len()), ("b1-1", 0));
+        // A broadcast re-run after that run ended: a new run, the old one kept.
+        record_accepted_run(&mut m, "b1-2");
+        assert_eq!((m.run_id.as_str(), m.status), ("b1-2", RunStatus::Queued));
+        assert_eq!(m.earlier_runs[0].run_id, "b1-1");
+        // A late answer for an earlier run, or one arriving while another run still goes:
+        // left to the events.
+        record_accepted_run(&mut m, "b1-1");
+        record_accepted_run(&mut m, "b1-3");
+        assert_eq!((m.run_id.as_str(), m.earlier_runs.len()), ("b1-2", 1));
+    }
+
+    #[test]
+    fn only_an_accept_with_a_well_formed_run_id_names_a_run() {
+        let ok = JobReply::accepted("j", "a", "3f9a0c27d1e4-1", 0);
+        assert_eq!(answer_of(&ok).run_id.as_deref(), Some("3f9a0c27d1e4-1"));
+        for bad in ["", "noboot", "b-x", "a.b-1", "b 1-1"] {
+            let r = JobReply {
+                run_id: Some(bad.into()),
+                ..ok.clone()
+            };
+            assert_eq!(answer_of(&r).run_id, None, "{bad:?}");
+        }
+        let refused = JobReply {
+            accepted: false,
+            ..ok
+        };
+        assert_eq!(answer_of(&refused).run_id, None);
+    }
 
     fn code(body: &str) -> &'static str {
         parse_request(body.as_bytes()).unwrap_err().code()

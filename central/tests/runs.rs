@@ -10,6 +10,7 @@ use async_nats::jetstream;
 use bench_schemas::event::Started;
 use bench_schemas::{subjects, AgentInfo, AgentStatus, Event, EventKind, Hardware, Job};
 use common::*;
+use futures::StreamExt;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -232,6 +233,77 @@ async fn a_run_of_an_agent_that_restarted_fails_with_a_reason() {
     );
     // Long before the stall timeout would have.
     assert!(t0.elapsed() < Duration::from_secs(30));
+}
+
+/// The window the chaos test found: an agent answers "accepted" and is killed before its
+/// `job_accepted` is stored. Its answer names the run, so central records it at dispatch and the
+/// run fails as the restarted agent's, by its boot id, not as an anonymous stall 5 s later.
+#[tokio::test]
+async fn an_agent_killed_between_its_accept_and_its_first_event_fails_as_restarted() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let central = start_central(central_config(&nats.url(), dir.path())).await;
+    let base = central.base();
+    let nc = client(&nats.url()).await;
+    let js = jetstream::new(nc.clone());
+    let agents = bench_nats::streams::ensure_agents_bucket(&js, bench_nats::streams::AGENTS_TTL, 1)
+        .await
+        .unwrap();
+    let beat = |boot: &str| {
+        serde_json::to_vec(&heartbeat("ghost", boot))
+            .unwrap()
+            .into()
+    };
+    agents.put("ghost", beat("oldboot")).await.unwrap();
+    machines_online(&base, &["ghost"]).await;
+    // A fake of the agent's intake: it answers the job as the agent does, then dies before
+    // any event of the run is stored.
+    let mut jobs = nc.subscribe(subjects::jobs("ghost")).await.unwrap();
+    nc.flush().await.unwrap();
+    let fake = tokio::spawn({
+        let nc = nc.clone();
+        async move {
+            let msg = within("the job at the fake agent", WAIT, jobs.next())
+                .await
+                .expect("a job");
+            let job: Job = serde_json::from_slice(&msg.payload).unwrap();
+            let reply = bench_schemas::JobReply::accepted(
+                job.job_id.as_deref().unwrap(),
+                "ghost",
+                "oldboot-1",
+                0,
+            );
+            nc.publish(
+                msg.reply.unwrap(),
+                serde_json::to_vec(&reply).unwrap().into(),
+            )
+            .await
+            .unwrap();
+            nc.flush().await.unwrap();
+        }
+    });
+    let (s, out) = post(
+        &base,
+        "/api/jobs",
+        &json!({"job_id": "lost-2", "machines": ["ghost"], "model": "m", "prompt": "hi"}),
+    )
+    .await;
+    assert_eq!(s, 201, "{out}");
+    assert_eq!(out["machines"][0]["status"], "accepted", "{out}");
+    assert_eq!(out["machines"][0]["run_id"], "oldboot-1", "{out}");
+    fake.await.unwrap();
+    let (_, queued) = get(&base, "/api/jobs/lost-2").await;
+    assert_eq!(queued["machines"][0]["run_id"], "oldboot-1", "{queued}");
+    assert_eq!(queued["machines"][0]["status"], "queued", "{queued}");
+
+    // Back as a new process, idle: without the run's id the queued run would look like one
+    // waiting on a live agent, and wait for ever.
+    agents.put("ghost", beat("newboot")).await.unwrap();
+    let done = job_finished(&base, "lost-2").await;
+    let m = &done["machines"][0];
+    assert_eq!(m["error"]["code"], "agent_restarted", "{m}");
+    assert_eq!(m["run_id"], "oldboot-1", "{m}");
+    assert!(m["error"]["message"].as_str().unwrap().contains("oldboot"));
 }
 
 #[tokio::test]

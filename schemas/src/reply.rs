@@ -3,7 +3,7 @@
 use crate::error::ErrorBody;
 use serde::{Deserialize, Serialize};
 
-/// `{"accepted":true,"job_id","machine_id","position"}` or
+/// `{"accepted":true,"job_id","machine_id","run_id","position"}` or
 /// `{"accepted":false,"machine_id","error":{"code","message"}}`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct JobReply {
@@ -15,6 +15,11 @@ pub struct JobReply {
     pub job_id: Option<String>,
     /// The answering agent.
     pub machine_id: String,
+    /// The run this acceptance starts (`<boot_id>-<n>`, as every event of it carries). Known
+    /// at once, so a machine that dies before its first event is stored is still a run with an
+    /// id (and its boot). Absent on a refusal, and from agents older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
     /// Jobs ahead of this one (0 = runs now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<u32>,
@@ -25,11 +30,12 @@ pub struct JobReply {
 
 impl JobReply {
     /// An accept.
-    pub fn accepted(job_id: &str, machine_id: &str, position: u32) -> Self {
+    pub fn accepted(job_id: &str, machine_id: &str, run_id: &str, position: u32) -> Self {
         Self {
             accepted: true,
             job_id: Some(job_id.to_string()),
             machine_id: machine_id.to_string(),
+            run_id: Some(run_id.to_string()),
             position: Some(position),
             error: None,
         }
@@ -41,6 +47,7 @@ impl JobReply {
             accepted: false,
             job_id: job_id.map(str::to_string),
             machine_id: machine_id.to_string(),
+            run_id: None,
             position: None,
             error: Some(error),
         }

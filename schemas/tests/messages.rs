@@ -59,7 +59,13 @@ fn jobs() {
 fn replies() {
     let a: JobReply = load("reply_accepted.json");
     assert!(a.accepted && a.error.is_none());
+    let run_id = a.run_id.as_deref().expect("an accept names its run");
+    assert_eq!(
+        bench_schemas::subjects::boot_of(run_id),
+        Some("3f9a0c27d1e4")
+    );
     let r: JobReply = load("reply_rejected.json");
+    assert_eq!(r.run_id, None);
     assert_eq!(r.error.unwrap().code.as_str(), "invalid_max_tokens");
 }
 

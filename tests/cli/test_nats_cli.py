@@ -58,8 +58,11 @@ class CliForms(unittest.IsolatedAsyncioTestCase):
         sub = await self.nc.subscribe(f"bench.events.{job_id}")
         msg = await self.nc.request("bench.jobs.cli-a", json.dumps(dict(JOB, job_id=job_id)).encode(), timeout=TIMEOUT)
         reply = json.loads(msg.data)
-        self.assertEqual(reply, {"accepted": True, "job_id": job_id, "machine_id": "cli-a", "position": 0})
+        run_id = reply.get("run_id", "")
+        self.assertRegex(run_id, r"^[0-9a-f]{12}-[0-9]+$", "the accept names its run")
+        self.assertEqual(reply, {"accepted": True, "job_id": job_id, "machine_id": "cli-a", "run_id": run_id, "position": 0})
         events = await self.collect(None, {"cli-a"}, sub)
+        self.assertEqual({e["run_id"] for e in events}, {run_id}, "every event is of the run the reply named")
         types = [e["type"] for e in events]
         self.assertEqual(types[0], "job_accepted")
         self.assertEqual(types[-1], "job_done")

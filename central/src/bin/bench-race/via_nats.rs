@@ -46,11 +46,15 @@ fn answer(machine_id: &str, status: &str, error: Option<ErrorInfo>) -> Value {
 }
 
 fn answer_of(r: &JobReply) -> Value {
-    answer(
+    let mut v = answer(
         &r.machine_id,
         if r.accepted { "accepted" } else { "rejected" },
         r.error.clone().map(Into::into),
-    )
+    );
+    if let Some(run_id) = r.run_id.as_deref().filter(|_| r.accepted) {
+        v["run_id"] = run_id.into();
+    }
+    v
 }
 
 async fn request_one(client: &async_nats::Client, id: &str, payload: bytes::Bytes) -> Value {
@@ -59,11 +63,12 @@ async fn request_one(client: &async_nats::Client, id: &str, payload: bytes::Byte
         .timeout(Some(REQUEST_TIMEOUT));
     match client.send_request(subjects::jobs(id), req).await {
         Ok(msg) => match serde_json::from_slice::<JobReply>(&msg.payload) {
-            Ok(r) => answer(
-                id,
-                answer_of(&r)["status"].as_str().unwrap_or("rejected"),
-                r.error.map(Into::into),
-            ),
+            Ok(r) => {
+                // Under the id asked, whatever the answer calls itself.
+                let mut v = answer_of(&r);
+                v["machine_id"] = id.into();
+                v
+            }
             Err(e) => answer(
                 id,
                 "rejected",
