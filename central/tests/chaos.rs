@@ -773,7 +773,21 @@ async fn chaos_run_accounts_for_every_run() {
                 && mine.clone().any(|s| {
                     s.outcome == "interrupted" || explain_attempts(&outages, s, None).is_some()
                 });
-            if answered || cut_short {
+            // Central recorded the machine's answer (offline: its agent or NATS was away) and
+            // was killed before it could pass the answers on: the submitter saw none.
+            let answer_lost = ["offline", "timeout", "nats_unavailable"].contains(&r.code.as_str())
+                && mine.clone().any(|s| {
+                    s.outcome == "interrupted"
+                        && s.answers.is_empty()
+                        && explain_attempts_by(
+                            &outages,
+                            s,
+                            Some(&r.machine),
+                            &[Kind::Agent, Kind::Nats],
+                        )
+                        .is_some()
+                });
+            if answered || cut_short || answer_lost {
                 explained.push(format!(
                     "{} on {}: never ran ({}), {}",
                     r.job_id,
@@ -781,8 +795,10 @@ async fn chaos_run_accounts_for_every_run() {
                     r.code,
                     if answered {
                         "as the submission's answer said"
-                    } else {
+                    } else if cut_short {
                         "its dispatch cut short by central or NATS going away"
+                    } else {
+                        "as central recorded while its agent (or NATS) was away; central was killed before it answered the submission"
                     }
                 ));
             } else {
@@ -1182,11 +1198,27 @@ fn explain_attempts<'a>(
     s: &Submission,
     machine: Option<&str>,
 ) -> Option<&'a Outage> {
+    explain_attempts_by(
+        outages,
+        s,
+        machine,
+        &[Kind::Agent, Kind::Nats, Kind::Central],
+    )
+}
+
+/// [`explain_attempts`] by an outage of one of `kinds` only.
+fn explain_attempts_by<'a>(
+    outages: &'a [Outage],
+    s: &Submission,
+    machine: Option<&str>,
+    kinds: &[Kind],
+) -> Option<&'a Outage> {
     outages.iter().find(|o| {
-        let relevant = match o.kind {
-            Kind::Agent => machine == Some(o.target.as_str()),
-            Kind::Nats | Kind::Central => true,
-        };
+        let relevant = kinds.contains(&o.kind)
+            && match o.kind {
+                Kind::Agent => machine == Some(o.target.as_str()),
+                Kind::Nats | Kind::Central => true,
+            };
         relevant
             && s.attempts
                 .iter()
