@@ -86,10 +86,7 @@ pub async fn handle_job(
         // running another job); the first job_started carries the fresh one.
         fingerprint: shared
             .described
-            .cached(&*backend, &first.model)
-            .map(|(engine, model)| {
-                crate::fingerprint::fingerprint(&shared.hardware, engine, model, first)
-            }),
+            .fingerprint_of(&shared.hardware, &*backend, first),
     };
     // Under the queue lock: job_accepted is always seq 1, ahead of job_started, and a run id
     // is only used by a job that is accepted.

@@ -13,6 +13,7 @@ pub mod nvidia;
 use crate::backend::Backend;
 use bench_schemas::{CacheMode, EngineInfo, Fingerprint, Hardware, Job, Mode, ModelInfo, Settings};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// The job's settings once defaults and its profile are applied.
@@ -63,6 +64,19 @@ pub fn fingerprint(
 pub struct Described {
     engines: Mutex<HashMap<String, EngineInfo>>,
     models: Mutex<HashMap<(String, String), ModelInfo>>,
+    /// Bumped after every new answer is kept: a fingerprint built from older answers is stale.
+    generation: AtomicU64,
+    /// The last fingerprint [`Self::fingerprint_of`] built.
+    last: Mutex<Option<LastFingerprint>>,
+}
+
+/// A fingerprint and what it was built from.
+struct LastFingerprint {
+    generation: u64,
+    engine: String,
+    model: String,
+    settings: Settings,
+    fingerprint: Fingerprint,
 }
 
 fn engine_key(b: &dyn Backend) -> String {
@@ -115,6 +129,7 @@ impl Described {
             .lock()
             .expect("described lock")
             .insert((key, model.to_string()), described.clone());
+        self.generation.fetch_add(1, Ordering::Release);
         (engine, described)
     }
 
@@ -127,6 +142,42 @@ impl Described {
             .lock()
             .expect("described lock")
             .insert(engine_key(backend), engine);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The fingerprint of `job` from the last answers for its engine and model (None: never
+    /// described), as `job_accepted` carries it. Every agent of a broadcast builds one at once,
+    /// and building means hashing the whole description: the last one is kept and handed out
+    /// again while the answers and the job's settings are the same.
+    pub fn fingerprint_of(
+        &self,
+        hardware: &Hardware,
+        backend: &dyn Backend,
+        job: &Job,
+    ) -> Option<Fingerprint> {
+        // Read before the answers: a newer answer kept meanwhile makes what is built here stale.
+        let generation = self.generation.load(Ordering::Acquire);
+        let engine = engine_key(backend);
+        let settings = settings(job);
+        if let Some(l) = self.last.lock().expect("described lock").as_ref() {
+            if l.generation == generation
+                && l.engine == engine
+                && l.model == job.model
+                && l.settings == settings
+            {
+                return Some(l.fingerprint.clone());
+            }
+        }
+        let (engine_info, model_info) = self.cached(backend, &job.model)?;
+        let fingerprint = fingerprint(hardware, engine_info, model_info, job);
+        *self.last.lock().expect("described lock") = Some(LastFingerprint {
+            generation,
+            engine,
+            model: job.model.clone(),
+            settings,
+            fingerprint: fingerprint.clone(),
+        });
+        Some(fingerprint)
     }
 
     /// The last answers for this engine and model, if it was described before.
@@ -154,5 +205,61 @@ impl Described {
             .expect("described lock")
             .get(&engine_key(backend))
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::mock::Mock;
+    use crate::config::MockConfig;
+
+    fn job(num_ctx: u32) -> Job {
+        serde_json::from_value(serde_json::json!({"model": "m", "prompt": "p", "num_ctx": num_ctx}))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_last_fingerprint_is_kept_while_its_sources_are_the_same() {
+        let d = Described::default();
+        let hw = Hardware::default();
+        let mock = Mock::new(
+            MockConfig {
+                tokens_per_s: 100.0,
+                ttft_ms: 1.0,
+            },
+            vec!["m".into()],
+        );
+        assert_eq!(
+            d.fingerprint_of(&hw, &mock, &job(2048)),
+            None,
+            "never described"
+        );
+        let (engine, model) = d
+            .refresh(&mock, "m", std::time::Duration::from_secs(5))
+            .await;
+        let built = fingerprint(&hw, engine, model, &job(2048));
+        assert_eq!(
+            d.fingerprint_of(&hw, &mock, &job(2048)).as_ref(),
+            Some(&built)
+        );
+        assert_eq!(
+            d.fingerprint_of(&hw, &mock, &job(2048)).as_ref(),
+            Some(&built)
+        );
+        // Other settings: another fingerprint, with another id.
+        let other = d.fingerprint_of(&hw, &mock, &job(4096)).unwrap();
+        assert_ne!(other.fingerprint_id, built.fingerprint_id);
+        assert_eq!(other.settings.num_ctx, 4096);
+        // A new answer makes the kept one stale: the next is built from the new answers.
+        let before = d.last.lock().unwrap().as_ref().unwrap().generation;
+        d.refresh_engine(&mock, std::time::Duration::from_secs(5))
+            .await;
+        assert_eq!(d.fingerprint_of(&hw, &mock, &job(4096)), Some(other));
+        let after = d.last.lock().unwrap().as_ref().unwrap().generation;
+        assert!(
+            after > before,
+            "rebuilt after the new answer ({before} -> {after})"
+        );
     }
 }
