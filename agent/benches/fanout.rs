@@ -15,6 +15,11 @@
 //!   options: --repeat R (3): broadcasts per selector after the fleet's first one (shown apart:
 //!   every agent's first job also pays for memory its process touches the first time); the
 //!   table shows their median and worst, and the target is judged on the worst
+//!   FANOUT_TOGETHER=1: the job starts together 1.5 s after its publish (`start: together`),
+//!   so no agent runs it while the accepts come (what the jobs' own events cost the accepts)
+//!   FANOUT_PERF_CTL=<fifo>: drives `perf record --control=fifo:<fifo> -D -1 -- <bench>` to
+//!   record from each broadcast's publish to its last accept (the fleet's first job only, with
+//!   FANOUT_PERF_FIRST=1; else every later one)
 
 use async_nats::jetstream;
 use bench_agent::config::{Config, Env};
@@ -75,8 +80,11 @@ async fn round(nats: &NatsServer, n: usize, repeat: usize) -> Round {
                 for r in 0..=repeat {
                     let job_id = format!("fanout-{n}-{}-{r}", if by_ids { "ids" } else { "label" });
                     settled(&kv, n, &ended).await;
+                    // Profiled (FANOUT_PERF_CTL): the fleet's first job with FANOUT_PERF_FIRST,
+                    // else every later one.
+                    let profiled = (r == 0) == std::env::var_os("FANOUT_PERF_FIRST").is_some();
                     let (times, done_at) =
-                        broadcast(&c, n, &job(n, by_ids, &job_id), &job_id).await;
+                        broadcast(&c, n, &job(n, by_ids, &job_id), &job_id, profiled).await;
                     runs.push(times); // [0]: the fleet's first job of this kind
                     ended = done_at;
                 }
@@ -105,7 +113,16 @@ fn job(n: usize, by_ids: bool, job_id: &str) -> Vec<u8> {
     } else {
         serde_json::json!({"round": format!("r{n}")})
     };
-    let job = serde_json::json!({"job_id": job_id, "model": "mock-7b", "prompt": "hi", "max_tokens": 8, "selector": selector});
+    let mut job = serde_json::json!({"job_id": job_id, "model": "mock-7b", "prompt": "hi", "max_tokens": 8, "selector": selector});
+    if std::env::var_os("FANOUT_TOGETHER").is_some() {
+        // Every agent starts the job 1.5 s after the publish: no job runs while accepts come.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        job["start"] = "together".into();
+        job["start_at_ms"] = (now + 1500).into();
+    }
     serde_json::to_vec(&job).unwrap()
 }
 
@@ -206,11 +223,15 @@ async fn broadcast(
     n: usize,
     body: &[u8],
     job_id: &str,
+    profiled: bool,
 ) -> ((Duration, Duration), HashMap<String, u64>) {
     let mut events = c.subscribe(subjects::events(job_id)).await.unwrap();
     let inbox = c.new_inbox();
     let mut replies = c.subscribe(inbox.clone()).await.unwrap();
     c.flush().await.unwrap();
+    if profiled {
+        perf_ctl("enable");
+    }
     let t0 = Instant::now();
     c.publish_with_reply(subjects::JOBS_ALL, inbox, body.to_vec().into())
         .await
@@ -232,6 +253,9 @@ async fn broadcast(
     })
     .await
     .expect("accepts");
+    if profiled {
+        perf_ctl("disable");
+    }
 
     let mut done = HashMap::new();
     let last_done = tokio::time::timeout(LIMIT, async {
@@ -247,6 +271,19 @@ async fn broadcast(
     .await
     .expect("job_done from every agent");
     ((last_accept, last_done), done)
+}
+
+/// With `FANOUT_PERF_CTL=<fifo>`, tells `perf record --control=fifo:<fifo> -D -1` to record
+/// only from each broadcast's publish to its last accept.
+fn perf_ctl(what: &str) {
+    if let Some(path) = std::env::var_os("FANOUT_PERF_CTL") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("perf control fifo");
+        writeln!(f, "{what}").expect("perf control");
+    }
 }
 
 fn median(v: &[Duration]) -> Duration {
