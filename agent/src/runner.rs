@@ -430,8 +430,14 @@ impl CellRun {
             }
             d = shared.described.refresh(&*backend, &job.model, shared.cfg.engine_idle_timeout) => d,
         };
-        let fingerprint =
-            crate::fingerprint::fingerprint(&shared.hardware, described.0, described.1, &job);
+        // Mostly what the engine said before: then the fingerprint job_accepted carried.
+        let fingerprint = match shared
+            .described
+            .fingerprint_of(&shared.hardware, &*backend, &job)
+        {
+            Some(f) if f.engine == described.0 && f.model == described.1 => f,
+            _ => crate::fingerprint::fingerprint(&shared.hardware, described.0, described.1, &job),
+        };
         if first && job.start == StartMode::Together {
             if let Some(at) = job.start_at_ms {
                 let wait = Duration::from_millis(at.saturating_sub(now_ms()));
