@@ -187,11 +187,20 @@ def machine_online(central, machine_id, timeout=30):
     return wait_for(online, f"{machine_id} online in central", timeout=timeout)
 
 
+def accepted_run(test, created, machine_id):
+    """The POST /api/jobs answer accepted the job on this one machine; returns the run it named."""
+    test.assertEqual(len(created["machines"]), 1, created)
+    answer = created["machines"][0]
+    test.assertRegex(answer.get("run_id", ""), r"^[0-9a-f]{12}-[0-9]+$", "an accept names its run")
+    test.assertEqual(answer, {"machine_id": machine_id, "status": "accepted", "run_id": answer["run_id"]})
+    return answer["run_id"]
+
+
 def race(test, central, machine_id, prompt, max_tokens=16, timeout=60):
     """Starts a job for one machine through central, waits for it to be done and checks its result."""
     created = http("POST", central + "/api/jobs",
                    {"machines": [machine_id], "model": "mock-7b", "prompt": prompt, "max_tokens": max_tokens})
-    test.assertEqual(created["machines"], [{"machine_id": machine_id, "status": "accepted"}])
+    run_id = accepted_run(test, created, machine_id)
     job_id = created["job_id"]
 
     def finished():
@@ -200,6 +209,7 @@ def race(test, central, machine_id, prompt, max_tokens=16, timeout=60):
     job = wait_for(finished, f"job {job_id} done in central", timeout=timeout)
     m = job["machines"][0]
     test.assertEqual(m["machine_id"], machine_id)
+    test.assertEqual(m["run_id"], run_id, "the run the accept named is the one that ran")
     test.assertEqual(m["repeats"][0]["gen_tokens"], max_tokens)
     test.assertTrue(m["output_text"])
     return job

@@ -7,7 +7,7 @@ import json
 import socket
 import unittest
 
-from netlab import Namespace, Stack, free_port, get, http, nats_bin, read, require_root, wait_for
+from netlab import Namespace, Stack, accepted_run, free_port, get, http, nats_bin, read, require_root, wait_for
 
 
 class BehindNat(unittest.TestCase):
@@ -50,7 +50,7 @@ class BehindNat(unittest.TestCase):
         # A race through central.
         created = http("POST", self.central + "/api/jobs",
                        {"machines": ["natted"], "model": "mock-7b", "prompt": "hello from behind NAT", "max_tokens": 16})
-        self.assertEqual(created["machines"], [{"machine_id": "natted", "status": "accepted"}])
+        run_id = accepted_run(self, created, "natted")
         job_id = created["job_id"]
 
         def finished():
@@ -59,6 +59,7 @@ class BehindNat(unittest.TestCase):
         job = wait_for(finished, "the job done in central", timeout=60)
         m = job["machines"][0]
         self.assertEqual(m["machine_id"], "natted")
+        self.assertEqual(m["run_id"], run_id, "the run the accept named is the one that ran")
         self.assertEqual(m["repeats"][0]["gen_tokens"], 16)
         self.assertTrue(m["output_text"])
 
