@@ -64,7 +64,8 @@ pub fn fingerprint(
 pub struct Described {
     engines: Mutex<HashMap<String, EngineInfo>>,
     models: Mutex<HashMap<(String, String), ModelInfo>>,
-    /// Bumped after every new answer is kept: a fingerprint built from older answers is stale.
+    /// Bumped when an answer that differs from the last one is kept: a fingerprint built from
+    /// older answers is then stale. (The runner asks again before every job: mostly the same.)
     generation: AtomicU64,
     /// The last fingerprint [`Self::fingerprint_of`] built.
     last: Mutex<Option<LastFingerprint>>,
@@ -121,15 +122,19 @@ impl Described {
             }
         };
         let key = engine_key(backend);
-        self.engines
+        let engine_was = self
+            .engines
             .lock()
             .expect("described lock")
             .insert(key.clone(), engine.clone());
-        self.models
+        let model_was = self
+            .models
             .lock()
             .expect("described lock")
             .insert((key, model.to_string()), described.clone());
-        self.generation.fetch_add(1, Ordering::Release);
+        if engine_was.as_ref() != Some(&engine) || model_was.as_ref() != Some(&described) {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
         (engine, described)
     }
 
@@ -138,11 +143,14 @@ impl Described {
         let Ok(engine) = tokio::time::timeout(budget, backend.engine_info()).await else {
             return;
         };
-        self.engines
+        let was = self
+            .engines
             .lock()
             .expect("described lock")
-            .insert(engine_key(backend), engine);
-        self.generation.fetch_add(1, Ordering::Release);
+            .insert(engine_key(backend), engine.clone());
+        if was.as_ref() != Some(&engine) {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// The fingerprint of `job` from the last answers for its engine and model (None: never
@@ -251,15 +259,21 @@ mod tests {
         let other = d.fingerprint_of(&hw, &mock, &job(4096)).unwrap();
         assert_ne!(other.fingerprint_id, built.fingerprint_id);
         assert_eq!(other.settings.num_ctx, 4096);
-        // A new answer makes the kept one stale: the next is built from the new answers.
-        let before = d.last.lock().unwrap().as_ref().unwrap().generation;
-        d.refresh_engine(&mock, std::time::Duration::from_secs(5))
-            .await;
-        assert_eq!(d.fingerprint_of(&hw, &mock, &job(4096)), Some(other));
-        let after = d.last.lock().unwrap().as_ref().unwrap().generation;
-        assert!(
-            after > before,
-            "rebuilt after the new answer ({before} -> {after})"
+        // The same answers again (the runner asks before every job): the kept one stands.
+        let generation = || d.last.lock().unwrap().as_ref().unwrap().generation;
+        let before = generation();
+        let budget = std::time::Duration::from_secs(5);
+        d.refresh(&mock, "m", budget).await;
+        d.refresh_engine(&mock, budget).await;
+        assert_eq!(
+            d.fingerprint_of(&hw, &mock, &job(4096)).as_ref(),
+            Some(&other)
         );
+        assert_eq!(generation(), before, "not rebuilt");
+        // A different answer (here: none before it) makes it stale: the next is rebuilt.
+        d.engines.lock().unwrap().clear();
+        d.refresh_engine(&mock, budget).await;
+        assert_eq!(d.fingerprint_of(&hw, &mock, &job(4096)), Some(other));
+        assert!(generation() > before, "rebuilt after the new answer");
     }
 }
