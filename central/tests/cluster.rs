@@ -383,12 +383,7 @@ async fn race_survives_killing_the_events_stream_leader() {
             .collect();
 
         // Central's record agrees with the stream.
-        let m = done["machines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["machine_id"] == machine.as_str())
-            .unwrap();
+        let m = machine_in(&done, machine);
         assert_eq!(m["last_seq"].as_u64(), Some(seqs.len() as u64), "{machine}");
         assert_eq!(m["gaps"], 0, "{machine}: central applied every event");
         assert_eq!(m["repeats"].as_array().unwrap().len(), 1, "{machine}");

@@ -147,13 +147,7 @@ async fn an_agent_cannot_forge_another_machine_s_result() {
     let job_id = out["job_id"].as_str().unwrap().to_string();
     let done = job_finished(&base, &job_id).await;
     assert_eq!(done["status"], "done", "{done:#}");
-    let b_before = done["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["machine_id"] == "b")
-        .expect("b's record")
-        .clone();
+    let b_before = machine_in(&done, "b").clone();
     let replay_before = replayed(&base, &job_id).await;
     let b_events: Vec<&Value> = replay_before
         .iter()
@@ -244,12 +238,7 @@ async fn an_agent_cannot_forge_another_machine_s_result() {
     // b's result stands.
     let (_, after) = get(&base, &format!("/api/jobs/{job_id}")).await;
     assert_eq!(after["status"], "done");
-    let b_after = after["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["machine_id"] == "b")
-        .unwrap();
+    let b_after = machine_in(&after, "b");
     assert_eq!(b_after, &b_before, "b's record unchanged");
     assert!(!after.to_string().contains("FORGED"), "{after}");
     // And the forged events are not replayed.
@@ -301,12 +290,7 @@ async fn an_agent_cannot_forge_another_machine_s_result() {
         })
     })
     .await;
-    let b_next = rerun["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["machine_id"] == "b")
-        .unwrap();
+    let b_next = machine_in(&rerun, "b");
     assert_eq!(
         b_next["status"], "done",
         "b's next run, under squatted ids: {b_next:#}"

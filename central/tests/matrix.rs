@@ -172,15 +172,6 @@ fn load(concurrency: u32, p99: f64) -> Load {
     }
 }
 
-fn machine<'a>(v: &'a Value, id: &str) -> &'a Value {
-    v["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["machine_id"] == id)
-        .unwrap_or_else(|| panic!("no machine {id} in {v:#}"))
-}
-
 fn cell<'a>(v: &'a Value, key: &str) -> &'a Value {
     v["cells"]
         .as_array()
@@ -378,7 +369,7 @@ async fn each_cell_is_ranked_on_its_own_runs_and_a_sweep_finds_the_capacity() {
     assert_eq!(v["energy"]["available"], true, "{v:#}");
     assert_eq!(order(&v["energy"]["ranking"]), ["p", "q"]);
     assert_eq!(v["sweeps"], json!([]), "no concurrency axis");
-    let p = machine(&v, "p");
+    let p = machine_in(&v, "p");
     assert_eq!(p["cells"].as_array().unwrap().len(), 2);
     assert_eq!(p["cells"][0]["cell"], "model=a");
     assert_eq!(p["cells"][0]["status"], "done");
@@ -486,7 +477,7 @@ async fn each_cell_is_ranked_on_its_own_runs_and_a_sweep_finds_the_capacity() {
         one.get("cells").is_none() && one.get("sweeps").is_none(),
         "{one:#}"
     );
-    assert_eq!(machine(&one, "p")["cells"], json!([]));
+    assert_eq!(machine_in(&one, "p")["cells"], json!([]));
 }
 
 #[tokio::test]
@@ -501,7 +492,7 @@ async fn a_slower_rerun_of_the_same_setup_is_flagged_and_a_new_fingerprint_is_no
     for m in one["machines"].as_array().unwrap() {
         assert!(m.get("regression").is_none(), "nothing earlier: {m:#}");
     }
-    let r = &machine(&two, "p")["regression"];
+    let r = &machine_in(&two, "p")["regression"];
     assert_eq!(r["job_id"], "rg-1", "{two:#}");
     assert_eq!(r["created_ms"], one["created_ms"]);
     assert_eq!(r["regressed"], true);
@@ -527,13 +518,13 @@ async fn a_slower_rerun_of_the_same_setup_is_flagged_and_a_new_fingerprint_is_no
         "a slower decode here also has a longer TTFT"
     );
     // q changed engine build: `previous` says so, and it is no regression.
-    let q = machine(&two, "q");
+    let q = machine_in(&two, "q");
     assert!(q.get("regression").is_none(), "{q:#}");
     assert_eq!(q["previous"]["job_id"], "rg-1");
     assert_eq!(q["previous"]["changes"][0]["field"], "engine.build");
     // export.json carries it too.
     let (_, json) = get(&base, "/api/jobs/rg-2/export.json").await;
-    assert_eq!(machine(&json, "p")["regression"], *r);
+    assert_eq!(machine_in(&json, "p")["regression"], *r);
 }
 
 #[tokio::test]

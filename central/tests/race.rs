@@ -55,12 +55,7 @@ async fn llama_and_mock_race_one_job() {
             "{id} has its output text"
         );
     }
-    let llama = done["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["machine_id"] == "llama")
-        .unwrap();
+    let llama = machine_in(&done, "llama");
     assert_eq!(llama["engine"], "openai");
     assert_eq!(llama["label"], "Real llama.cpp");
     assert_eq!(

@@ -21,15 +21,6 @@ fn cell<'a>(job: &'a Value, key: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("cell {key} in {:#}", job["cells"]))
 }
 
-fn machine_in<'a>(cell: &'a Value, id: &str) -> &'a Value {
-    cell["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["machine_id"] == id)
-        .unwrap_or_else(|| panic!("{id} in {cell:#}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_matrix_with_a_concurrency_sweep_on_the_real_engine() {
     let fleet = LlamaRace::start("telemetry:\n  enabled: false\n", 400.0).await;

@@ -276,6 +276,17 @@ pub async fn machines_online(base: &str, ids: &[&str]) {
     .await
 }
 
+/// Machine `id`'s entry in a document with a `machines` list (a job, a matrix cell); panics
+/// with the document when it has none.
+pub fn machine_in<'a>(doc: &'a Value, id: &str) -> &'a Value {
+    doc["machines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["machine_id"] == id)
+        .unwrap_or_else(|| panic!("no machine {id} in {doc:#}"))
+}
+
 // ---- publishing events as an agent does ----
 
 /// A `job_accepted` of job `job_id` (model `model`) from a mock engine labelled `label`.
