@@ -111,7 +111,10 @@ impl Telemetry {
             sources: self.sources.clone(),
             shared: Arc::clone(&shared),
             sink,
-            acc: Accounting::default(),
+            acc: Accounting {
+                min_power_span: self.interval / 2,
+                ..Accounting::default()
+            },
             seen: Seen::default(),
             spare: None,
             start: Instant::now(),
@@ -340,7 +343,9 @@ impl Seen {
 /// Per-source state for the running energy total.
 #[derive(Default)]
 struct Accounting {
-    cpu_counter: Option<(Instant, f64)>,
+    /// The shortest span a counter's power is taken over (half the sampling interval).
+    min_power_span: Duration,
+    cpu_counter: Counter,
     cpu_power: Option<(Instant, f64)>,
     combined: Option<(Instant, f64)>,
     gpus: Vec<GpuAccounting>,
@@ -349,7 +354,7 @@ struct Accounting {
 
 struct GpuAccounting {
     index: u32,
-    counter: Option<(Instant, f64)>,
+    counter: Counter,
     power: Option<(Instant, f64)>,
 }
 
@@ -371,7 +376,7 @@ impl Accounting {
         let cpu_power_w = if let Some(e) = r.cpu_energy_j {
             seen.cpu = true;
             any_part = true;
-            let d = counter_step(&mut self.cpu_counter, t, e);
+            let d = self.cpu_counter.step(t, e, self.min_power_span);
             parts_j += d.map_or(0.0, |d| d.0);
             r.cpu_power_w.or(d.map(|d| d.1))
         } else if let Some(p) = r.cpu_power_w {
@@ -395,7 +400,7 @@ impl Accounting {
                 None => {
                     self.gpus.push(GpuAccounting {
                         index: g.sample.index,
-                        counter: None,
+                        counter: Counter::default(),
                         power: None,
                     });
                     self.gpus.len() - 1
@@ -403,7 +408,7 @@ impl Accounting {
             };
             let acc = &mut self.gpus[i];
             let power = if let Some(e) = g.energy_j {
-                let d = counter_step(&mut acc.counter, t, e);
+                let d = acc.counter.step(t, e, self.min_power_span);
                 parts_j += d.map_or(0.0, |d| d.0);
                 g.sample.power_w.or(d.map(|d| d.1))
             } else if let Some(p) = g.sample.power_w {
@@ -444,13 +449,45 @@ impl Accounting {
     }
 }
 
-/// A cumulative counter's step: (joules, watts) since its previous value; None at the first.
-fn counter_step(last: &mut Option<(Instant, f64)>, t: Instant, e: f64) -> Option<(f64, f64)> {
-    let prev = last.replace((t, e))?;
-    let dt = t.saturating_duration_since(prev.0).as_secs_f64();
-    // A counter never runs backwards (the probe undoes wrap-around); a reset counts as nothing.
-    let j = (e - prev.1).max(0.0);
-    Some((j, if dt > 0.0 { j / dt } else { 0.0 }))
+/// A cumulative energy counter (RAPL, NVML) as read so far.
+#[derive(Default)]
+struct Counter {
+    /// The previous reading: each step's joules are counted from it.
+    last: Option<(Instant, f64)>,
+    /// The reading the latest power figure was taken from, and the one before it.
+    anchor: Option<(Instant, f64)>,
+    before: Option<(Instant, f64)>,
+}
+
+impl Counter {
+    /// (joules since the previous reading, watts); None at the first reading. The watts are
+    /// taken over at least `min_span` where two readings allow it: a counter moves in steps
+    /// (RAPL's about every millisecond, NVML's coarser), so a reading right after another (the
+    /// fresh one a summary asks for, then the next scheduled one) would divide one step by a
+    /// fraction of a millisecond (a 25 W counter read as 168 W). Such a reading's watts are
+    /// taken from the power reading before the latest, and it moves no anchor.
+    fn step(&mut self, t: Instant, e: f64, min_span: Duration) -> Option<(f64, f64)> {
+        let prev = self.last.replace((t, e))?;
+        // A counter never runs backwards (the probe undoes wrap-around); a reset counts as nothing.
+        let j = (e - prev.1).max(0.0);
+        let anchor = self.anchor.unwrap_or(prev);
+        let long = t.saturating_duration_since(anchor.0) >= min_span;
+        let base = match self.before {
+            Some(before) if !long => before,
+            _ => anchor,
+        };
+        if long || self.anchor.is_none() {
+            self.before = Some(anchor);
+            self.anchor = Some((t, e));
+        }
+        let dt = t.saturating_duration_since(base.0).as_secs_f64();
+        let w = if dt > 0.0 {
+            (e - base.1).max(0.0) / dt
+        } else {
+            0.0
+        };
+        Some((j, w))
+    }
 }
 
 /// Power integrated since its previous value, trapezoid rule; 0 at the first.
@@ -774,6 +811,33 @@ mod tests {
         let s = session.summary((late_a, late_b), Some((late_a, late_b)), 10);
         let secs = (late_b - late_a).as_secs_f64();
         assert!(close(s.energy_j.unwrap(), 50.0 * secs, 0.01), "{s:?}");
+    }
+
+    #[test]
+    fn a_counter_read_right_after_a_reading_gives_power_over_a_longer_span() {
+        // A 25 W counter that moves in 2 ms steps of 50 mJ, read every 100 ms, and once 0.3 ms
+        // after a scheduled reading, just as a step lands.
+        let min = Duration::from_millis(50);
+        let t0 = Instant::now();
+        let at = |ms: f64| t0 + Duration::from_secs_f64(ms / 1e3);
+        let mut c = Counter::default();
+        assert_eq!(c.step(at(0.0), 0.0, min), None);
+        let (j, w) = c.step(at(100.0), 2.5, min).unwrap();
+        assert!(close(j, 2.5, 1e-9) && close(w, 25.0, 1e-9), "{j} J, {w} W");
+        // One step over 0.3 ms would read as 166.7 W; over the span from 0 ms it is 25.4 W.
+        let (j, w) = c.step(at(100.3), 2.55, min).unwrap();
+        assert!(close(j, 0.05, 1e-9), "{j} J");
+        assert!(close(w, 2.55 / 0.1003, 1e-9), "{w} W");
+        // The next scheduled reading takes its power from 100 ms, where the anchor stayed.
+        let (j, w) = c.step(at(200.0), 5.0, min).unwrap();
+        assert!(close(j, 2.45, 1e-9) && close(w, 25.0, 1e-9), "{j} J, {w} W");
+        // Joules are still counted from each previous reading: 2.5 + 0.05 + 2.45.
+        let (j, w) = c.step(at(200.4), 5.05, min).unwrap();
+        assert!(close(j, 0.05, 1e-9), "{j} J");
+        assert!(close(w, 2.55 / 0.1004, 1e-9), "{w} W");
+        // A reset counts as nothing, not as negative power.
+        let (j, w) = c.step(at(300.0), 0.1, min).unwrap();
+        assert_eq!((j, w), (0.0, 0.0));
     }
 
     #[test]
