@@ -468,8 +468,13 @@ impl Counter {
     /// taken from the power reading before the latest, and it moves no anchor.
     fn step(&mut self, t: Instant, e: f64, min_span: Duration) -> Option<(f64, f64)> {
         let prev = self.last.replace((t, e))?;
-        // A counter never runs backwards (the probe undoes wrap-around); a reset counts as nothing.
-        let j = (e - prev.1).max(0.0);
+        // A counter never runs backwards (the probe undoes wrap-around); a reset counts as
+        // nothing, and later watts are taken from it, not from readings before it.
+        if e < prev.1 {
+            (self.anchor, self.before) = (Some((t, e)), None);
+            return Some((0.0, 0.0));
+        }
+        let j = e - prev.1;
         let anchor = self.anchor.unwrap_or(prev);
         let long = t.saturating_duration_since(anchor.0) >= min_span;
         let base = match self.before {
@@ -835,9 +840,15 @@ mod tests {
         let (j, w) = c.step(at(200.4), 5.05, min).unwrap();
         assert!(close(j, 0.05, 1e-9), "{j} J");
         assert!(close(w, 2.55 / 0.1004, 1e-9), "{w} W");
-        // A reset counts as nothing, not as negative power.
-        let (j, w) = c.step(at(300.0), 0.1, min).unwrap();
+        // A reset counts as nothing, not as negative power, even at a reading right after
+        // another; the next scheduled reading takes its watts from the reset.
+        let (j, w) = c.step(at(200.6), 0.1, min).unwrap();
         assert_eq!((j, w), (0.0, 0.0));
+        let (j, w) = c.step(at(300.0), 2.585, min).unwrap();
+        assert!(
+            close(j, 2.485, 1e-9) && close(w, 2.485 / 0.0994, 1e-9),
+            "{j} J, {w} W"
+        );
     }
 
     #[test]
